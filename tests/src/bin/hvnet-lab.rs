@@ -1,0 +1,273 @@
+//! The lab's entry points: `demo` (the README's main job), plus small tools
+//! that run as guest programs inside a guest netns.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use hvnet_lab::{
+    agent::Agent,
+    http,
+    netns::{enter_netns, NetNs},
+    node::{ComputeNode, FakeVm},
+    vmm::{self, VmmMode},
+    BRIDGE_ADDR,
+};
+
+#[derive(Parser)]
+#[command(name = "hvnet-lab", about = "hvnet's embedded lab")]
+struct Cli {
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build a compute node with fake VMs and dnsmasq, run hvnet on it.
+    Demo {
+        #[arg(long, default_value_t = 2)]
+        vms: u8,
+        /// Path of the hvnet binary.
+        #[arg(long)]
+        hvnet: Option<PathBuf>,
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Port on this host's loopback that forwards to the agent.
+        #[arg(long, default_value_t = 9478)]
+        port: u16,
+    },
+    /// Send UDP broadcasts to 10.250.0.255 (run inside a guest netns).
+    UdpBroadcast {
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// Set a fake VMM's fault mode: running, rx_stall or paused.
+    VmmMode { control: PathBuf, mode: String },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        LabCommand::Demo { vms, hvnet, duration, port } => demo(vms, hvnet, duration, port),
+        LabCommand::UdpBroadcast { count } => udp_broadcast(count),
+        LabCommand::VmmMode { control, mode } => {
+            let mode = VmmMode::parse(&mode).context("mode is running, rx_stall or paused")?;
+            vmm::set_mode(&control, mode)
+        }
+    }
+}
+
+fn udp_broadcast(count: u32) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_broadcast(true)?;
+    for i in 0..count {
+        socket.send_to(format!("hvnet-lab broadcast {i}").as_bytes(), "10.250.0.255:9")?;
+    }
+    Ok(())
+}
+
+fn demo(vms: u8, hvnet: Option<PathBuf>, duration: Option<u64>, port: u16) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the lab creates network namespaces and taps: run it as root");
+    }
+    if let Some(path) = hvnet {
+        std::env::set_var("HVNET_BIN", path);
+    }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, request_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, request_stop as *const () as libc::sighandler_t);
+    }
+    let exe = std::env::current_exe()?;
+    let fake_vmm = exe.with_file_name("fake-vmm");
+    let prefix = format!("hvdemo{}", std::process::id() % 10_000);
+
+    println!("hvnet lab: building compute node {prefix}-node (bridge br0 {BRIDGE_ADDR}/24, dnsmasq)");
+    let mut node = ComputeNode::create(&prefix)?;
+    node.start_dhcp_server("2m")?;
+    let agent_log = node.dir.join("hvnet.log");
+    let agent = Agent::start(&node.ns, 9478, &["--interfaces", "tap*"], &agent_log)?;
+
+    let mut guests: Vec<FakeVm> = Vec::new();
+    for i in 0..vms {
+        let vm = node.add_vm(&format!("tap{i}"), i, &fake_vmm)?;
+        let _client = vm.spawn_dhcp_client(&node.udhcpc_script())?;
+        println!("  VM {i}: tap{i} <-> {}:eth0 ({}), control {}", vm.guest.name(), vm.guest_mac, vm.control.display());
+        guests.push(vm);
+    }
+    wait_for_leases(&guests, Duration::from_secs(15));
+    for vm in &guests {
+        // Steady guest traffic toward the bridge: ICMP both ways, ARP refreshes.
+        let _ = vm
+            .guest
+            .command("busybox")
+            .args(["ping", "-i", "0.5", BRIDGE_ADDR])
+            .stdout(std::process::Stdio::null())
+            .spawn();
+    }
+
+    let forward_port = forward_to_agent(&node.ns, port, agent.addr)?;
+    println!();
+    println!("hvnet is running in {} (log: {})", node.ns.name(), agent_log.display());
+    println!("  scrape:  curl -s http://127.0.0.1:{forward_port}/metrics | grep hvnet_vm_packets_total");
+    println!("  VMs:     curl -s http://127.0.0.1:{forward_port}/api/v1/vms");
+    println!("  fault:   {} vmm-mode {} rx_stall   (or paused, running)", exe.display(), guests.first().map_or(String::new(), |v| v.control.display().to_string()));
+    println!("Ctrl-C stops the demo and removes everything it created.\n");
+
+    let started = Instant::now();
+    let mut previous: Option<(Instant, serde_json::Value)> = None;
+    let mut tick = 0u32;
+    while !STOP.load(Ordering::SeqCst) {
+        if duration.is_some_and(|d| started.elapsed() >= Duration::from_secs(d)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        tick += 1;
+        if tick % 10 != 0 {
+            continue;
+        }
+        if tick % 50 == 10 {
+            // Now and then a broadcast from each guest, to exercise every class.
+            for vm in &guests {
+                let _ = vm.guest.command(&exe.display().to_string()).args(["udp-broadcast", "--count", "2"]).output();
+            }
+        }
+        match http::get(&node.ns, agent.addr, "/api/v1/vms") {
+            Ok(resp) => {
+                let now = Instant::now();
+                let vms: serde_json::Value = serde_json::from_str(&resp.body).unwrap_or_default();
+                print_table(&guests, &vms, previous.as_ref());
+                previous = Some((now, vms));
+            }
+            Err(err) => println!("agent not answering: {err:#}"),
+        }
+    }
+    println!("\nstopping: hvnet detaches, the lab is removed");
+    let mut agent = agent;
+    agent.terminate(Duration::from_secs(5))?;
+    drop(guests);
+    drop(node);
+    Ok(())
+}
+
+fn wait_for_leases(guests: &[FakeVm], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for vm in guests {
+        while Instant::now() < deadline {
+            if let Ok(Some(ip)) = vm.ipv4() {
+                println!("  {} got {ip} from dnsmasq", vm.tap);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn print_table(guests: &[FakeVm], vms: &serde_json::Value, previous: Option<&(Instant, serde_json::Value)>) {
+    println!(
+        "{:<8} {:<18} {:<9} {:>9} {:>9} {:>8} {:>8} {:>6} {:>6}",
+        "iface", "guest mac", "vmm", "to_vm", "from_vm", "to pps", "from pps", "dhcp", "arp"
+    );
+    let Some(list) = vms.as_array() else { return };
+    for vm in list {
+        let iface = vm["iface"].as_str().unwrap_or("?");
+        let guest = guests.iter().find(|g| g.tap == iface);
+        let mode = guest
+            .and_then(|g| g.stats().ok())
+            .map_or("?", |s| s.mode.as_str());
+        let to = vm["to_vm"]["packets"].as_u64().unwrap_or(0);
+        let from = vm["from_vm"]["packets"].as_u64().unwrap_or(0);
+        let dhcp = vm["to_vm"]["by_class"]["dhcp"]["packets"].as_u64().unwrap_or(0)
+            + vm["from_vm"]["by_class"]["dhcp"]["packets"].as_u64().unwrap_or(0);
+        let arp = vm["to_vm"]["by_class"]["arp"]["packets"].as_u64().unwrap_or(0)
+            + vm["from_vm"]["by_class"]["arp"]["packets"].as_u64().unwrap_or(0);
+        let (to_pps, from_pps) = previous
+            .and_then(|(at, prev)| {
+                let before = prev.as_array()?.iter().find(|p| p["iface"] == vm["iface"])?;
+                let secs = at.elapsed().as_secs_f64().max(0.001);
+                let rate = |key: &str, now: u64| {
+                    now.saturating_sub(before[key]["packets"].as_u64().unwrap_or(0)) as f64 / secs
+                };
+                Some((rate("to_vm", to), rate("from_vm", from)))
+            })
+            .unwrap_or((0.0, 0.0));
+        println!(
+            "{:<8} {:<18} {:<9} {:>9} {:>9} {:>8.1} {:>8.1} {:>6} {:>6}",
+            iface,
+            guest.map_or("?", |g| g.guest_mac.as_str()),
+            mode,
+            to,
+            from,
+            to_pps,
+            from_pps,
+            dhcp,
+            arp
+        );
+    }
+    println!();
+}
+
+/// Forwards 127.0.0.1:`port` (or the next free port) on this host to the
+/// agent's address inside the node netns, so the demo can be scraped from
+/// the host. Returns the port actually used.
+fn forward_to_agent(ns: &NetNs, port: u16, agent: SocketAddr) -> anyhow::Result<u16> {
+    let mut bound = None;
+    for candidate in port..port.saturating_add(10) {
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", candidate)) {
+            bound = Some((listener, candidate));
+            break;
+        }
+    }
+    let (listener, used) = bound.with_context(|| format!("ports {port}..{} are all busy on 127.0.0.1", port + 9))?;
+    let ns_path = ns.path();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let ns_path = ns_path.clone();
+            std::thread::spawn(move || {
+                if let Err(err) = proxy(client, &ns_path, agent) {
+                    eprintln!("forwarder: {err:#}");
+                }
+            });
+        }
+    });
+    Ok(used)
+}
+
+fn proxy(mut client: TcpStream, ns_path: &Path, agent: SocketAddr) -> anyhow::Result<()> {
+    enter_netns(ns_path)?;
+    let mut upstream = TcpStream::connect(agent)?;
+    let mut client_read = client.try_clone()?;
+    let mut upstream_write = upstream.try_clone()?;
+    let up = std::thread::spawn(move || {
+        let _ = copy(&mut client_read, &mut upstream_write);
+        let _ = upstream_write.shutdown(Shutdown::Write);
+    });
+    copy(&mut upstream, &mut client)?;
+    let _ = client.shutdown(Shutdown::Write);
+    let _ = up.join();
+    Ok(())
+}
+
+fn copy(from: &mut TcpStream, to: &mut TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        to.write_all(&buf[..n])?;
+    }
+}

@@ -1,0 +1,233 @@
+//! The emulated compute node: a netns with a bridge, dnsmasq, and fake VMs
+//! whose taps hang off the bridge, each with its own guest netns.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+
+use crate::{
+    netns::{run, NetNs},
+    vmm::{self, VmmMode, VmmStats},
+    BRIDGE_ADDR,
+};
+
+const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+# udhcpc hook for lab guests: apply what the DHCP server handed out.
+case "$1" in
+  deconfig) ip -4 addr flush dev "$interface" ;;
+  bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    ;;
+esac
+exit 0
+"#;
+
+pub struct ComputeNode {
+    pub ns: NetNs,
+    pub prefix: String,
+    pub dir: PathBuf,
+    dnsmasq: Option<Child>,
+}
+
+impl ComputeNode {
+    /// Creates `<prefix>-node` with bridge br0 (10.250.0.1/24). Multicast
+    /// snooping is off: its IGMP queries would reach taps the guest never
+    /// reads, an extra frame that is not the guest's traffic.
+    pub fn create(prefix: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-lab"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let ns = NetNs::create(&format!("{prefix}-node"))?;
+        ns.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0", "stp_state", "0", "forward_delay", "0"])?;
+        ns.ip(&["addr", "add", &format!("{BRIDGE_ADDR}/24"), "dev", "br0"])?;
+        ns.ip(&["link", "set", "br0", "up"])?;
+        let script = dir.join("udhcpc.script");
+        std::fs::write(&script, UDHCPC_SCRIPT)?;
+        run(Command::new("chmod").arg("755").arg(&script))?;
+        Ok(Self {
+            ns,
+            prefix: prefix.to_owned(),
+            dir,
+            dnsmasq: None,
+        })
+    }
+
+    /// Starts dnsmasq as the DHCP server on br0 (no DNS), with `lease`
+    /// (dnsmasq's minimum is 2m).
+    pub fn start_dhcp_server(&mut self, lease: &str) -> anyhow::Result<()> {
+        let leases = self.dir.join("dnsmasq.leases");
+        let log = self.dir.join("dnsmasq.log");
+        let child = self
+            .ns
+            .command("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--port=0",
+                "--interface=br0",
+                "--bind-interfaces",
+                "--dhcp-authoritative",
+                "--log-dhcp",
+                "--user=root",
+                &format!("--dhcp-range=10.250.0.100,10.250.0.199,255.255.255.0,{lease}"),
+            ])
+            .arg(format!("--dhcp-leasefile={}", leases.display()))
+            .arg(format!("--log-facility={}", log.display()))
+            .arg(format!("--pid-file={}", self.dir.join("dnsmasq.pid").display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting dnsmasq (apt package dnsmasq-base)")?;
+        self.dnsmasq = Some(child);
+        // dnsmasq binds at once; give it a moment and check it is alive.
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(child) = self.dnsmasq.as_mut() {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("dnsmasq exited at start ({status}): {log}");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stop_dhcp_server(&mut self) {
+        if let Some(mut child) = self.dnsmasq.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn udhcpc_script(&self) -> PathBuf {
+        self.dir.join("udhcpc.script")
+    }
+
+    /// Starts a fake VM: a persistent tap `tap` on br0 (as libvirt creates
+    /// it), a guest netns, and a fake VMM relaying between them.
+    pub fn add_vm(&self, tap: &str, index: u8, fake_vmm: &Path) -> anyhow::Result<FakeVm> {
+        FakeVm::start(self, tap, index, fake_vmm)
+    }
+}
+
+impl Drop for ComputeNode {
+    fn drop(&mut self) {
+        self.stop_dhcp_server();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct FakeVm {
+    pub tap: String,
+    pub guest: NetNs,
+    pub guest_mac: String,
+    pub control: PathBuf,
+    node_ns: String,
+    vmm: Child,
+}
+
+impl FakeVm {
+    fn start(node: &ComputeNode, tap: &str, index: u8, fake_vmm: &Path) -> anyhow::Result<Self> {
+        let guest = NetNs::create(&format!("{}-vm{index}", node.prefix))?;
+        // libvirt's convention: the tap's MAC is the guest's with fe:.
+        let guest_mac = format!("52:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
+        let tap_mac = format!("fe:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
+        node.ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+        node.ns.ip(&["link", "set", tap, "address", &tap_mac, "master", "br0", "up"])?;
+        let control = node.dir.join(format!("{tap}.ctl"));
+        let mut vmm = Command::new(fake_vmm)
+            .args(["--node-netns", node.ns.name(), "--tap", tap])
+            .args(["--guest-netns", guest.name(), "--control"])
+            .arg(&control)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", fake_vmm.display()))?;
+        let stdout = vmm.stdout.take().context("fake-vmm stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            let _ = vmm.kill();
+            bail!("fake-vmm for {tap} did not start: {line:?}");
+        }
+        let vm = Self {
+            tap: tap.to_owned(),
+            guest,
+            guest_mac,
+            control,
+            node_ns: node.ns.name().to_owned(),
+            vmm,
+        };
+        vm.guest.ip(&["link", "set", "eth0", "address", &vm.guest_mac, "up"])?;
+        Ok(vm)
+    }
+
+    pub fn stats(&self) -> anyhow::Result<VmmStats> {
+        vmm::stats(&self.control)
+    }
+
+    pub fn set_mode(&self, mode: VmmMode) -> anyhow::Result<()> {
+        vmm::set_mode(&self.control, mode)
+    }
+
+    /// Gets a lease with busybox udhcpc in the guest (then udhcpc exits).
+    pub fn dhcp(&self, script: &Path) -> anyhow::Result<String> {
+        self.guest.exec_ok(&[
+            "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "1",
+            "-s", &script.display().to_string(),
+        ])?;
+        self.ipv4()?.context("udhcpc succeeded but eth0 has no address")
+    }
+
+    /// A long-running udhcpc that keeps renewing (for the demo).
+    pub fn spawn_dhcp_client(&self, script: &Path) -> anyhow::Result<Child> {
+        self.guest
+            .command("busybox")
+            .args(["udhcpc", "-i", "eth0", "-f", "-t", "0", "-T", "2", "-A", "2", "-s"])
+            .arg(script)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting udhcpc")
+    }
+
+    pub fn ipv4(&self) -> anyhow::Result<Option<String>> {
+        let out = self.guest.ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
+        Ok(out
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|cidr| cidr.split('/').next())
+            .map(str::to_owned))
+    }
+
+    /// Pings `target` (inside the lab) `count` times from the guest.
+    pub fn ping(&self, target: &str, count: u32) -> anyhow::Result<()> {
+        self.guest
+            .exec_ok(&["busybox", "ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", target])
+            .map(|_| ())
+    }
+
+    /// Deletes the VM's tap (the VMM keeps running on a dead fd).
+    pub fn delete_tap(&self) -> anyhow::Result<()> {
+        run(Command::new("ip").args(["-n", &self.node_ns, "link", "del", &self.tap])).map(|_| ())
+    }
+}
+
+impl Drop for FakeVm {
+    fn drop(&mut self) {
+        let _ = self.vmm.kill();
+        let _ = self.vmm.wait();
+        let _ = Command::new("ip")
+            .args(["-n", &self.node_ns, "link", "del", &self.tap])
+            .output();
+    }
+}

@@ -1,0 +1,70 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::FlagOverrides;
+
+#[derive(Debug, Parser)]
+#[command(name = "hvnet", version, about = "Per-VM packet counters and RX-stall detection for KVM compute nodes, with eBPF")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: attach to matching taps and serve Prometheus metrics.
+    Run(RunArgs),
+    /// Measure the tc programs against an empty program (BPF_PROG_TEST_RUN).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file; its keys mirror these flags (poll_interval, ...).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /api/v1/vms [default: 127.0.0.1:9478].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Comma-separated interface globs to monitor [default: tap*,vnet*].
+    #[arg(long)]
+    pub interfaces: Option<String>,
+    /// How often per-VM state is evaluated [default: 1s].
+    #[arg(long)]
+    pub poll_interval: Option<String>,
+    /// How long frames may wait undrained before a VM counts as RX-stalled [default: 3s].
+    #[arg(long)]
+    pub stall_after: Option<String>,
+    /// tc attach mechanism: auto (TCX on 6.6+, else netlink), tcx or netlink [default: auto].
+    #[arg(long)]
+    pub attach_mode: Option<String>,
+    /// Kernel BTF file [default: /sys/kernel/btf/vmlinux].
+    #[arg(long)]
+    pub btf: Option<PathBuf>,
+}
+
+impl RunArgs {
+    pub fn overrides(&self) -> FlagOverrides {
+        FlagOverrides {
+            listen: self.listen.clone(),
+            interfaces: self.interfaces.clone(),
+            poll_interval: self.poll_interval.clone(),
+            stall_after: self.stall_after.clone(),
+            attach_mode: self.attach_mode.clone(),
+            btf: self.btf.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Iterations per kernel test run.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub repeat: u32,
+    /// Test runs per measurement; the median is reported.
+    #[arg(long, default_value_t = 7)]
+    pub rounds: usize,
+}

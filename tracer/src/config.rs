@@ -1,0 +1,262 @@
+//! Configuration: a TOML file plus command-line flags, resolved into one
+//! [`Config`]. Flags override the file; the file overrides the defaults.
+//! File keys mirror the flags (`--poll-interval` is `poll_interval`).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    duration::{parse_duration, DurationError},
+    ifmatch::{InterfaceGlobError, InterfaceMatcher},
+};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9478";
+pub const DEFAULT_INTERFACES: &str = "tap*,vnet*";
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(3);
+pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid listen address {0:?}: use ADDR:PORT, e.g. 127.0.0.1:9478")]
+    Listen(String),
+    #[error("{key}: {source}")]
+    Duration {
+        key: &'static str,
+        source: DurationError,
+    },
+    #[error(transparent)]
+    Interfaces(#[from] InterfaceGlobError),
+    #[error("invalid attach_mode {0:?}: use auto, tcx or netlink")]
+    AttachMode(String),
+}
+
+/// How the tc programs are attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX links where the kernel has them (6.6+), else netlink clsact filters.
+    Auto,
+    /// TCX links only (no qdisc involved; links die with the agent).
+    Tcx,
+    /// A clsact qdisc (created only if absent, never deleted) and a cls_bpf
+    /// filter beside any existing ones.
+    Netlink,
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tcx" => Ok(Self::Tcx),
+            "netlink" => Ok(Self::Netlink),
+            other => Err(ConfigError::AttachMode(other.to_owned())),
+        }
+    }
+}
+
+/// The config file, exactly as written. Unknown keys are errors: a typo
+/// must not silently fall back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub interfaces: Option<Vec<String>>,
+    pub poll_interval: Option<String>,
+    pub stall_after: Option<String>,
+    pub attach_mode: Option<String>,
+    pub btf: Option<PathBuf>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.message().to_owned(),
+        })
+    }
+}
+
+/// Values given on the command line; `None` means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct FlagOverrides {
+    pub listen: Option<String>,
+    pub interfaces: Option<String>,
+    pub poll_interval: Option<String>,
+    pub stall_after: Option<String>,
+    pub attach_mode: Option<String>,
+    pub btf: Option<PathBuf>,
+}
+
+/// The resolved configuration the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub interfaces: InterfaceMatcher,
+    pub poll_interval: Duration,
+    pub stall_after: Duration,
+    pub attach_mode: AttachMode,
+    pub btf: PathBuf,
+}
+
+impl Config {
+    pub fn resolve(file: FileConfig, flags: FlagOverrides) -> Result<Self, ConfigError> {
+        let listen_text = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_text
+            .parse()
+            .map_err(|_| ConfigError::Listen(listen_text.clone()))?;
+
+        let interfaces = match (flags.interfaces, file.interfaces) {
+            (Some(flag), _) => InterfaceMatcher::parse_list(&flag)?,
+            (None, Some(list)) => InterfaceMatcher::new(&list)?,
+            (None, None) => InterfaceMatcher::parse_list(DEFAULT_INTERFACES)?,
+        };
+
+        let poll_interval = resolve_duration(
+            "poll_interval",
+            flags.poll_interval.or(file.poll_interval),
+            DEFAULT_POLL_INTERVAL,
+        )?;
+        let stall_after = resolve_duration(
+            "stall_after",
+            flags.stall_after.or(file.stall_after),
+            DEFAULT_STALL_AFTER,
+        )?;
+        let attach_mode = flags
+            .attach_mode
+            .or(file.attach_mode)
+            .map(|m| m.parse())
+            .transpose()?
+            .unwrap_or(AttachMode::Auto);
+        let btf = flags
+            .btf
+            .or(file.btf)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BTF));
+
+        Ok(Self {
+            listen,
+            interfaces,
+            poll_interval,
+            stall_after,
+            attach_mode,
+            btf,
+        })
+    }
+}
+
+fn resolve_duration(
+    key: &'static str,
+    text: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match text {
+        Some(text) => parse_duration(&text).map_err(|source| ConfigError::Duration { key, source }),
+        None => Ok(default),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(Path::new("hvnet.toml"), text)
+    }
+
+    #[test]
+    fn defaults_match_the_agent_contract() {
+        let cfg = Config::resolve(FileConfig::default(), FlagOverrides::default()).unwrap();
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:9478");
+        assert_eq!(cfg.interfaces.globs(), ["tap*", "vnet*"]);
+        assert_eq!(cfg.poll_interval, Duration::from_secs(1));
+        assert_eq!(cfg.stall_after, Duration::from_secs(3));
+        assert_eq!(cfg.attach_mode, AttachMode::Auto);
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_flags_override_file() {
+        let f = file(
+            r#"
+listen = "127.0.0.1:9999"
+interfaces = ["vm-*"]
+poll_interval = "250ms"
+stall_after = "5s"
+attach_mode = "netlink"
+"#,
+        )
+        .unwrap();
+        let flags = FlagOverrides {
+            listen: Some("127.0.0.1:9100".into()),
+            stall_after: Some("2s".into()),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(f, flags).unwrap();
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:9100");
+        assert_eq!(cfg.interfaces.globs(), ["vm-*"]);
+        assert_eq!(cfg.poll_interval, Duration::from_millis(250));
+        assert_eq!(cfg.stall_after, Duration::from_secs(2));
+        assert_eq!(cfg.attach_mode, AttachMode::Netlink);
+    }
+
+    #[test]
+    fn a_typo_in_a_key_is_an_error_naming_the_key() {
+        let err = file("pol_interval = \"1s\"").unwrap_err().to_string();
+        assert!(err.contains("pol_interval"), "{err}");
+        assert!(err.contains("hvnet.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_errors_naming_the_value() {
+        let bad_listen = FlagOverrides {
+            listen: Some("localhost".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(FileConfig::default(), bad_listen).unwrap_err();
+        assert!(err.to_string().contains("localhost"));
+
+        let bad_poll = FlagOverrides {
+            poll_interval: Some("fast".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(FileConfig::default(), bad_poll).unwrap_err();
+        assert!(err.to_string().contains("poll_interval"), "{err}");
+
+        let bad_glob = FlagOverrides {
+            interfaces: Some("tap[".into()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(FileConfig::default(), bad_glob).is_err());
+
+        let bad_mode = file("attach_mode = \"xdp\"").unwrap();
+        let err = Config::resolve(bad_mode, FlagOverrides::default()).unwrap_err();
+        assert!(err.to_string().contains("xdp"));
+    }
+
+    #[test]
+    fn wrong_value_type_in_file_is_an_error() {
+        assert!(file("interfaces = \"tap*\"").is_err());
+    }
+}

@@ -1,0 +1,333 @@
+//! Prometheus exposition: turns one consistent view of the agent's state
+//! into the text format. Counters come straight from the kernel maps at
+//! scrape time (const metrics, as node_exporter does), so a scrape always
+//! shows the kernel's current totals.
+
+use prometheus::{
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+    Encoder, TextEncoder,
+};
+use serde::Serialize;
+use tracer_common::{class, direction, CounterValue};
+
+use crate::{collect::TrafficCounters, loader::ProbeStatus};
+
+/// Everything one scrape shows, gathered under the agent's locks and then
+/// rendered without them.
+#[derive(Debug, Clone, Default)]
+pub struct Exposition {
+    pub vms: Vec<VmView>,
+    pub probes: Vec<ProbeStatus>,
+    pub attach_failures: u64,
+    pub link_events: u64,
+    pub version: String,
+    pub attach_mechanism: String,
+}
+
+/// One monitored tap and what crossed it.
+#[derive(Debug, Clone, Default)]
+pub struct VmView {
+    pub iface: String,
+    pub ifindex: u32,
+    pub mac: String,
+    pub oper_state: String,
+    pub vm_uuid: String,
+    pub vm_name: String,
+    pub traffic: TrafficCounters,
+}
+
+pub fn direction_label(direction: u8) -> &'static str {
+    match direction {
+        direction::TO_VM => "to_vm",
+        _ => "from_vm",
+    }
+}
+
+pub fn class_label(class: u8) -> &'static str {
+    match class {
+        class::DHCP => "dhcp",
+        class::ARP => "arp",
+        class::BROADCAST => "broadcast",
+        _ => "other",
+    }
+}
+
+const DIRECTIONS: [u8; direction::COUNT] = [direction::TO_VM, direction::FROM_VM];
+const CLASSES: [u8; class::COUNT] = [class::DHCP, class::ARP, class::BROADCAST, class::OTHER];
+
+const DIRECTION_HELP: &str = "direction is from the VM's point of view: to_vm = frames the host \
+offered to the VM (tap transmit, tc egress), from_vm = frames the VM sent (tap receive, tc \
+ingress); libvirt's domifstat swaps these";
+
+pub fn render(view: &Exposition) -> Result<String, prometheus::Error> {
+    // The text encoder refuses families without samples (no VMs yet).
+    let families: Vec<MetricFamily> = families(view)
+        .into_iter()
+        .filter(|f| !f.get_metric().is_empty())
+        .collect();
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&families, &mut out)?;
+    String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
+
+fn families(view: &Exposition) -> Vec<MetricFamily> {
+    let mut packets = family(
+        "hvnet_vm_packets_total",
+        &format!("Frames that crossed the VM's tap, by class; {DIRECTION_HELP}."),
+        MetricType::COUNTER,
+    );
+    let mut bytes = family(
+        "hvnet_vm_bytes_total",
+        &format!("Bytes (Ethernet header included) that crossed the VM's tap; {DIRECTION_HELP}."),
+        MetricType::COUNTER,
+    );
+    let mut info = family(
+        "hvnet_vm_info",
+        "Identity of the VM behind each monitored tap (join on iface). mac is the tap's own \
+         address until VMM identity is resolved.",
+        MetricType::GAUGE,
+    );
+    for vm in &view.vms {
+        for dir in DIRECTIONS {
+            for cls in CLASSES {
+                let CounterValue { packets: p, bytes: b } = vm.traffic.get(dir, cls);
+                let labels = [
+                    ("iface", vm.iface.as_str()),
+                    ("direction", direction_label(dir)),
+                    ("class", class_label(cls)),
+                ];
+                packets.mut_metric().push(counter(&labels, p as f64));
+                bytes.mut_metric().push(counter(&labels, b as f64));
+            }
+        }
+        info.mut_metric().push(gauge(
+            &[
+                ("iface", vm.iface.as_str()),
+                ("vm_uuid", vm.vm_uuid.as_str()),
+                ("vm_name", vm.vm_name.as_str()),
+                ("mac", vm.mac.as_str()),
+            ],
+            1.0,
+        ));
+    }
+
+    let mut interfaces = family(
+        "hvnet_agent_interfaces",
+        "Interfaces hvnet's tc programs are attached to.",
+        MetricType::GAUGE,
+    );
+    interfaces.mut_metric().push(gauge(&[], view.vms.len() as f64));
+
+    let mut probes = family(
+        "hvnet_agent_probe_attached",
+        "1 if the probe is loaded and in use, 0 if this kernel refused it (see the agent log); \
+         kind says which mechanism was used or tried.",
+        MetricType::GAUGE,
+    );
+    for status in &view.probes {
+        probes.mut_metric().push(gauge(
+            &[("probe", status.probe), ("kind", status.kind)],
+            if status.attached { 1.0 } else { 0.0 },
+        ));
+    }
+
+    let mut failures = family(
+        "hvnet_agent_attach_failures_total",
+        "Interfaces matching the globs that hvnet could not attach to (reason in the log).",
+        MetricType::COUNTER,
+    );
+    failures.mut_metric().push(counter(&[], view.attach_failures as f64));
+
+    let mut events = family(
+        "hvnet_agent_link_events_total",
+        "rtnetlink link events received (interfaces appearing, changing, vanishing).",
+        MetricType::COUNTER,
+    );
+    events.mut_metric().push(counter(&[], view.link_events as f64));
+
+    let mut build = family(
+        "hvnet_build_info",
+        "hvnet's version and the tc attach mechanism in use.",
+        MetricType::GAUGE,
+    );
+    build.mut_metric().push(gauge(
+        &[
+            ("version", view.version.as_str()),
+            ("attach_mechanism", view.attach_mechanism.as_str()),
+        ],
+        1.0,
+    ));
+
+    vec![packets, bytes, info, interfaces, probes, failures, events, build]
+}
+
+fn family(name: &str, help: &str, kind: MetricType) -> MetricFamily {
+    let mut family = MetricFamily::default();
+    family.set_name(name.to_owned());
+    family.set_help(help.to_owned());
+    family.set_field_type(kind);
+    family
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(name, value)| {
+            let mut pair = LabelPair::default();
+            pair.set_name((*name).to_owned());
+            pair.set_value((*value).to_owned());
+            pair
+        })
+        .collect()
+}
+
+fn counter(pairs: &[(&str, &str)], value: f64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(value);
+    let mut metric = Metric::default();
+    metric.set_label(labels(pairs));
+    metric.set_counter(c);
+    metric
+}
+
+fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(value);
+    let mut metric = Metric::default();
+    metric.set_label(labels(pairs));
+    metric.set_gauge(g);
+    metric
+}
+
+/// `/api/v1/vms` entry.
+#[derive(Debug, Serialize)]
+pub struct VmJson {
+    pub iface: String,
+    pub ifindex: u32,
+    pub mac: String,
+    pub oper_state: String,
+    pub vm_uuid: String,
+    pub vm_name: String,
+    pub to_vm: DirectionJson,
+    pub from_vm: DirectionJson,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DirectionJson {
+    pub packets: u64,
+    pub bytes: u64,
+    pub by_class: std::collections::BTreeMap<&'static str, CounterValueJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterValueJson {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub fn vms_json(view: &Exposition) -> Vec<VmJson> {
+    let direction_json = |vm: &VmView, dir: u8| {
+        let by_class = CLASSES
+            .iter()
+            .map(|&cls| {
+                let v = vm.traffic.get(dir, cls);
+                (class_label(cls), CounterValueJson { packets: v.packets, bytes: v.bytes })
+            })
+            .collect();
+        DirectionJson {
+            packets: vm.traffic.packets(dir),
+            bytes: CLASSES.iter().map(|&c| vm.traffic.get(dir, c).bytes).sum(),
+            by_class,
+        }
+    };
+    view.vms
+        .iter()
+        .map(|vm| VmJson {
+            iface: vm.iface.clone(),
+            ifindex: vm.ifindex,
+            mac: vm.mac.clone(),
+            oper_state: vm.oper_state.clone(),
+            vm_uuid: vm.vm_uuid.clone(),
+            vm_name: vm.vm_name.clone(),
+            to_vm: direction_json(vm, direction::TO_VM),
+            from_vm: direction_json(vm, direction::FROM_VM),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Exposition {
+        let mut traffic = TrafficCounters::default();
+        traffic.by_direction_class[usize::from(direction::TO_VM)][usize::from(class::DHCP)] =
+            CounterValue { packets: 3, bytes: 1026 };
+        traffic.by_direction_class[usize::from(direction::FROM_VM)][usize::from(class::ARP)] =
+            CounterValue { packets: 2, bytes: 84 };
+        Exposition {
+            vms: vec![VmView {
+                iface: "vnet0".into(),
+                ifindex: 7,
+                mac: "fe:54:00:12:34:56".into(),
+                oper_state: "up".into(),
+                vm_uuid: String::new(),
+                vm_name: "vnet0".into(),
+                traffic,
+            }],
+            probes: vec![ProbeStatus {
+                probe: "tc_egress",
+                kind: "tcx",
+                attached: true,
+                detail: String::new(),
+            }],
+            attach_failures: 0,
+            link_events: 4,
+            version: "0.1.0".into(),
+            attach_mechanism: "tcx".into(),
+        }
+    }
+
+    #[test]
+    fn renders_the_contract_metrics_with_their_labels() {
+        let text = render(&sample()).unwrap();
+        assert!(text.contains(
+            "hvnet_vm_packets_total{iface=\"vnet0\",direction=\"to_vm\",class=\"dhcp\"} 3\n"
+        ), "{text}");
+        assert!(text.contains(
+            "hvnet_vm_bytes_total{iface=\"vnet0\",direction=\"from_vm\",class=\"arp\"} 84\n"
+        ));
+        // Every direction x class exists from the first scrape, zero or not.
+        assert_eq!(text.matches("hvnet_vm_packets_total{").count(), 8);
+        assert!(text.contains("# TYPE hvnet_vm_packets_total counter"));
+        assert!(text.contains("hvnet_vm_info{iface=\"vnet0\",vm_uuid=\"\",vm_name=\"vnet0\",mac=\"fe:54:00:12:34:56\"} 1"));
+        assert!(text.contains("hvnet_agent_interfaces 1\n"));
+        assert!(text.contains("hvnet_agent_probe_attached{probe=\"tc_egress\",kind=\"tcx\"} 1"));
+        assert!(text.contains("hvnet_build_info{version=\"0.1.0\",attach_mechanism=\"tcx\"} 1"));
+        assert!(text.contains("to_vm = frames the host offered"));
+        assert!(!text.contains("instance=") && !text.contains("job="));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut view = sample();
+        view.vms[0].vm_name = "a\"b\\c\nd".into();
+        let text = render(&view).unwrap();
+        assert!(text.contains(r#"vm_name="a\"b\\c\nd""#), "{text}");
+    }
+
+    #[test]
+    fn no_vms_still_renders_agent_metrics() {
+        let text = render(&Exposition::default()).unwrap();
+        assert!(text.contains("hvnet_agent_interfaces 0"));
+        assert!(!text.contains("hvnet_vm_packets_total{"));
+    }
+
+    #[test]
+    fn json_totals_add_up() {
+        let vms = vms_json(&sample());
+        assert_eq!(vms[0].to_vm.packets, 3);
+        assert_eq!(vms[0].to_vm.bytes, 1026);
+        assert_eq!(vms[0].from_vm.by_class["arp"].packets, 2);
+    }
+}

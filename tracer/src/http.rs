@@ -1,0 +1,61 @@
+//! The agent's HTTP endpoint: `/metrics`, `/healthz`, `/api/v1/vms`.
+
+use std::sync::Arc;
+
+use axum::{
+    extract::State,
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{agent::AgentState, export};
+
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AgentState>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/api/v1/vms", get(vms))
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+async fn metrics(State(state): State<Arc<AgentState>>) -> Response {
+    let rendered = state
+        .exposition()
+        .map_err(|e| e.to_string())
+        .and_then(|view| export::render(&view).map_err(|e| e.to_string()));
+    match rendered {
+        Ok(text) => ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response(),
+        Err(err) => {
+            log::warn!("scrape failed: {err}");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("scrape failed: {err}\n")).into_response()
+        }
+    }
+}
+
+async fn healthz(State(state): State<Arc<AgentState>>) -> Response {
+    match state.exposition() {
+        Ok(view) => format!("ok: {} interface(s) attached\n", view.vms.len()).into_response(),
+        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {err}\n")).into_response(),
+    }
+}
+
+async fn vms(State(state): State<Arc<AgentState>>) -> Response {
+    match state.exposition() {
+        Ok(view) => Json(export::vms_json(&view)).into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n")).into_response(),
+    }
+}

@@ -1,0 +1,17 @@
+//! hvnet: a hypervisor-side eBPF tracer for KVM/libvirt compute nodes.
+//!
+//! Data flows one way: config -> loader/links (kernel) -> collect -> export.
+
+pub mod agent;
+pub mod bench;
+pub mod cli;
+pub mod collect;
+pub mod config;
+pub mod duration;
+pub mod export;
+pub mod frames;
+pub mod http;
+pub mod ifmatch;
+pub mod links;
+pub mod loader;
+pub mod privileges;

@@ -1,0 +1,206 @@
+//! Which interfaces exist, via rtnetlink: a dump at start, then the kernel's
+//! link events (RTNLGRP_LINK) so that taps that appear are attached within a
+//! moment and taps that vanish are forgotten. `plan` decides what to change;
+//! it is pure so that reconciliation is unit-tested without privileges.
+
+use std::collections::BTreeMap;
+
+use futures::{channel::mpsc::UnboundedReceiver, StreamExt, TryStreamExt};
+use netlink_packet_core::NetlinkMessage;
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkMessage, State},
+    RouteNetlinkMessage,
+};
+use netlink_sys::{AsyncSocket, SocketAddr};
+
+use crate::ifmatch::InterfaceMatcher;
+
+/// RTNLGRP_LINK as a legacy multicast group bit (1 << (group - 1)).
+const RTMGRP_LINK: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinksError {
+    #[error("opening an rtnetlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("subscribing to link events: {0}")]
+    Subscribe(std::io::Error),
+    #[error("listing interfaces over rtnetlink: {0}")]
+    Dump(String),
+}
+
+/// What hvnet needs to know about an interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub ifindex: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    pub oper_state: String,
+}
+
+impl LinkInfo {
+    pub fn mac_string(&self) -> String {
+        self.mac.map(|m| format_mac(&m)).unwrap_or_default()
+    }
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub fn link_info(message: &LinkMessage) -> Option<LinkInfo> {
+    let mut name = None;
+    let mut mac = None;
+    let mut oper_state = State::Unknown;
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(n) => name = Some(n.clone()),
+            LinkAttribute::Address(bytes) => mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+            LinkAttribute::OperState(state) => oper_state = *state,
+            _ => {}
+        }
+    }
+    Some(LinkInfo {
+        ifindex: message.header.index,
+        name: name?,
+        mac,
+        oper_state: format!("{oper_state:?}").to_lowercase(),
+    })
+}
+
+/// The changes that bring the attached set in line with what exists.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub detach: Vec<u32>,
+    pub attach: Vec<LinkInfo>,
+}
+
+/// Compares attached interfaces (ifindex -> name) with present ones. An
+/// ifindex whose name changed is detached and re-evaluated: it may be a new
+/// interface that reused the number, or a rename out of the globs.
+pub fn plan(
+    attached: &BTreeMap<u32, String>,
+    present: &[LinkInfo],
+    matcher: &InterfaceMatcher,
+    skip: &BTreeMap<u32, String>,
+) -> Plan {
+    let wanted: BTreeMap<u32, &LinkInfo> = present
+        .iter()
+        .filter(|l| matcher.matches(&l.name))
+        .map(|l| (l.ifindex, l))
+        .collect();
+    let detach: Vec<u32> = attached
+        .iter()
+        .filter(|(ifindex, name)| wanted.get(ifindex).is_none_or(|l| &l.name != *name))
+        .map(|(ifindex, _)| *ifindex)
+        .collect();
+    let attach = wanted
+        .values()
+        .filter(|l| {
+            let keeps = attached.get(&l.ifindex) == Some(&l.name);
+            let skipped = skip.get(&l.ifindex) == Some(&l.name);
+            !keeps && !skipped
+        })
+        .map(|l| (*l).clone())
+        .collect();
+    Plan { detach, attach }
+}
+
+/// An rtnetlink connection: requests go through `handle`, link events
+/// arrive on `events`.
+pub struct LinkWatcher {
+    handle: rtnetlink::Handle,
+    events: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+}
+
+impl LinkWatcher {
+    /// Must be called inside a tokio runtime (the connection is spawned).
+    pub fn start() -> Result<Self, LinksError> {
+        let (mut connection, handle, events) =
+            rtnetlink::new_connection().map_err(LinksError::Socket)?;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&SocketAddr::new(0, RTMGRP_LINK))
+            .map_err(LinksError::Subscribe)?;
+        tokio::spawn(connection);
+        Ok(Self { handle, events })
+    }
+
+    pub async fn dump(&self) -> Result<Vec<LinkInfo>, LinksError> {
+        let mut stream = self.handle.link().get().execute();
+        let mut links = Vec::new();
+        while let Some(message) = stream
+            .try_next()
+            .await
+            .map_err(|e| LinksError::Dump(e.to_string()))?
+        {
+            if let Some(info) = link_info(&message) {
+                links.push(info);
+            }
+        }
+        Ok(links)
+    }
+
+    /// Waits for the next link event; `false` when the socket closed.
+    pub async fn changed(&mut self) -> bool {
+        self.events.next().await.is_some()
+    }
+
+    /// Drains events already queued, so a burst causes one resync.
+    pub fn drain(&mut self) {
+        while self.events.try_recv().is_ok() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(ifindex: u32, name: &str) -> LinkInfo {
+        LinkInfo {
+            ifindex,
+            name: name.into(),
+            mac: Some([0xfe, 0x54, 0, 0, 0, ifindex as u8]),
+            oper_state: "up".into(),
+        }
+    }
+
+    fn matcher() -> InterfaceMatcher {
+        InterfaceMatcher::parse_list("tap*,vnet*").unwrap()
+    }
+
+    #[test]
+    fn attaches_matching_new_interfaces_only() {
+        let present = [link(1, "lo"), link(2, "eth0"), link(5, "vnet0"), link(6, "tapab")];
+        let p = plan(&BTreeMap::new(), &present, &matcher(), &BTreeMap::new());
+        assert!(p.detach.is_empty());
+        let names: Vec<_> = p.attach.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["vnet0", "tapab"]);
+    }
+
+    #[test]
+    fn detaches_vanished_and_reused_ifindexes() {
+        let attached = BTreeMap::from([(5, "vnet0".to_string()), (6, "vnet1".to_string())]);
+        // vnet0 gone; ifindex 6 now belongs to a different tap.
+        let present = [link(6, "vnet7")];
+        let p = plan(&attached, &present, &matcher(), &BTreeMap::new());
+        assert_eq!(p.detach, [5, 6]);
+        assert_eq!(p.attach, [link(6, "vnet7")]);
+    }
+
+    #[test]
+    fn steady_state_changes_nothing_and_failed_ones_are_not_retried() {
+        let attached = BTreeMap::from([(5, "vnet0".to_string())]);
+        let skip = BTreeMap::from([(6, "vnet1".to_string())]);
+        let present = [link(5, "vnet0"), link(6, "vnet1")];
+        assert_eq!(plan(&attached, &present, &matcher(), &skip), Plan::default());
+    }
+
+    #[test]
+    fn formats_macs_like_ip_link() {
+        assert_eq!(format_mac(&[0xfe, 0x54, 0, 0x1a, 0xb, 0xff]), "fe:54:00:1a:0b:ff");
+    }
+}

@@ -1,0 +1,313 @@
+//! Loads hvnet's eBPF object and attaches/detaches its tc programs.
+//!
+//! The only module (with `links`) that changes kernel state. Attachments are
+//! owned values: dropping one detaches it, so every exit path (error, signal,
+//! panic unwinding) leaves nothing of hvnet behind. TCX links also vanish
+//! when the process dies (kill -9); netlink filters do not, so in netlink
+//! mode a restarted agent first removes filters left by a killed one.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::{
+    programs::{
+        links::LinkOrder,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
+        ProgramError, SchedClassifier, TcAttachType,
+    },
+    util::KernelVersion,
+    Btf, Ebpf, EbpfLoader, Endianness,
+};
+
+use crate::{collect::CounterMap, config::AttachMode};
+
+/// The eBPF object built by build.rs from tracer-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+pub const EGRESS_PROGRAM: &str = "hvnet_egress";
+pub const INGRESS_PROGRAM: &str = "hvnet_ingress";
+pub const EMPTY_PROGRAM: &str = "hvnet_empty";
+const COUNTER_MAP: &str = "VM_COUNTERS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error(
+        "kernel BTF not found at {path}: hvnet needs a kernel built with CONFIG_DEBUG_INFO_BTF=y \
+         (or point `btf` in the config at a BTF file): {reason}"
+    )]
+    Btf { path: String, reason: String },
+    #[error("loading hvnet's eBPF object failed: {0}")]
+    Load(String),
+    #[error("the kernel rejected program {program}: {reason}")]
+    Program { program: String, reason: String },
+    #[error("attach_mode tcx needs kernel 6.6 or newer (this one is {0}): use attach_mode auto")]
+    TcxUnavailable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("attaching {program} to {iface}: {reason}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        reason: String,
+    },
+}
+
+/// The attach mechanism in use after resolving `auto` against the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcMechanism {
+    Tcx,
+    Netlink,
+}
+
+impl TcMechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcx => "tcx",
+            Self::Netlink => "netlink",
+        }
+    }
+}
+
+/// One row of the kernel capability matrix shown in
+/// `hvnet_agent_probe_attached{probe,kind}` and logged at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeStatus {
+    pub probe: &'static str,
+    pub kind: &'static str,
+    pub attached: bool,
+    pub detail: String,
+}
+
+/// hvnet's two tc programs on one interface.
+struct InterfaceAttachment {
+    name: String,
+    // Dropping the links detaches them.
+    _links: Vec<SchedClassifierLink>,
+}
+
+/// The loaded eBPF object and every live attachment, keyed by ifindex.
+pub struct TcProbes {
+    ebpf: Ebpf,
+    mechanism: TcMechanism,
+    attached: BTreeMap<u32, InterfaceAttachment>,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+impl TcProbes {
+    /// Loads BTF and the object, verifies the programs, and takes the
+    /// counter map out for the collector. Attaches nothing yet.
+    pub fn load(btf_path: &Path, mode: AttachMode) -> Result<(Self, CounterMap), LoaderError> {
+        let btf = Btf::parse_file(btf_path, Endianness::default()).map_err(|err| {
+            LoaderError::Btf {
+                path: btf_path.display().to_string(),
+                reason: err.to_string(),
+            }
+        })?;
+        let mechanism = resolve_mechanism(mode)?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .load(EBPF_OBJECT)
+            .map_err(|err| LoaderError::Load(format!("{err:#}")))?;
+        // hvnet's programs log nothing on the packet path; a logger only
+        // exists if a future program adds aya-log statements.
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
+        for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
+            program_mut(&mut ebpf, name)?
+                .load()
+                .map_err(|err| program_error(name, &err))?;
+        }
+        let map = ebpf
+            .take_map(COUNTER_MAP)
+            .ok_or_else(|| LoaderError::Load(format!("map {COUNTER_MAP} missing from the object")))?;
+        let counters = CounterMap::new(map).map_err(|err| LoaderError::Load(err.to_string()))?;
+        Ok((
+            Self {
+                ebpf,
+                mechanism,
+                attached: BTreeMap::new(),
+                _logger: logger,
+            },
+            counters,
+        ))
+    }
+
+    pub fn mechanism(&self) -> TcMechanism {
+        self.mechanism
+    }
+
+    /// The capability matrix for the tc side.
+    pub fn probe_statuses(&self) -> Vec<ProbeStatus> {
+        let kind = self.mechanism.as_str();
+        vec![
+            ProbeStatus {
+                probe: "tc_egress",
+                kind,
+                attached: true,
+                detail: format!("{EGRESS_PROGRAM} loaded, attached per interface via {kind}"),
+            },
+            ProbeStatus {
+                probe: "tc_ingress",
+                kind,
+                attached: true,
+                detail: format!("{INGRESS_PROGRAM} loaded, attached per interface via {kind}"),
+            },
+        ]
+    }
+
+    pub fn is_attached(&self, ifindex: u32) -> bool {
+        self.attached.contains_key(&ifindex)
+    }
+
+    pub fn attached_interfaces(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.attached.iter().map(|(i, a)| (*i, a.name.as_str()))
+    }
+
+    /// Attaches both programs to `name`. On failure nothing stays attached.
+    pub fn attach(&mut self, ifindex: u32, name: &str) -> Result<(), AttachError> {
+        if self.mechanism == TcMechanism::Netlink {
+            self.prepare_netlink(name);
+        }
+        let mut links = Vec::with_capacity(2);
+        for (program, attach_type) in [
+            (EGRESS_PROGRAM, TcAttachType::Egress),
+            (INGRESS_PROGRAM, TcAttachType::Ingress),
+        ] {
+            // On error `links` is dropped here, detaching what did attach.
+            let link = self.attach_one(program, name, attach_type)?;
+            links.push(link);
+        }
+        self.attached.insert(
+            ifindex,
+            InterfaceAttachment {
+                name: name.to_owned(),
+                _links: links,
+            },
+        );
+        Ok(())
+    }
+
+    /// Detaches from an interface (which may already be gone).
+    pub fn detach(&mut self, ifindex: u32) -> Option<String> {
+        self.attached.remove(&ifindex).map(|a| a.name)
+    }
+
+    /// Detaches from every interface.
+    pub fn detach_all(&mut self) -> usize {
+        let count = self.attached.len();
+        self.attached.clear();
+        count
+    }
+
+    fn attach_one(
+        &mut self,
+        program: &'static str,
+        iface: &str,
+        attach_type: TcAttachType,
+    ) -> Result<SchedClassifierLink, AttachError> {
+        let fail = |reason: String| AttachError::Attach {
+            program,
+            iface: iface.to_owned(),
+            reason,
+        };
+        let options = match self.mechanism {
+            TcMechanism::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
+            TcMechanism::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
+        };
+        let prog = program_mut(&mut self.ebpf, program).map_err(|e| fail(e.to_string()))?;
+        let id = prog
+            .attach_with_options(iface, attach_type, options)
+            .map_err(|e| fail(describe_program_error(&e)))?;
+        prog.take_link(id).map_err(|e| fail(e.to_string()))
+    }
+
+    /// Netlink mode: make sure a clsact qdisc exists (creating one only when
+    /// absent; hvnet never deletes qdiscs, an empty clsact is inert), and
+    /// remove filters a killed hvnet left behind. Other filters stay.
+    fn prepare_netlink(&self, iface: &str) {
+        match tc::qdisc_add_clsact(iface) {
+            Ok(()) => log::info!("{iface}: created clsact qdisc (it will be left in place)"),
+            Err(err) => log::debug!("{iface}: clsact not added ({err}); using the existing one"),
+        }
+        for (attach_type, program) in [
+            (TcAttachType::Egress, EGRESS_PROGRAM),
+            (TcAttachType::Ingress, INGRESS_PROGRAM),
+        ] {
+            if tc::qdisc_detach_program(iface, attach_type, program).is_ok() {
+                log::warn!("{iface}: removed a stale {program} filter left by a previous hvnet");
+            }
+        }
+    }
+}
+
+impl Drop for TcProbes {
+    fn drop(&mut self) {
+        let count = self.detach_all();
+        if count > 0 {
+            log::info!("detached from {count} interface(s)");
+        }
+    }
+}
+
+fn resolve_mechanism(mode: AttachMode) -> Result<TcMechanism, LoaderError> {
+    let version = KernelVersion::current().ok();
+    let has_tcx = version.is_some_and(|v| v >= KernelVersion::new(6, 6, 0));
+    match mode {
+        AttachMode::Netlink => Ok(TcMechanism::Netlink),
+        AttachMode::Tcx if has_tcx => Ok(TcMechanism::Tcx),
+        AttachMode::Tcx => Err(LoaderError::TcxUnavailable(
+            version.map_or_else(|| "unknown".into(), |v| format!("{v:?}")),
+        )),
+        AttachMode::Auto if has_tcx => Ok(TcMechanism::Tcx),
+        AttachMode::Auto => Ok(TcMechanism::Netlink),
+    }
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, LoaderError> {
+    let program = ebpf.program_mut(name).ok_or_else(|| LoaderError::Program {
+        program: name.to_owned(),
+        reason: "missing from the eBPF object".into(),
+    })?;
+    program.try_into().map_err(|err: ProgramError| program_error(name, &err))
+}
+
+fn program_error(name: &str, err: &ProgramError) -> LoaderError {
+    LoaderError::Program {
+        program: name.to_owned(),
+        reason: describe_program_error(err),
+    }
+}
+
+/// aya's errors keep the useful part (errno, verifier log) in the source chain.
+fn describe_program_error(err: &ProgramError) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// Loads the object and returns the tc programs the benchmark runs; kept
+/// here so that only this module knows the object and program names.
+pub fn load_for_bench() -> Result<Ebpf, LoaderError> {
+    let mut ebpf = EbpfLoader::new()
+        .load(EBPF_OBJECT)
+        .map_err(|err| LoaderError::Load(format!("{err:#}")))?;
+    for name in [EGRESS_PROGRAM, INGRESS_PROGRAM, EMPTY_PROGRAM] {
+        program_mut(&mut ebpf, name)?
+            .load()
+            .map_err(|err| program_error(name, &err))?;
+    }
+    Ok(ebpf)
+}
+
+pub fn bench_program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a SchedClassifier, LoaderError> {
+    let program = ebpf.program(name).ok_or_else(|| LoaderError::Program {
+        program: name.to_owned(),
+        reason: "missing from the eBPF object".into(),
+    })?;
+    program.try_into().map_err(|err: ProgramError| program_error(name, &err))
+}

@@ -1,0 +1,126 @@
+//! Orchestration only: set-up, build, test, demo, bench, lint. Every
+//! command does the set-up it needs first, idempotently, so a fresh machine
+//! needs nothing by hand.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "hvnet's build orchestration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (apt packages, rust-src, bpf-linker).
+    Setup,
+    /// Build target/release/hvnet (eBPF object embedded) and the lab.
+    Build,
+    /// Unit tests, then the privileged lab tests (one at a time).
+    Test {
+        /// Only the unprivileged tests.
+        #[arg(long)]
+        unit_only: bool,
+    },
+    /// The embedded lab: a compute node in network namespaces, fake VMs, dnsmasq, hvnet.
+    Demo {
+        /// Number of fake VMs.
+        #[arg(long, default_value_t = 2)]
+        vms: u32,
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Benchmark the tc programs against an empty program (BPF_PROG_TEST_RUN).
+    Bench,
+    /// rustfmt and clippy.
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.command {
+        Task::Setup => setup::all(&root),
+        Task::Build => {
+            setup::all(&root)?;
+            build(&root)
+        }
+        Task::Test { unit_only } => {
+            setup::all(&root)?;
+            test(&root, unit_only)
+        }
+        Task::Demo { vms, duration } => {
+            setup::all(&root)?;
+            build(&root)?;
+            let mut cmd = Command::new(root.join("target/release/hvnet-lab"));
+            cmd.args(["demo", "--vms", &vms.to_string()]);
+            cmd.arg("--hvnet").arg(root.join("target/release/hvnet"));
+            if let Some(secs) = duration {
+                cmd.args(["--duration", &secs.to_string()]);
+            }
+            run(&mut cmd)
+        }
+        Task::Bench => {
+            setup::all(&root)?;
+            build(&root)?;
+            run(Command::new(root.join("target/release/hvnet")).arg("bench"))
+        }
+        Task::Lint => {
+            run(cargo(&root).args(["fmt", "--all", "--check"]))?;
+            run(cargo(&root).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
+        }
+    }
+}
+
+fn build(root: &Path) -> anyhow::Result<()> {
+    run(cargo(root).args(["build", "--release", "-p", "tracer", "-p", "hvnet-lab", "--bins"]))
+}
+
+fn test(root: &Path, unit_only: bool) -> anyhow::Result<()> {
+    // Unprivileged tier: pure logic, parsing, rendering.
+    run(cargo(root).args(["test", "--release", "--workspace", "--lib", "--bins"]))?;
+    if unit_only {
+        return Ok(());
+    }
+    build(root)?;
+    // Privileged tier: real netns, taps, dnsmasq and the agent; they share
+    // kernel state (tc, netns names), so one at a time.
+    run(cargo(root)
+        .args(["test", "--release", "-p", "hvnet-lab", "--tests", "--", "--test-threads=1"])
+        .env("HVNET_BIN", root.join("target/release/hvnet")))
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root);
+    cmd.env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} {:?} failed: {status}", cmd.get_program(), cmd.get_args().collect::<Vec<_>>());
+    }
+    Ok(())
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask/ has no parent directory")
+}
