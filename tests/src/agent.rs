@@ -20,9 +20,9 @@ pub struct Agent {
 
 /// The hvnet binary: $HVNET_BIN (set by `cargo xtask test`) or the release build.
 pub fn hvnet_bin() -> PathBuf {
-    std::env::var_os("HVNET_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/hvnet")
-    })
+    std::env::var_os("HVNET_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/hvnet"))
 }
 
 impl Agent {
@@ -41,7 +41,12 @@ impl Agent {
         Ok(agent)
     }
 
-    pub fn spawn(ns: &NetNs, addr: SocketAddr, extra: &[&str], log: &Path) -> anyhow::Result<Child> {
+    pub fn spawn(
+        ns: &NetNs,
+        addr: SocketAddr,
+        extra: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Child> {
         let log_file = std::fs::File::create(log)?;
         ns.command(&hvnet_bin().display().to_string())
             .args(["run", "--listen", &addr.to_string()])
@@ -100,7 +105,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("hvnet did not exit within {grace:?} of SIGTERM:\n{}", self.log_text());
+                bail!(
+                    "hvnet did not exit within {grace:?} of SIGTERM:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

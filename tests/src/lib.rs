@@ -15,6 +15,7 @@
 //! dhclient, ping) run as the guest.
 
 pub mod agent;
+pub mod expect;
 pub mod http;
 pub mod metrics;
 pub mod netns;

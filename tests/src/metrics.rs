@@ -82,11 +82,18 @@ mod tests {
         let text = "# HELP x y\nhvnet_vm_packets_total{iface=\"tap0\",direction=\"to_vm\",class=\"dhcp\"} 3\nhvnet_agent_interfaces 2\nq{a=\"x\\\"y\"} 1\n";
         let samples = parse(text);
         assert_eq!(
-            value(&samples, "hvnet_vm_packets_total", &[("iface", "tap0"), ("class", "dhcp")]),
+            value(
+                &samples,
+                "hvnet_vm_packets_total",
+                &[("iface", "tap0"), ("class", "dhcp")]
+            ),
             Some(3.0)
         );
         assert_eq!(value(&samples, "hvnet_agent_interfaces", &[]), Some(2.0));
         assert_eq!(value(&samples, "q", &[("a", "x\"y")]), Some(1.0));
-        assert_eq!(value(&samples, "hvnet_vm_packets_total", &[("iface", "tap1")]), None);
+        assert_eq!(
+            value(&samples, "hvnet_vm_packets_total", &[("iface", "tap1")]),
+            None
+        );
     }
 }

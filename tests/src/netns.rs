@@ -19,7 +19,9 @@ impl NetNs {
     /// solicitations or MLD reports muddying exact counts).
     pub fn create(name: &str) -> anyhow::Result<Self> {
         run(Command::new("ip").args(["netns", "add", name]))?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         ns.exec_ok(&[
             "sysctl",
@@ -82,7 +84,11 @@ pub fn enter_netns(path: &std::path::Path) -> anyhow::Result<()> {
     // SAFETY: setns on a valid namespace fd only changes this thread's netns.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {
-        bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "setns {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -91,7 +97,10 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         // Processes left inside (dnsmasq, udhcpc, a crashed agent) would
         // keep the namespace's interfaces alive: end them first.
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
                 if let Ok(pid) = pid.parse::<i32>() {
                     // SAFETY: plain kill(2) on a pid inside our own namespace.
@@ -99,7 +108,9 @@ impl Drop for NetNs {
                 }
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 

@@ -44,7 +44,19 @@ impl ComputeNode {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let ns = NetNs::create(&format!("{prefix}-node"))?;
-        ns.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0", "stp_state", "0", "forward_delay", "0"])?;
+        ns.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
         ns.ip(&["addr", "add", &format!("{BRIDGE_ADDR}/24"), "dev", "br0"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
         let script = dir.join("udhcpc.script");
@@ -81,7 +93,10 @@ impl ComputeNode {
             ])
             .arg(format!("--dhcp-leasefile={}", leases.display()))
             .arg(format!("--log-facility={}", log.display()))
-            .arg(format!("--pid-file={}", self.dir.join("dnsmasq.pid").display()))
+            .arg(format!(
+                "--pid-file={}",
+                self.dir.join("dnsmasq.pid").display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -140,7 +155,9 @@ impl FakeVm {
         let guest_mac = format!("52:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
         let tap_mac = format!("fe:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
         node.ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
-        node.ns.ip(&["link", "set", tap, "address", &tap_mac, "master", "br0", "up"])?;
+        node.ns.ip(&[
+            "link", "set", tap, "address", &tap_mac, "master", "br0", "up",
+        ])?;
         let control = node.dir.join(format!("{tap}.ctl"));
         let mut vmm = Command::new(fake_vmm)
             .args(["--node-netns", node.ns.name(), "--tap", tap])
@@ -166,7 +183,8 @@ impl FakeVm {
             node_ns: node.ns.name().to_owned(),
             vmm,
         };
-        vm.guest.ip(&["link", "set", "eth0", "address", &vm.guest_mac, "up"])?;
+        vm.guest
+            .ip(&["link", "set", "eth0", "address", &vm.guest_mac, "up"])?;
         Ok(vm)
     }
 
@@ -181,17 +199,31 @@ impl FakeVm {
     /// Gets a lease with busybox udhcpc in the guest (then udhcpc exits).
     pub fn dhcp(&self, script: &Path) -> anyhow::Result<String> {
         self.guest.exec_ok(&[
-            "busybox", "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "1",
-            "-s", &script.display().to_string(),
+            "busybox",
+            "udhcpc",
+            "-i",
+            "eth0",
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            "5",
+            "-T",
+            "1",
+            "-s",
+            &script.display().to_string(),
         ])?;
-        self.ipv4()?.context("udhcpc succeeded but eth0 has no address")
+        self.ipv4()?
+            .context("udhcpc succeeded but eth0 has no address")
     }
 
     /// A long-running udhcpc that keeps renewing (for the demo).
     pub fn spawn_dhcp_client(&self, script: &Path) -> anyhow::Result<Child> {
         self.guest
             .command("busybox")
-            .args(["udhcpc", "-i", "eth0", "-f", "-t", "0", "-T", "2", "-A", "2", "-s"])
+            .args([
+                "udhcpc", "-i", "eth0", "-f", "-t", "0", "-T", "2", "-A", "2", "-s",
+            ])
             .arg(script)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -200,7 +232,9 @@ impl FakeVm {
     }
 
     pub fn ipv4(&self) -> anyhow::Result<Option<String>> {
-        let out = self.guest.ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
+        let out = self
+            .guest
+            .ip(&["-4", "-o", "addr", "show", "dev", "eth0"])?;
         Ok(out
             .split_whitespace()
             .skip_while(|w| *w != "inet")
@@ -212,7 +246,17 @@ impl FakeVm {
     /// Pings `target` (inside the lab) `count` times from the guest.
     pub fn ping(&self, target: &str, count: u32) -> anyhow::Result<()> {
         self.guest
-            .exec_ok(&["busybox", "ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", target])
+            .exec_ok(&[
+                "busybox",
+                "ping",
+                "-c",
+                &count.to_string(),
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                target,
+            ])
             .map(|_| ())
     }
 

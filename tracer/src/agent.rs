@@ -48,7 +48,9 @@ pub struct AgentState {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock leaves plain data behind; keep serving.
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl AgentState {
@@ -106,7 +108,9 @@ impl AgentState {
         // Forget failures of interfaces that are gone, so a new interface
         // reusing the ifindex gets its own attempt.
         lock(&self.failed).retain(|ifindex, name| {
-            present.iter().any(|l| l.ifindex == *ifindex && &l.name == name)
+            present
+                .iter()
+                .any(|l| l.ifindex == *ifindex && &l.name == name)
         });
         let plan = links::plan(
             &attached_names,
@@ -188,7 +192,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "probe {} ({}): {} - {}",
             status.probe,
             status.kind,
-            if status.attached { "in use" } else { "unavailable" },
+            if status.attached {
+                "in use"
+            } else {
+                "unavailable"
+            },
             status.detail
         );
     }

@@ -38,7 +38,10 @@ fn representative_frames() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("small UDP (60 B)", frames::small_udp(vm, host)),
         ("DHCP ACK (342 B)", frames::dhcp_ack(host, vm)),
-        ("ARP request (42 B)", frames::arp_request(vm, [10, 250, 0, 10], [10, 250, 0, 1])),
+        (
+            "ARP request (42 B)",
+            frames::arp_request(vm, [10, 250, 0, 10], [10, 250, 0, 1]),
+        ),
         ("TCP 1500 (1514 B)", frames::tcp_1500(host, vm)),
     ]
 }
@@ -80,7 +83,11 @@ pub fn run(repeat: u32, rounds: usize) -> Result<Vec<BenchRow>, BenchError> {
             let hvnet_ns = time_program(&ebpf, program, &frame, repeat, rounds)?;
             rows.push(BenchRow {
                 frame: frame_name,
-                program: if program == loader::EGRESS_PROGRAM { "egress (to_vm)" } else { "ingress (from_vm)" },
+                program: if program == loader::EGRESS_PROGRAM {
+                    "egress (to_vm)"
+                } else {
+                    "ingress (from_vm)"
+                },
                 empty_ns,
                 hvnet_ns,
             });

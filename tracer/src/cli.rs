@@ -7,7 +7,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::FlagOverrides;
 
 #[derive(Debug, Parser)]
-#[command(name = "hvnet", version, about = "Per-VM packet counters and RX-stall detection for KVM compute nodes, with eBPF")]
+#[command(
+    name = "hvnet",
+    version,
+    about = "Per-VM packet counters and RX-stall detection for KVM compute nodes, with eBPF"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

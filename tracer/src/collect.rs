@@ -50,10 +50,12 @@ impl TrafficCounters {
 /// Sums one key's per-CPU slots. Each slot only grows, so the sum is the
 /// total; wrapping add keeps a (theoretical) u64 wrap from panicking.
 pub fn sum_cpus(values: &[CounterValue]) -> CounterValue {
-    values.iter().fold(CounterValue::default(), |acc, v| CounterValue {
-        packets: acc.packets.wrapping_add(v.packets),
-        bytes: acc.bytes.wrapping_add(v.bytes),
-    })
+    values
+        .iter()
+        .fold(CounterValue::default(), |acc, v| CounterValue {
+            packets: acc.packets.wrapping_add(v.packets),
+            bytes: acc.bytes.wrapping_add(v.bytes),
+        })
 }
 
 /// Folds (key, per-CPU values) entries into per-ifindex totals.
@@ -131,16 +133,40 @@ mod tests {
     #[test]
     fn cpus_are_summed_and_interfaces_kept_apart() {
         let per_cpu = [
-            CounterValue { packets: 2, bytes: 120 },
-            CounterValue { packets: 3, bytes: 180 },
+            CounterValue {
+                packets: 2,
+                bytes: 120,
+            },
+            CounterValue {
+                packets: 3,
+                bytes: 180,
+            },
         ];
         let totals = fold_entries([
             (key(7, direction::TO_VM, class::DHCP), sum_cpus(&per_cpu)),
-            (key(7, direction::FROM_VM, class::ARP), CounterValue { packets: 1, bytes: 42 }),
-            (key(9, direction::TO_VM, class::OTHER), CounterValue { packets: 4, bytes: 400 }),
+            (
+                key(7, direction::FROM_VM, class::ARP),
+                CounterValue {
+                    packets: 1,
+                    bytes: 42,
+                },
+            ),
+            (
+                key(9, direction::TO_VM, class::OTHER),
+                CounterValue {
+                    packets: 4,
+                    bytes: 400,
+                },
+            ),
         ]);
         let vm7 = totals[&7];
-        assert_eq!(vm7.get(direction::TO_VM, class::DHCP), CounterValue { packets: 5, bytes: 300 });
+        assert_eq!(
+            vm7.get(direction::TO_VM, class::DHCP),
+            CounterValue {
+                packets: 5,
+                bytes: 300
+            }
+        );
         assert_eq!(vm7.get(direction::FROM_VM, class::ARP).packets, 1);
         assert_eq!(vm7.packets(direction::TO_VM), 5);
         assert_eq!(totals[&9].packets(direction::TO_VM), 4);
@@ -149,7 +175,13 @@ mod tests {
 
     #[test]
     fn out_of_range_keys_from_a_newer_kernel_object_are_ignored() {
-        let totals = fold_entries([(key(3, 9, 9), CounterValue { packets: 1, bytes: 1 })]);
+        let totals = fold_entries([(
+            key(3, 9, 9),
+            CounterValue {
+                packets: 1,
+                bytes: 1,
+            },
+        )]);
         assert_eq!(totals[&3], TrafficCounters::default());
     }
 }

@@ -52,9 +52,18 @@ mod tests {
 
     #[test]
     fn rejects_bare_numbers_unknown_units_and_zero() {
-        assert!(matches!(parse_duration("1"), Err(DurationError::Invalid(_))));
-        assert!(matches!(parse_duration("1d"), Err(DurationError::Invalid(_))));
-        assert!(matches!(parse_duration("s"), Err(DurationError::Invalid(_))));
+        assert!(matches!(
+            parse_duration("1"),
+            Err(DurationError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_duration("1d"),
+            Err(DurationError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_duration("s"),
+            Err(DurationError::Invalid(_))
+        ));
         assert!(matches!(parse_duration(""), Err(DurationError::Invalid(_))));
         assert!(matches!(parse_duration("0s"), Err(DurationError::Zero(_))));
     }

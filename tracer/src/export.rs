@@ -90,7 +90,10 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
     for vm in &view.vms {
         for dir in DIRECTIONS {
             for cls in CLASSES {
-                let CounterValue { packets: p, bytes: b } = vm.traffic.get(dir, cls);
+                let CounterValue {
+                    packets: p,
+                    bytes: b,
+                } = vm.traffic.get(dir, cls);
                 let labels = [
                     ("iface", vm.iface.as_str()),
                     ("direction", direction_label(dir)),
@@ -116,7 +119,9 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         "Interfaces hvnet's tc programs are attached to.",
         MetricType::GAUGE,
     );
-    interfaces.mut_metric().push(gauge(&[], view.vms.len() as f64));
+    interfaces
+        .mut_metric()
+        .push(gauge(&[], view.vms.len() as f64));
 
     let mut probes = family(
         "hvnet_agent_probe_attached",
@@ -136,14 +141,18 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         "Interfaces matching the globs that hvnet could not attach to (reason in the log).",
         MetricType::COUNTER,
     );
-    failures.mut_metric().push(counter(&[], view.attach_failures as f64));
+    failures
+        .mut_metric()
+        .push(counter(&[], view.attach_failures as f64));
 
     let mut events = family(
         "hvnet_agent_link_events_total",
         "rtnetlink link events received (interfaces appearing, changing, vanishing).",
         MetricType::COUNTER,
     );
-    events.mut_metric().push(counter(&[], view.link_events as f64));
+    events
+        .mut_metric()
+        .push(counter(&[], view.link_events as f64));
 
     let mut build = family(
         "hvnet_build_info",
@@ -158,7 +167,9 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         1.0,
     ));
 
-    vec![packets, bytes, info, interfaces, probes, failures, events, build]
+    vec![
+        packets, bytes, info, interfaces, probes, failures, events, build,
+    ]
 }
 
 fn family(name: &str, help: &str, kind: MetricType) -> MetricFamily {
@@ -231,7 +242,13 @@ pub fn vms_json(view: &Exposition) -> Vec<VmJson> {
             .iter()
             .map(|&cls| {
                 let v = vm.traffic.get(dir, cls);
-                (class_label(cls), CounterValueJson { packets: v.packets, bytes: v.bytes })
+                (
+                    class_label(cls),
+                    CounterValueJson {
+                        packets: v.packets,
+                        bytes: v.bytes,
+                    },
+                )
             })
             .collect();
         DirectionJson {
@@ -262,9 +279,15 @@ mod tests {
     fn sample() -> Exposition {
         let mut traffic = TrafficCounters::default();
         traffic.by_direction_class[usize::from(direction::TO_VM)][usize::from(class::DHCP)] =
-            CounterValue { packets: 3, bytes: 1026 };
+            CounterValue {
+                packets: 3,
+                bytes: 1026,
+            };
         traffic.by_direction_class[usize::from(direction::FROM_VM)][usize::from(class::ARP)] =
-            CounterValue { packets: 2, bytes: 84 };
+            CounterValue {
+                packets: 2,
+                bytes: 84,
+            };
         Exposition {
             vms: vec![VmView {
                 iface: "vnet0".into(),
@@ -291,9 +314,12 @@ mod tests {
     #[test]
     fn renders_the_contract_metrics_with_their_labels() {
         let text = render(&sample()).unwrap();
-        assert!(text.contains(
-            "hvnet_vm_packets_total{iface=\"vnet0\",direction=\"to_vm\",class=\"dhcp\"} 3\n"
-        ), "{text}");
+        assert!(
+            text.contains(
+                "hvnet_vm_packets_total{iface=\"vnet0\",direction=\"to_vm\",class=\"dhcp\"} 3\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains(
             "hvnet_vm_bytes_total{iface=\"vnet0\",direction=\"from_vm\",class=\"arp\"} 84\n"
         ));

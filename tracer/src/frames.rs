@@ -57,12 +57,25 @@ pub fn udp_frame(
     dport: u16,
     payload: &[u8],
 ) -> Vec<u8> {
-    ethernet(dst_mac, src_mac, 0x0800, &ipv4(src, dst, 17, &udp(sport, dport, payload)))
+    ethernet(
+        dst_mac,
+        src_mac,
+        0x0800,
+        &ipv4(src, dst, 17, &udp(sport, dport, payload)),
+    )
 }
 
 /// A small unicast UDP frame (60 bytes on the wire without FCS).
 pub fn small_udp(src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<u8> {
-    udp_frame(dst_mac, src_mac, [10, 250, 0, 10], [10, 250, 0, 1], 40000, 5001, &[0u8; 18])
+    udp_frame(
+        dst_mac,
+        src_mac,
+        [10, 250, 0, 10],
+        [10, 250, 0, 1],
+        40000,
+        5001,
+        &[0u8; 18],
+    )
 }
 
 /// A BOOTP/DHCP message (fixed part, magic cookie, message type, end).
@@ -82,13 +95,29 @@ pub fn dhcp_message(op: u8, xid: u32, client_mac: [u8; 6], message_type: u8) -> 
 /// A broadcast DHCPDISCOVER from a client, as a guest sends it.
 pub fn dhcp_discover(client_mac: [u8; 6]) -> Vec<u8> {
     let message = dhcp_message(1, 0x3f2a_1c9d, client_mac, 1);
-    udp_frame(BROADCAST_MAC, client_mac, [0; 4], [255; 4], 68, 67, &message)
+    udp_frame(
+        BROADCAST_MAC,
+        client_mac,
+        [0; 4],
+        [255; 4],
+        68,
+        67,
+        &message,
+    )
 }
 
 /// A unicast DHCPACK from the server to a client.
 pub fn dhcp_ack(server_mac: [u8; 6], client_mac: [u8; 6]) -> Vec<u8> {
     let message = dhcp_message(2, 0x3f2a_1c9d, client_mac, 5);
-    udp_frame(client_mac, server_mac, [10, 250, 0, 1], [10, 250, 0, 10], 67, 68, &message)
+    udp_frame(
+        client_mac,
+        server_mac,
+        [10, 250, 0, 1],
+        [10, 250, 0, 10],
+        67,
+        68,
+        &message,
+    )
 }
 
 /// An ARP who-has request (broadcast).
@@ -109,7 +138,12 @@ pub fn tcp_1500(src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<u8> {
     tcp[12] = 0x50; // data offset 5
     tcp[13] = 0x10; // ACK
     tcp.resize(1480, 0xab);
-    ethernet(dst_mac, src_mac, 0x0800, &ipv4([10, 250, 0, 1], [10, 250, 0, 10], 6, &tcp))
+    ethernet(
+        dst_mac,
+        src_mac,
+        0x0800,
+        &ipv4([10, 250, 0, 1], [10, 250, 0, 10], 6, &tcp),
+    )
 }
 
 /// Inserts an 802.1Q tag (VLAN id) after the MAC addresses.
@@ -133,18 +167,35 @@ mod tests {
     fn golden_classes() {
         assert_eq!(classify_frame(&dhcp_discover(VM)), class::DHCP);
         assert_eq!(classify_frame(&dhcp_ack(HOST, VM)), class::DHCP);
-        assert_eq!(classify_frame(&arp_request(VM, [10, 250, 0, 10], [10, 250, 0, 1])), class::ARP);
+        assert_eq!(
+            classify_frame(&arp_request(VM, [10, 250, 0, 10], [10, 250, 0, 1])),
+            class::ARP
+        );
         assert_eq!(classify_frame(&small_udp(VM, HOST)), class::OTHER);
         assert_eq!(classify_frame(&tcp_1500(HOST, VM)), class::OTHER);
-        let bcast = udp_frame(BROADCAST_MAC, VM, [10, 250, 0, 10], [10, 250, 0, 255], 5000, 9, b"x");
+        let bcast = udp_frame(
+            BROADCAST_MAC,
+            VM,
+            [10, 250, 0, 10],
+            [10, 250, 0, 255],
+            5000,
+            9,
+            b"x",
+        );
         assert_eq!(classify_frame(&bcast), class::BROADCAST);
     }
 
     #[test]
     fn vlan_tagged_dhcp_and_arp_are_recognised() {
-        assert_eq!(classify_frame(&with_vlan_tag(&dhcp_discover(VM), 100)), class::DHCP);
         assert_eq!(
-            classify_frame(&with_vlan_tag(&arp_request(VM, [10, 250, 0, 10], [10, 250, 0, 1]), 7)),
+            classify_frame(&with_vlan_tag(&dhcp_discover(VM), 100)),
+            class::DHCP
+        );
+        assert_eq!(
+            classify_frame(&with_vlan_tag(
+                &arp_request(VM, [10, 250, 0, 10], [10, 250, 0, 1]),
+                7
+            )),
             class::ARP
         );
     }

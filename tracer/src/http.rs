@@ -41,7 +41,11 @@ async fn metrics(State(state): State<Arc<AgentState>>) -> Response {
         Ok(text) => ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response(),
         Err(err) => {
             log::warn!("scrape failed: {err}");
-            (StatusCode::INTERNAL_SERVER_ERROR, format!("scrape failed: {err}\n")).into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("scrape failed: {err}\n"),
+            )
+                .into_response()
         }
     }
 }
@@ -49,7 +53,11 @@ async fn metrics(State(state): State<Arc<AgentState>>) -> Response {
 async fn healthz(State(state): State<Arc<AgentState>>) -> Response {
     match state.exposition() {
         Ok(view) => format!("ok: {} interface(s) attached\n", view.vms.len()).into_response(),
-        Err(err) => (StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {err}\n")).into_response(),
+        Err(err) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {err}\n"),
+        )
+            .into_response(),
     }
 }
 

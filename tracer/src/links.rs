@@ -174,7 +174,12 @@ mod tests {
 
     #[test]
     fn attaches_matching_new_interfaces_only() {
-        let present = [link(1, "lo"), link(2, "eth0"), link(5, "vnet0"), link(6, "tapab")];
+        let present = [
+            link(1, "lo"),
+            link(2, "eth0"),
+            link(5, "vnet0"),
+            link(6, "tapab"),
+        ];
         let p = plan(&BTreeMap::new(), &present, &matcher(), &BTreeMap::new());
         assert!(p.detach.is_empty());
         let names: Vec<_> = p.attach.iter().map(|l| l.name.as_str()).collect();
@@ -196,11 +201,17 @@ mod tests {
         let attached = BTreeMap::from([(5, "vnet0".to_string())]);
         let skip = BTreeMap::from([(6, "vnet1".to_string())]);
         let present = [link(5, "vnet0"), link(6, "vnet1")];
-        assert_eq!(plan(&attached, &present, &matcher(), &skip), Plan::default());
+        assert_eq!(
+            plan(&attached, &present, &matcher(), &skip),
+            Plan::default()
+        );
     }
 
     #[test]
     fn formats_macs_like_ip_link() {
-        assert_eq!(format_mac(&[0xfe, 0x54, 0, 0x1a, 0xb, 0xff]), "fe:54:00:1a:0b:ff");
+        assert_eq!(
+            format_mac(&[0xfe, 0x54, 0, 0x1a, 0xb, 0xff]),
+            "fe:54:00:1a:0b:ff"
+        );
     }
 }

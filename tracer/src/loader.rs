@@ -27,6 +27,8 @@ pub const EGRESS_PROGRAM: &str = "hvnet_egress";
 pub const INGRESS_PROGRAM: &str = "hvnet_ingress";
 pub const EMPTY_PROGRAM: &str = "hvnet_empty";
 const COUNTER_MAP: &str = "VM_COUNTERS";
+/// Netlink mode: the tc priority hvnet's filters ask for (lower runs first).
+const NETLINK_PRIORITY: u16 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -98,12 +100,11 @@ impl TcProbes {
     /// Loads BTF and the object, verifies the programs, and takes the
     /// counter map out for the collector. Attaches nothing yet.
     pub fn load(btf_path: &Path, mode: AttachMode) -> Result<(Self, CounterMap), LoaderError> {
-        let btf = Btf::parse_file(btf_path, Endianness::default()).map_err(|err| {
-            LoaderError::Btf {
+        let btf =
+            Btf::parse_file(btf_path, Endianness::default()).map_err(|err| LoaderError::Btf {
                 path: btf_path.display().to_string(),
                 reason: err.to_string(),
-            }
-        })?;
+            })?;
         let mechanism = resolve_mechanism(mode)?;
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -117,9 +118,9 @@ impl TcProbes {
                 .load()
                 .map_err(|err| program_error(name, &err))?;
         }
-        let map = ebpf
-            .take_map(COUNTER_MAP)
-            .ok_or_else(|| LoaderError::Load(format!("map {COUNTER_MAP} missing from the object")))?;
+        let map = ebpf.take_map(COUNTER_MAP).ok_or_else(|| {
+            LoaderError::Load(format!("map {COUNTER_MAP} missing from the object"))
+        })?;
         let counters = CounterMap::new(map).map_err(|err| LoaderError::Load(err.to_string()))?;
         Ok((
             Self {
@@ -210,14 +211,37 @@ impl TcProbes {
             iface: iface.to_owned(),
             reason,
         };
-        let options = match self.mechanism {
-            TcMechanism::Tcx => TcAttachOptions::TcxOrder(LinkOrder::default()),
-            TcMechanism::Netlink => TcAttachOptions::Netlink(NlOptions::default()),
-        };
         let prog = program_mut(&mut self.ebpf, program).map_err(|e| fail(e.to_string()))?;
-        let id = prog
-            .attach_with_options(iface, attach_type, options)
-            .map_err(|e| fail(describe_program_error(&e)))?;
+        // hvnet goes first so that it sees every frame even when another
+        // program or filter ends classification (TC_ACT_OK, a u32 match);
+        // its own verdict is "continue", so everything after it still runs.
+        let id = match self.mechanism {
+            TcMechanism::Tcx => prog.attach_with_options(
+                iface,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            ),
+            TcMechanism::Netlink => {
+                let first = NlOptions {
+                    priority: NETLINK_PRIORITY,
+                    ..Default::default()
+                };
+                prog.attach_with_options(iface, attach_type, TcAttachOptions::Netlink(first))
+                    .or_else(|err| {
+                        log::warn!(
+                            "{iface}: tc priority {NETLINK_PRIORITY} is taken ({}); attaching \
+                             {program} after the existing filters, which may hide frames they consume",
+                            describe_program_error(&err)
+                        );
+                        prog.attach_with_options(
+                            iface,
+                            attach_type,
+                            TcAttachOptions::Netlink(NlOptions::default()),
+                        )
+                    })
+            }
+        }
+        .map_err(|e| fail(describe_program_error(&e)))?;
         prog.take_link(id).map_err(|e| fail(e.to_string()))
     }
 
@@ -268,7 +292,9 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassi
         program: name.to_owned(),
         reason: "missing from the eBPF object".into(),
     })?;
-    program.try_into().map_err(|err: ProgramError| program_error(name, &err))
+    program
+        .try_into()
+        .map_err(|err: ProgramError| program_error(name, &err))
 }
 
 fn program_error(name: &str, err: &ProgramError) -> LoaderError {
@@ -309,5 +335,7 @@ pub fn bench_program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a SchedClassifi
         program: name.to_owned(),
         reason: "missing from the eBPF object".into(),
     })?;
-    program.try_into().map_err(|err: ProgramError| program_error(name, &err))
+    program
+        .try_into()
+        .map_err(|err: ProgramError| program_error(name, &err))
 }

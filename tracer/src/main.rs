@@ -9,7 +9,10 @@ use hvnet::{
 };
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,netlink_packet_route=error")).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,netlink_packet_route=error"),
+    )
+    .init();
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,
@@ -39,7 +42,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(args) => {
             privileges::check()?;
             let rows = bench::run(args.repeat, args.rounds.max(1))?;
-            Ok(if bench::print(&rows) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if bench::print(&rows) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -81,10 +81,13 @@ fn bpf_linker() -> anyhow::Result<()> {
     if current.is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (about a minute)");
-    let sysroot = capture(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (about a minute)"
+    );
+    let sysroot =
+        capture(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))?;
     let lib = PathBuf::from(sysroot.trim()).join("lib");
-    let version = capture(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
+    let version = capture(Command::new("rustup").args(["run", NIGHTLY, "rustc", "-vV"]))?;
     let llvm_major = version
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -106,9 +109,11 @@ fn bpf_linker() -> anyhow::Result<()> {
         lib.display(),
         libllvm.display()
     );
-    run(Command::new("cargo")
+    run(Command::new("rustup")
         .args([
-            &format!("+{NIGHTLY}"),
+            "run",
+            NIGHTLY,
+            "cargo",
             "install",
             "bpf-linker",
             "--version",
@@ -154,7 +159,11 @@ fn capture(cmd: &mut Command) -> anyhow::Result<String> {
         .output()
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;
     if !out.status.success() {
-        bail!("{:?} failed: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{:?} failed: {}",
+            cmd.get_program(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

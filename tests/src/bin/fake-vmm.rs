@@ -107,7 +107,11 @@ fn open_tap(name: &str) -> anyhow::Result<File> {
 
 /// Waits up to 50 ms for `fd` to be readable.
 fn readable(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     let rc = unsafe { libc::poll(&mut pfd, 1, 50) };
     rc > 0 && pfd.revents & libc::POLLIN != 0
@@ -116,12 +120,7 @@ fn readable(fd: RawFd) -> bool {
 /// Relays frames from `src` to `dst` while `allowed(mode)`; counts each
 /// frame at the point QEMU would (read from the host tap for to_vm,
 /// written into the host tap for from_vm).
-fn relay(
-    mut src: File,
-    mut dst: File,
-    shared: Arc<Shared>,
-    toward_vm: bool,
-) -> anyhow::Result<()> {
+fn relay(mut src: File, mut dst: File, shared: Arc<Shared>, toward_vm: bool) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 65536];
     loop {
         let mode = shared.mode.load(Ordering::Relaxed);
@@ -143,11 +142,15 @@ fn relay(
         if toward_vm {
             shared.to_vm.add(frame);
         }
+        // A tap write is one whole frame or an error, never partial.
         match dst.write(frame) {
-            Ok(_) => {
+            Ok(written) if written == frame.len() => {
                 if !toward_vm {
                     shared.from_vm.add(frame);
                 }
+            }
+            Ok(_) => {
+                shared.write_errors.fetch_add(1, Ordering::Relaxed);
             }
             // The receiving interface is down: the frame is lost, as on a NIC.
             Err(_) => {
@@ -217,7 +220,11 @@ fn main() -> anyhow::Result<()> {
     let shared = Arc::new(Shared::default());
 
     let to_vm = {
-        let (src, dst, shared) = (host_tap.try_clone()?, guest_tap.try_clone()?, shared.clone());
+        let (src, dst, shared) = (
+            host_tap.try_clone()?,
+            guest_tap.try_clone()?,
+            shared.clone(),
+        );
         std::thread::spawn(move || relay(src, dst, shared, true))
     };
     let from_vm = {

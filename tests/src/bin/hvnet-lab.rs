@@ -60,7 +60,12 @@ extern "C" fn request_stop(_: libc::c_int) {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        LabCommand::Demo { vms, hvnet, duration, port } => demo(vms, hvnet, duration, port),
+        LabCommand::Demo {
+            vms,
+            hvnet,
+            duration,
+            port,
+        } => demo(vms, hvnet, duration, port),
         LabCommand::UdpBroadcast { count } => udp_broadcast(count),
         LabCommand::VmmMode { control, mode } => {
             let mode = VmmMode::parse(&mode).context("mode is running, rx_stall or paused")?;
@@ -73,7 +78,10 @@ fn udp_broadcast(count: u32) -> anyhow::Result<()> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.set_broadcast(true)?;
     for i in 0..count {
-        socket.send_to(format!("hvnet-lab broadcast {i}").as_bytes(), "10.250.0.255:9")?;
+        socket.send_to(
+            format!("hvnet-lab broadcast {i}").as_bytes(),
+            "10.250.0.255:9",
+        )?;
     }
     Ok(())
 }
@@ -88,14 +96,22 @@ fn demo(vms: u8, hvnet: Option<PathBuf>, duration: Option<u64>, port: u16) -> an
     }
     // SAFETY: the handler only stores to an atomic.
     unsafe {
-        libc::signal(libc::SIGINT, request_stop as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, request_stop as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGINT,
+            request_stop as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            request_stop as *const () as libc::sighandler_t,
+        );
     }
     let exe = std::env::current_exe()?;
     let fake_vmm = exe.with_file_name("fake-vmm");
     let prefix = format!("hvdemo{}", std::process::id() % 10_000);
 
-    println!("hvnet lab: building compute node {prefix}-node (bridge br0 {BRIDGE_ADDR}/24, dnsmasq)");
+    println!(
+        "hvnet lab: building compute node {prefix}-node (bridge br0 {BRIDGE_ADDR}/24, dnsmasq)"
+    );
     let mut node = ComputeNode::create(&prefix)?;
     node.start_dhcp_server("2m")?;
     let agent_log = node.dir.join("hvnet.log");
@@ -105,7 +121,12 @@ fn demo(vms: u8, hvnet: Option<PathBuf>, duration: Option<u64>, port: u16) -> an
     for i in 0..vms {
         let vm = node.add_vm(&format!("tap{i}"), i, &fake_vmm)?;
         let _client = vm.spawn_dhcp_client(&node.udhcpc_script())?;
-        println!("  VM {i}: tap{i} <-> {}:eth0 ({}), control {}", vm.guest.name(), vm.guest_mac, vm.control.display());
+        println!(
+            "  VM {i}: tap{i} <-> {}:eth0 ({}), control {}",
+            vm.guest.name(),
+            vm.guest_mac,
+            vm.control.display()
+        );
         guests.push(vm);
     }
     wait_for_leases(&guests, Duration::from_secs(15));
@@ -121,10 +142,22 @@ fn demo(vms: u8, hvnet: Option<PathBuf>, duration: Option<u64>, port: u16) -> an
 
     let forward_port = forward_to_agent(&node.ns, port, agent.addr)?;
     println!();
-    println!("hvnet is running in {} (log: {})", node.ns.name(), agent_log.display());
-    println!("  scrape:  curl -s http://127.0.0.1:{forward_port}/metrics | grep hvnet_vm_packets_total");
+    println!(
+        "hvnet is running in {} (log: {})",
+        node.ns.name(),
+        agent_log.display()
+    );
+    println!(
+        "  scrape:  curl -s http://127.0.0.1:{forward_port}/metrics | grep hvnet_vm_packets_total"
+    );
     println!("  VMs:     curl -s http://127.0.0.1:{forward_port}/api/v1/vms");
-    println!("  fault:   {} vmm-mode {} rx_stall   (or paused, running)", exe.display(), guests.first().map_or(String::new(), |v| v.control.display().to_string()));
+    println!(
+        "  fault:   {} vmm-mode {} rx_stall   (or paused, running)",
+        exe.display(),
+        guests
+            .first()
+            .map_or(String::new(), |v| v.control.display().to_string())
+    );
     println!("Ctrl-C stops the demo and removes everything it created.\n");
 
     let started = Instant::now();
@@ -136,13 +169,17 @@ fn demo(vms: u8, hvnet: Option<PathBuf>, duration: Option<u64>, port: u16) -> an
         }
         std::thread::sleep(Duration::from_millis(200));
         tick += 1;
-        if tick % 10 != 0 {
+        if !tick.is_multiple_of(10) {
             continue;
         }
         if tick % 50 == 10 {
             // Now and then a broadcast from each guest, to exercise every class.
             for vm in &guests {
-                let _ = vm.guest.command(&exe.display().to_string()).args(["udp-broadcast", "--count", "2"]).output();
+                let _ = vm
+                    .guest
+                    .command(&exe.display().to_string())
+                    .args(["udp-broadcast", "--count", "2"])
+                    .output();
             }
         }
         match http::get(&node.ns, agent.addr, "/api/v1/vms") {
@@ -176,7 +213,11 @@ fn wait_for_leases(guests: &[FakeVm], timeout: Duration) {
     }
 }
 
-fn print_table(guests: &[FakeVm], vms: &serde_json::Value, previous: Option<&(Instant, serde_json::Value)>) {
+fn print_table(
+    guests: &[FakeVm],
+    vms: &serde_json::Value,
+    previous: Option<&(Instant, serde_json::Value)>,
+) {
     println!(
         "{:<8} {:<18} {:<9} {:>9} {:>9} {:>8} {:>8} {:>6} {:>6}",
         "iface", "guest mac", "vmm", "to_vm", "from_vm", "to pps", "from pps", "dhcp", "arp"
@@ -190,13 +231,24 @@ fn print_table(guests: &[FakeVm], vms: &serde_json::Value, previous: Option<&(In
             .map_or("?", |s| s.mode.as_str());
         let to = vm["to_vm"]["packets"].as_u64().unwrap_or(0);
         let from = vm["from_vm"]["packets"].as_u64().unwrap_or(0);
-        let dhcp = vm["to_vm"]["by_class"]["dhcp"]["packets"].as_u64().unwrap_or(0)
-            + vm["from_vm"]["by_class"]["dhcp"]["packets"].as_u64().unwrap_or(0);
-        let arp = vm["to_vm"]["by_class"]["arp"]["packets"].as_u64().unwrap_or(0)
-            + vm["from_vm"]["by_class"]["arp"]["packets"].as_u64().unwrap_or(0);
+        let dhcp = vm["to_vm"]["by_class"]["dhcp"]["packets"]
+            .as_u64()
+            .unwrap_or(0)
+            + vm["from_vm"]["by_class"]["dhcp"]["packets"]
+                .as_u64()
+                .unwrap_or(0);
+        let arp = vm["to_vm"]["by_class"]["arp"]["packets"]
+            .as_u64()
+            .unwrap_or(0)
+            + vm["from_vm"]["by_class"]["arp"]["packets"]
+                .as_u64()
+                .unwrap_or(0);
         let (to_pps, from_pps) = previous
             .and_then(|(at, prev)| {
-                let before = prev.as_array()?.iter().find(|p| p["iface"] == vm["iface"])?;
+                let before = prev
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["iface"] == vm["iface"])?;
                 let secs = at.elapsed().as_secs_f64().max(0.001);
                 let rate = |key: &str, now: u64| {
                     now.saturating_sub(before[key]["packets"].as_u64().unwrap_or(0)) as f64 / secs
@@ -231,7 +283,8 @@ fn forward_to_agent(ns: &NetNs, port: u16, agent: SocketAddr) -> anyhow::Result<
             break;
         }
     }
-    let (listener, used) = bound.with_context(|| format!("ports {port}..{} are all busy on 127.0.0.1", port + 9))?;
+    let (listener, used) =
+        bound.with_context(|| format!("ports {port}..{} are all busy on 127.0.0.1", port + 9))?;
     let ns_path = ns.path();
     std::thread::spawn(move || {
         for client in listener.incoming().flatten() {

@@ -54,7 +54,7 @@ fn count_frame(ctx: &TcContext, direction: u8) {
         _pad: [0; 2],
     };
     let len = u64::from(ctx.len());
-    match VM_COUNTERS.get_ptr_mut(&key) {
+    match VM_COUNTERS.get_ptr_mut(key) {
         Some(value) => {
             // SAFETY: the pointer is this CPU's slot of a live map element;
             // no other CPU writes it and the program is not re-entered on it.
@@ -65,8 +65,8 @@ fn count_frame(ctx: &TcContext, direction: u8) {
         }
         None => {
             let _ = VM_COUNTERS.insert(
-                &key,
-                &CounterValue {
+                key,
+                CounterValue {
                     packets: 1,
                     bytes: len,
                 },

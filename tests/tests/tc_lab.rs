@@ -1,0 +1,402 @@
+//! Privileged lab tests for the tc counting path (run as root, one at a
+//! time: `cargo xtask test`). Each test builds its own namespaces with
+//! unique names; RAII guards remove them even when an assertion fails.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use hvnet_lab::{
+    agent::Agent,
+    expect::{self, counts_match, eventually, tc_filters, tcx_programs},
+    metrics,
+    node::{ComputeNode, FakeVm},
+    unique_prefix, BRIDGE_ADDR,
+};
+
+const PORT: u16 = 9478;
+
+fn fake_vmm() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fake-vmm"))
+}
+
+fn lab_bin() -> String {
+    env!("CARGO_BIN_EXE_hvnet-lab").to_owned()
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the lab tests create netns and taps: run `cargo xtask test` as root"
+    );
+}
+
+fn start_agent(node: &ComputeNode, globs: &str, extra: &[&str]) -> anyhow::Result<Agent> {
+    let mut args = vec!["--interfaces", globs];
+    args.extend_from_slice(extra);
+    Agent::start(&node.ns, PORT, &args, &node.dir.join("hvnet.log"))
+}
+
+fn interfaces(samples: &[metrics::Sample]) -> Option<f64> {
+    metrics::value(samples, "hvnet_agent_interfaces", &[])
+}
+
+fn has_iface(samples: &[metrics::Sample], iface: &str) -> bool {
+    metrics::value(samples, "hvnet_vm_info", &[("iface", iface)]).is_some()
+}
+
+/// DHCP, ARP, ICMP and broadcasts in both directions.
+fn mixed_traffic(node: &ComputeNode, vm: &FakeVm) -> anyhow::Result<()> {
+    vm.dhcp(&node.udhcpc_script())?;
+    vm.ping(BRIDGE_ADDR, 4)?;
+    vm.guest
+        .exec_ok(&[&lab_bin(), "udp-broadcast", "--count", "3"])?;
+    node.ns
+        .exec_ok(&[&lab_bin(), "udp-broadcast", "--count", "2"])?;
+    Ok(())
+}
+
+#[test]
+fn counts_equal_what_the_vmm_relayed_per_direction_and_class() -> anyhow::Result<()> {
+    require_root();
+    let mut node = ComputeNode::create(&unique_prefix("c"))?;
+    node.start_dhcp_server("2m")?;
+    let vm = node.add_vm("tapc0", 0, &fake_vmm())?;
+    let agent = start_agent(&node, "tapc*", &[])?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "tapc0 attached",
+        |s| interfaces(s) == Some(1.0),
+    )?;
+    // Nothing crossed the tap before hvnet attached (no guest traffic yet).
+    let baseline = vm.stats()?;
+    mixed_traffic(&node, &vm)?;
+    let relayed = counts_match(&agent, &node.ns, "tapc0", &vm.control, Some(&baseline))?;
+
+    // The traffic really covered every class the test claims to check.
+    use tracer_common::class;
+    for (name, side) in [("to_vm", &relayed.to_vm), ("from_vm", &relayed.from_vm)] {
+        for (cls, cls_name) in [
+            (class::DHCP, "dhcp"),
+            (class::ARP, "arp"),
+            (class::BROADCAST, "broadcast"),
+            (class::OTHER, "other"),
+        ] {
+            assert!(
+                side.packets[usize::from(cls)] > 0,
+                "no {name} {cls_name} traffic in the test: {relayed:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn taps_created_after_start_are_attached_and_removed_ones_disappear() -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("h"))?;
+    let agent = start_agent(&node, "taph*", &[])?;
+    assert_eq!(interfaces(&agent.scrape(&node.ns)?), Some(0.0));
+
+    let vm0 = node.add_vm("taph0", 0, &fake_vmm())?;
+    let created = Instant::now();
+    let latency = eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(2),
+        "taph0 attached",
+        |s| has_iface(s, "taph0"),
+    )?;
+    eprintln!(
+        "taph0 attached {latency:?} after the first scrape poll ({:?} after creation)",
+        created.elapsed()
+    );
+    let vm1 = node.add_vm("taph1", 1, &fake_vmm())?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(2),
+        "both taps attached",
+        |s| interfaces(s) == Some(2.0),
+    )?;
+
+    let base0 = vm0.stats()?;
+    vm0.guest
+        .ip(&["addr", "add", "10.250.0.50/24", "dev", "eth0"])?;
+    vm0.ping(BRIDGE_ADDR, 3)?;
+    counts_match(&agent, &node.ns, "taph0", &vm0.control, Some(&base0))?;
+
+    vm0.delete_tap()?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(2),
+        "taph0's series gone",
+        |s| {
+            !has_iface(s, "taph0")
+                && metrics::value(s, "hvnet_vm_packets_total", &[("iface", "taph0")]).is_none()
+                && has_iface(s, "taph1")
+                && interfaces(s) == Some(1.0)
+        },
+    )?;
+    drop(vm1);
+    Ok(())
+}
+
+#[test]
+fn tcx_mode_coexists_with_a_foreign_filter_and_sigterm_removes_only_hvnet() -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("f"))?;
+    let vm = node.add_vm("tapf0", 0, &fake_vmm())?;
+    // Somebody else's clsact qdisc and filter, there before hvnet.
+    node.ns
+        .exec_ok(&["tc", "qdisc", "add", "dev", "tapf0", "clsact"])?;
+    node.ns.exec_ok(&[
+        "tc", "filter", "add", "dev", "tapf0", "egress", "prio", "7", "protocol", "all", "u32",
+        "match", "u32", "0", "0", "classid", "1:1",
+    ])?;
+
+    let mut agent = start_agent(&node, "tapf*", &[])?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "tapf0 attached",
+        |s| interfaces(s) == Some(1.0),
+    )?;
+    let mut programs = tcx_programs(&node.ns, "tapf0")?;
+    programs.sort();
+    assert_eq!(programs, ["hvnet_egress", "hvnet_ingress"]);
+
+    let base = vm.stats()?;
+    vm.guest
+        .ip(&["addr", "add", "10.250.0.51/24", "dev", "eth0"])?;
+    vm.ping(BRIDGE_ADDR, 3)?;
+    counts_match(&agent, &node.ns, "tapf0", &vm.control, Some(&base))?;
+
+    let started = Instant::now();
+    let status = agent.terminate(Duration::from_secs(5))?;
+    assert!(status.success(), "hvnet exited with {status} on SIGTERM");
+    eprintln!("SIGTERM to exit: {:?}", started.elapsed());
+    assert!(
+        tcx_programs(&node.ns, "tapf0")?.is_empty(),
+        "hvnet programs left on tapf0"
+    );
+    let qdiscs = node.ns.exec_ok(&["tc", "qdisc", "show", "dev", "tapf0"])?;
+    assert!(
+        qdiscs.contains("clsact"),
+        "the foreign clsact qdisc was removed: {qdiscs}"
+    );
+    let filters = tc_filters(&node.ns, "tapf0", "egress")?;
+    assert!(
+        filters.contains("u32"),
+        "the foreign filter was removed: {filters}"
+    );
+    vm.ping(BRIDGE_ADDR, 2)?;
+    Ok(())
+}
+
+#[test]
+fn netlink_mode_filters_sit_beside_foreign_ones_and_survive_kill_9_then_restart_cleans_up(
+) -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("n"))?;
+    let vm = node.add_vm("tapn0", 0, &fake_vmm())?;
+    vm.guest
+        .ip(&["addr", "add", "10.250.0.52/24", "dev", "eth0"])?;
+    node.ns
+        .exec_ok(&["tc", "qdisc", "add", "dev", "tapn0", "clsact"])?;
+    node.ns.exec_ok(&[
+        "tc", "filter", "add", "dev", "tapn0", "egress", "prio", "7", "protocol", "all", "u32",
+        "match", "u32", "0", "0", "classid", "1:1",
+    ])?;
+
+    let mut agent = start_agent(&node, "tapn*", &["--attach-mode", "netlink"])?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "tapn0 attached",
+        |s| interfaces(s) == Some(1.0),
+    )?;
+    let filters = tc_filters(&node.ns, "tapn0", "egress")?;
+    assert!(
+        filters.contains("hvnet_egress") && filters.contains("u32"),
+        "{filters}"
+    );
+
+    agent.kill9()?;
+    // Fail-open: the orphaned filter still passes traffic.
+    let filters = tc_filters(&node.ns, "tapn0", "egress")?;
+    assert!(
+        filters.contains("hvnet_egress"),
+        "expected the killed agent's filter to remain: {filters}"
+    );
+    vm.ping(BRIDGE_ADDR, 2)?;
+
+    let mut agent = start_agent(&node, "tapn*", &["--attach-mode", "netlink"])?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "tapn0 re-attached",
+        |s| interfaces(s) == Some(1.0),
+    )?;
+    assert!(
+        agent
+            .log_text()
+            .contains("removed a stale hvnet_egress filter"),
+        "{}",
+        agent.log_text()
+    );
+    for hook in ["egress", "ingress"] {
+        let filters = tc_filters(&node.ns, "tapn0", hook)?;
+        // One filter line per hvnet filter (the line names the program twice).
+        let hvnet_lines = filters
+            .lines()
+            .filter(|l| l.contains(&format!("hvnet_{hook}")))
+            .count();
+        assert_eq!(hvnet_lines, 1, "stale filters not cleaned: {filters}");
+    }
+    let base = vm.stats()?;
+    vm.ping(BRIDGE_ADDR, 3)?;
+    counts_match(&agent, &node.ns, "tapn0", &vm.control, Some(&base))?;
+
+    let status = agent.terminate(Duration::from_secs(5))?;
+    assert!(status.success());
+    let egress = tc_filters(&node.ns, "tapn0", "egress")?;
+    let ingress = tc_filters(&node.ns, "tapn0", "ingress")?;
+    assert!(
+        !egress.contains("hvnet") && !ingress.contains("hvnet"),
+        "hvnet filters left: {egress} {ingress}"
+    );
+    assert!(
+        egress.contains("u32"),
+        "the foreign filter was removed: {egress}"
+    );
+    let qdiscs = node.ns.exec_ok(&["tc", "qdisc", "show", "dev", "tapn0"])?;
+    assert!(qdiscs.contains("clsact"), "{qdiscs}");
+    vm.ping(BRIDGE_ADDR, 2)?;
+    Ok(())
+}
+
+#[test]
+fn kill_9_in_tcx_mode_leaves_nothing_attached_and_a_restart_counts_again() -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("k"))?;
+    let vm = node.add_vm("tapk0", 0, &fake_vmm())?;
+    vm.guest
+        .ip(&["addr", "add", "10.250.0.53/24", "dev", "eth0"])?;
+    let mut agent = start_agent(&node, "tapk*", &[])?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "tapk0 attached",
+        |s| interfaces(s) == Some(1.0),
+    )?;
+    agent.kill9()?;
+    assert!(
+        tcx_programs(&node.ns, "tapk0")?.is_empty(),
+        "TCX links must die with the agent"
+    );
+    vm.ping(BRIDGE_ADDR, 2)?;
+
+    let agent = start_agent(&node, "tapk*", &[])?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "tapk0 re-attached",
+        |s| interfaces(s) == Some(1.0),
+    )?;
+    let base = vm.stats()?;
+    vm.ping(BRIDGE_ADDR, 3)?;
+    counts_match(&agent, &node.ns, "tapk0", &vm.control, Some(&base))?;
+    Ok(())
+}
+
+/// Runs hvnet expecting a start-up failure; returns its stderr.
+fn failing_run(node: &ComputeNode, prefix_cmd: &[&str], args: &[&str]) -> anyhow::Result<String> {
+    let bin = hvnet_lab::agent::hvnet_bin().display().to_string();
+    let mut cmd = node.ns.command(prefix_cmd.first().copied().unwrap_or(&bin));
+    if !prefix_cmd.is_empty() {
+        cmd.args(&prefix_cmd[1..]).arg(&bin);
+    }
+    let out = cmd.arg("run").args(args).output()?;
+    assert!(
+        !out.status.success(),
+        "hvnet should have failed with {args:?}"
+    );
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_input_is_one_clear_error_line_and_attaches_nothing() -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("b"))?;
+    let _vm = node.add_vm("tapb0", 0, &fake_vmm())?;
+    let one_line = |stderr: &str, needle: &str| {
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+        assert!(
+            lines[0].contains(needle),
+            "error line lacks {needle:?}: {stderr}"
+        );
+    };
+
+    // Busy port: something already listens on the agent's address.
+    let listener = node
+        .ns
+        .enter(|| Ok(std::net::TcpListener::bind(("127.0.0.1", PORT))?))?;
+    let err = failing_run(
+        &node,
+        &[],
+        &["--listen", "127.0.0.1:9478", "--interfaces", "tapb*"],
+    )?;
+    one_line(&err, "cannot listen on 127.0.0.1:9478");
+    drop(listener);
+
+    let err = failing_run(
+        &node,
+        &[],
+        &["--btf", "/nonexistent/vmlinux", "--interfaces", "tapb*"],
+    )?;
+    one_line(&err, "BTF");
+    let err = failing_run(&node, &[], &["--interfaces", "tapb["])?;
+    one_line(&err, "invalid interface glob \"tapb[\"");
+    let config = node.dir.join("typo.toml");
+    std::fs::write(&config, "listn = \"127.0.0.1:9478\"\n")?;
+    let err = failing_run(&node, &[], &["--config", &config.display().to_string()])?;
+    one_line(&err, "listn");
+    let err = failing_run(&node, &[], &["--poll-interval", "1"])?;
+    one_line(&err, "poll_interval");
+
+    // No capabilities: an unprivileged user.
+    let err = failing_run(
+        &node,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ],
+        &["--interfaces", "tapb*"],
+    )?;
+    one_line(&err, "CAP_NET_ADMIN");
+
+    assert!(
+        tcx_programs(&node.ns, "tapb0")?.is_empty(),
+        "a failed start left programs attached"
+    );
+    let egress = expect::tc_filters(&node.ns, "tapb0", "egress").unwrap_or_default();
+    assert!(!egress.contains("hvnet"));
+    Ok(())
+}
