@@ -260,6 +260,14 @@ impl FakeVm {
             .map(|_| ())
     }
 
+    /// Kills the VMM: its tap stays (persistent, as libvirt's) without
+    /// carrier, the way a crashed QEMU leaves it.
+    pub fn kill_vmm(&mut self) -> anyhow::Result<()> {
+        self.vmm.kill()?;
+        self.vmm.wait()?;
+        Ok(())
+    }
+
     /// Deletes the VM's tap (the VMM keeps running on a dead fd).
     pub fn delete_tap(&self) -> anyhow::Result<()> {
         run(Command::new("ip").args(["-n", &self.node_ns, "link", "del", &self.tap])).map(|_| ())

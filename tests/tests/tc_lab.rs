@@ -78,6 +78,20 @@ fn counts_equal_what_the_vmm_relayed_per_direction_and_class() -> anyhow::Result
     mixed_traffic(&node, &vm)?;
     let relayed = counts_match(&agent, &node.ns, "tapc0", &vm.control, Some(&baseline))?;
 
+    // The dequeue tracepoint saw exactly the frames the VMM read.
+    let read_by_vmm = relayed.to_vm.total_packets() - baseline.to_vm.total_packets();
+    let samples = agent.scrape(&node.ns)?;
+    let dequeued = metrics::value(
+        &samples,
+        "hvnet_vm_dequeued_packets_total",
+        &[("iface", "tapc0"), ("source", "tracepoint")],
+    );
+    assert_eq!(
+        dequeued,
+        Some(read_by_vmm as f64),
+        "dequeue tracepoint vs VMM reads"
+    );
+
     // The traffic really covered every class the test claims to check.
     use tracer_common::class;
     for (name, side) in [("to_vm", &relayed.to_vm), ("from_vm", &relayed.from_vm)] {

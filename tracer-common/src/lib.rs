@@ -48,11 +48,37 @@ pub struct CounterValue {
     pub bytes: u64,
 }
 
+/// A network device, unique on the host: ifindex is only unique within a
+/// network namespace, so the namespace's inode number is part of the key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DevKey {
+    pub netns: u32,
+    pub ifindex: u32,
+}
+
+/// Key of the per-CPU drop counter map: a device and a kernel drop reason
+/// (`enum skb_drop_reason`, whose numbers differ between kernels).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropKey {
+    pub dev: DevKey,
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// Most monitored devices (taps) per host.
+pub const MAX_MONITORED: u32 = 4096;
+/// Distinct (device, drop reason) pairs tracked.
+pub const DROP_MAP_ENTRIES: u32 = MAX_MONITORED * 8;
+
 /// Most (ifindex, direction, class) keys the counter map holds: 2048 taps.
 pub const COUNTER_MAP_ENTRIES: u32 = 2048 * (direction::COUNT * class::COUNT) as u32;
 
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);
+const _: () = assert!(core::mem::size_of::<DevKey>() == 8);
+const _: () = assert!(core::mem::size_of::<DropKey>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -61,4 +87,8 @@ mod pod {
     unsafe impl aya::Pod for super::CounterKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::CounterValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DevKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DropKey {}
 }

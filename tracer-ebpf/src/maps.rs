@@ -1,8 +1,39 @@
-use aya_ebpf::{macros::map, maps::PerCpuHashMap};
-use tracer_common::{CounterKey, CounterValue, COUNTER_MAP_ENTRIES};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+};
+use tracer_common::{
+    CounterKey, CounterValue, DevKey, DropKey, COUNTER_MAP_ENTRIES, DROP_MAP_ENTRIES, MAX_MONITORED,
+};
 
 /// Packets and bytes per (ifindex, direction, class), one slot per CPU so
 /// the hot path needs no atomics. The agent sums the CPUs at scrape time.
 #[map]
 pub static VM_COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
     PerCpuHashMap::with_max_entries(COUNTER_MAP_ENTRIES, 0);
+
+/// The taps the agent watches; the host-wide tracepoints ignore every
+/// other device. Maintained by the agent on attach/detach.
+#[map]
+pub static MONITORED: HashMap<DevKey, u8> = HashMap::with_max_entries(MAX_MONITORED, 0);
+
+/// Frames the VMM read from each monitored tap (the RX queue draining).
+#[map]
+pub static DEQUEUED: PerCpuHashMap<DevKey, u64> = PerCpuHashMap::with_max_entries(MAX_MONITORED, 0);
+
+/// Frames the kernel dropped on a monitored tap, by drop reason.
+#[map]
+pub static DROPS: PerCpuHashMap<DropKey, u64> =
+    PerCpuHashMap::with_max_entries(DROP_MAP_ENTRIES, 0);
+
+/// tun_recvmsg calls (vhost-net's RX work) per monitored tap, where the
+/// kernel lets the optional vhost probes attach.
+#[map]
+pub static VHOST_RX: PerCpuHashMap<DevKey, u64> = PerCpuHashMap::with_max_entries(MAX_MONITORED, 0);
+
+pub const PERCPU_ERRORS_INDEX: u32 = 0;
+
+/// Tracepoint hits on devices whose netns/ifindex could not be read (for
+/// the agent's self-diagnosis): index 0 = probe read failures.
+#[map]
+pub static PROBE_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

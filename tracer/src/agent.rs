@@ -1,49 +1,57 @@
-//! `hvnet run`: wires config, loader, links, collect and export together.
+//! `hvnet run`: wires config, loader, links, collect, stall and export.
 //!
 //! Start-up order matters for "bad input loses nothing": everything that
 //! can fail without touching the kernel (config, capabilities, the listen
 //! port, BTF) is checked before a single program is attached.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tracer_common::direction;
 
 use crate::{
-    collect::{CollectError, CounterMap},
+    collect::{CollectError, KernelMaps, KernelSnapshot},
     config::Config,
-    export::{Exposition, VmView},
+    drops::{drop_direction, reason_name},
+    export::{DropCount, Exposition, VmHealth, VmView},
     http,
     links::{self, LinkInfo, LinkWatcher},
     loader::{ProbeStatus, TcProbes},
+    optional_probes::{DEQUEUE_PROBE, DROP_PROBE},
     privileges,
+    stall::{Observation, RxStallDetector, VmState},
 };
 
-/// How often the interface list is re-read even without netlink events, in
-/// case an event was lost (netlink drops them under memory pressure).
-const RESYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// Link events come in bursts (create, set master, set up): wait this long
 /// after the first one and handle the burst once.
 const EVENT_SETTLE: Duration = Duration::from_millis(20);
 
-/// State shared by the reconcile loop and the HTTP handlers. Locks are held
+/// State shared by the poll loop and the HTTP handlers. Locks are held
 /// only for map reads and attach calls, never across an await.
 pub struct AgentState {
     probes: Mutex<TcProbes>,
-    counters: Mutex<CounterMap>,
+    maps: Mutex<KernelMaps>,
     attached: Mutex<BTreeMap<u32, LinkInfo>>,
     failed: Mutex<BTreeMap<u32, String>>,
+    detectors: Mutex<BTreeMap<u32, RxStallDetector>>,
+    health: Mutex<BTreeMap<u32, VmHealth>>,
     attach_failures: AtomicU64,
     link_events: AtomicU64,
     probe_statuses: Vec<ProbeStatus>,
+    drop_reasons: HashMap<u32, String>,
+    has_dequeue_probe: bool,
+    has_drop_probe: bool,
     mechanism: &'static str,
+    started: Instant,
+    stall_after: Duration,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,25 +62,36 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AgentState {
-    fn new(probes: TcProbes, counters: CounterMap) -> Self {
+    fn new(probes: TcProbes, maps: KernelMaps, stall_after: Duration) -> Self {
         let probe_statuses = probes.probe_statuses();
         let mechanism = probes.mechanism().as_str();
+        let drop_reasons = probes.drop_reasons().clone();
+        let has_dequeue_probe = probes.has_probe(DEQUEUE_PROBE);
+        let has_drop_probe = probes.has_probe(DROP_PROBE);
         Self {
             probes: Mutex::new(probes),
-            counters: Mutex::new(counters),
+            maps: Mutex::new(maps),
             attached: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeMap::new()),
+            detectors: Mutex::new(BTreeMap::new()),
+            health: Mutex::new(BTreeMap::new()),
             attach_failures: AtomicU64::new(0),
             link_events: AtomicU64::new(0),
             probe_statuses,
+            drop_reasons,
+            has_dequeue_probe,
+            has_drop_probe,
             mechanism,
+            started: Instant::now(),
+            stall_after,
         }
     }
 
     /// One consistent view for a scrape or an API call.
     pub fn exposition(&self) -> Result<Exposition, CollectError> {
         let attached = lock(&self.attached).clone();
-        let totals = lock(&self.counters).read()?;
+        let snapshot = lock(&self.maps).read()?;
+        let health = lock(&self.health).clone();
         let vms = attached
             .values()
             .map(|link| VmView {
@@ -82,7 +101,18 @@ impl AgentState {
                 oper_state: link.oper_state.clone(),
                 vm_uuid: String::new(),
                 vm_name: link.name.clone(),
-                traffic: totals.get(&link.ifindex).copied().unwrap_or_default(),
+                traffic: snapshot
+                    .traffic
+                    .get(&link.ifindex)
+                    .copied()
+                    .unwrap_or_default(),
+                drops: self.drop_counts(&snapshot, link),
+                dequeued: self
+                    .has_dequeue_probe
+                    .then(|| snapshot.dequeued.get(&link.ifindex).copied().unwrap_or(0)),
+                netdev_tx_packets: link.stats.map(|s| s.tx_packets),
+                vhost_rx: snapshot.vhost_rx.get(&link.ifindex).copied(),
+                health: health.get(&link.ifindex).cloned(),
             })
             .collect();
         Ok(Exposition {
@@ -95,8 +125,45 @@ impl AgentState {
         })
     }
 
+    fn drop_counts(&self, snapshot: &KernelSnapshot, link: &LinkInfo) -> Vec<DropCount> {
+        if !self.has_drop_probe {
+            // Fallback: the tap's own counter, almost always a full ring.
+            return link
+                .stats
+                .map(|s| {
+                    vec![DropCount {
+                        direction: "to_vm",
+                        reason: "netdev_tx_dropped".into(),
+                        packets: s.tx_dropped,
+                    }]
+                })
+                .unwrap_or_default();
+        }
+        snapshot
+            .drops
+            .get(&link.ifindex)
+            .map(|by_reason| {
+                by_reason
+                    .iter()
+                    .map(|(reason, packets)| {
+                        let name = reason_name(&self.drop_reasons, *reason);
+                        DropCount {
+                            direction: drop_direction(&name),
+                            reason: name,
+                            packets: *packets,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn interface_count(&self) -> usize {
         lock(&self.attached).len()
+    }
+
+    fn now(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
     }
 
     /// Brings attachments in line with the interfaces that exist now.
@@ -124,7 +191,7 @@ impl AgentState {
         for link in plan.attach {
             self.attach(link);
         }
-        // Keep oper state and MAC current for interfaces that stay.
+        // Keep oper state, stats and MAC current for interfaces that stay.
         let mut attached = lock(&self.attached);
         for link in present {
             if let Some(known) = attached.get_mut(&link.ifindex) {
@@ -137,12 +204,18 @@ impl AgentState {
 
     fn attach(&self, link: LinkInfo) {
         // Counters left by an earlier interface with this ifindex are not ours.
-        if let Err(err) = lock(&self.counters).forget_interface(link.ifindex) {
+        if let Err(err) = lock(&self.maps).forget_interface(link.ifindex) {
             log::warn!("{}: clearing old counters: {err}", link.name);
         }
         let result = lock(&self.probes).attach(link.ifindex, &link.name);
         match result {
             Ok(()) => {
+                if let Err(err) = lock(&self.maps).monitor(link.ifindex) {
+                    log::warn!(
+                        "{}: dequeue/drop tracepoints will not see it: {err}",
+                        link.name
+                    );
+                }
                 log::info!(
                     "attached to {} (ifindex {}, mac {}, {})",
                     link.name,
@@ -150,6 +223,7 @@ impl AgentState {
                     link.mac_string(),
                     self.mechanism
                 );
+                lock(&self.detectors).insert(link.ifindex, RxStallDetector::new(self.stall_after));
                 lock(&self.attached).insert(link.ifindex, link);
             }
             Err(err) => {
@@ -163,11 +237,101 @@ impl AgentState {
     fn forget(&self, ifindex: u32) {
         let name = lock(&self.probes).detach(ifindex);
         lock(&self.attached).remove(&ifindex);
-        if let Err(err) = lock(&self.counters).forget_interface(ifindex) {
+        lock(&self.detectors).remove(&ifindex);
+        lock(&self.health).remove(&ifindex);
+        if let Err(err) = lock(&self.maps).forget_interface(ifindex) {
             log::warn!("ifindex {ifindex}: clearing counters: {err}");
         }
         if let Some(name) = name {
             log::info!("detached from {name} (ifindex {ifindex}): interface gone or renamed");
+        }
+    }
+
+    /// One poll: counters -> per-VM state machines -> health for export.
+    fn evaluate(&self) {
+        let snapshot = match lock(&self.maps).read() {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                log::warn!("reading kernel maps: {err}");
+                return;
+            }
+        };
+        let now = self.now();
+        let attached = lock(&self.attached).clone();
+        let mut detectors = lock(&self.detectors);
+        let mut health = lock(&self.health);
+        for (ifindex, link) in &attached {
+            let Some(detector) = detectors.get_mut(ifindex) else {
+                continue;
+            };
+            let observation = self.observation(&snapshot, link, now);
+            if let Some(transition) = detector.observe(observation) {
+                let message = format!(
+                    "VM on {}: {} -> {}: {}",
+                    link.name,
+                    transition.from.as_str(),
+                    transition.to.as_str(),
+                    transition.describe()
+                );
+                if transition.to == VmState::RxStalled {
+                    log::warn!("{message}");
+                } else {
+                    log::info!("{message}");
+                }
+            }
+            health.insert(
+                *ifindex,
+                VmHealth {
+                    state: detector.state(),
+                    backlog: detector.backlog(),
+                    stalls_total: detector.stalls_total(),
+                    stall_seconds: detector.stall_seconds(),
+                },
+            );
+        }
+    }
+
+    fn observation(&self, snapshot: &KernelSnapshot, link: &LinkInfo, now: f64) -> Observation {
+        let traffic = snapshot
+            .traffic
+            .get(&link.ifindex)
+            .copied()
+            .unwrap_or_default();
+        let stats = link.stats.unwrap_or_default();
+        let (dropped_to_vm, full_ring_drops) = if self.has_drop_probe {
+            let by_reason = snapshot.drops.get(&link.ifindex);
+            let mut to_vm = 0;
+            let mut full_ring = 0;
+            for (reason, count) in by_reason.into_iter().flatten() {
+                let name = reason_name(&self.drop_reasons, *reason);
+                if drop_direction(&name) == "to_vm" {
+                    to_vm += count;
+                }
+                if name == "full_ring" {
+                    full_ring += count;
+                }
+            }
+            (to_vm, full_ring)
+        } else {
+            (stats.tx_dropped, stats.tx_dropped)
+        };
+        Observation {
+            at: now,
+            offered: traffic.packets(direction::TO_VM),
+            from_vm: traffic.packets(direction::FROM_VM),
+            // The tap's tx_packets is incremented in tun_put_user, i.e. only
+            // for frames the VMM really read: the authoritative count. The
+            // tracepoint is the witness where netdev stats are missing.
+            dequeued: match (link.stats, self.has_dequeue_probe) {
+                (Some(stats), _) => stats.tx_packets,
+                (None, true) => snapshot.dequeued.get(&link.ifindex).copied().unwrap_or(0),
+                (None, false) => 0,
+            },
+            netdev_dequeued: stats.tx_packets,
+            dropped_to_vm,
+            full_ring_drops,
+            carrier: link.admin_up && link.carrier,
+            queue_len: link.txqueuelen,
         }
     }
 
@@ -185,38 +349,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.listen
         )
     })?;
-    let (probes, counters) = TcProbes::load(&config.btf, config.attach_mode)?;
-    let statuses = probes.probe_statuses();
-    for status in &statuses {
-        log::info!(
-            "probe {} ({}): {} - {}",
-            status.probe,
-            status.kind,
-            if status.attached {
-                "in use"
-            } else {
-                "unavailable"
-            },
-            status.detail
-        );
-    }
-    let state = Arc::new(AgentState::new(probes, counters));
+    let (probes, maps) = TcProbes::load(&config.btf, config.attach_mode)?;
+    let state = Arc::new(AgentState::new(probes, maps, config.stall_after));
 
     let mut watcher = LinkWatcher::start()?;
     let present = watcher.dump().await?;
     state.reconcile(&present, &config);
+    state.evaluate();
     log::info!(
-        "hvnet {} watching {} ({} attached), serving http://{}/metrics",
+        "hvnet {} watching {} ({} attached, poll {:?}, stall after {:?}), serving http://{}/metrics",
         env!("CARGO_PKG_VERSION"),
         config.interfaces.globs().join(","),
         state.interface_count(),
+        config.poll_interval,
+        config.stall_after,
         config.listen
     );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = tokio::spawn(http::serve(listener, state.clone(), shutdown_rx));
 
-    let outcome = watch_links(&state, &config, &mut watcher).await;
+    let outcome = poll_loop(&state, &config, &mut watcher).await;
 
     let detached = state.detach_everything();
     log::info!("detached from {detached} interface(s); exiting");
@@ -229,8 +382,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     outcome
 }
 
-/// Reacts to link events and periodic resyncs until SIGTERM or SIGINT.
-async fn watch_links(
+/// Reacts to link events at once, and every poll interval re-reads links
+/// (with their stats) and evaluates every VM, until SIGTERM or SIGINT.
+async fn poll_loop(
     state: &AgentState,
     config: &Config,
     watcher: &mut LinkWatcher,
@@ -239,10 +393,10 @@ async fn watch_links(
         .context("installing the SIGTERM handler")?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
         .context("installing the SIGINT handler")?;
-    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(config.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let evaluate = tokio::select! {
             _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); return Ok(()); }
             _ = sigint.recv() => { log::info!("SIGINT: detaching"); return Ok(()); }
             alive = watcher.changed() => {
@@ -252,12 +406,16 @@ async fn watch_links(
                 state.link_events.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(EVENT_SETTLE).await;
                 watcher.drain();
+                false
             }
-            _ = resync.tick() => {}
-        }
+            _ = poll.tick() => true,
+        };
         match watcher.dump().await {
             Ok(present) => state.reconcile(&present, config),
             Err(err) => log::warn!("{err}; keeping the current attachments"),
+        }
+        if evaluate {
+            state.evaluate();
         }
     }
 }

@@ -1,16 +1,23 @@
-//! Reads the per-CPU counter map into per-interface totals.
+//! Reads hvnet's kernel maps into per-interface totals, and keeps the
+//! MONITORED map (which taps the host-wide tracepoints care about) in step
+//! with the attachments.
 
 use std::collections::BTreeMap;
 
-use aya::maps::{Map, MapData, PerCpuHashMap};
-use tracer_common::{class, direction, CounterKey, CounterValue};
+use aya::{
+    maps::{HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    Ebpf,
+};
+use tracer_common::{class, direction, CounterKey, CounterValue, DevKey, DropKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
-    #[error("the counter map has an unexpected type: {0}")]
-    MapType(String),
-    #[error("reading the counter map: {0}")]
-    Read(String),
+    #[error("map {map} missing from the eBPF object or of the wrong type: {reason}")]
+    Map { map: &'static str, reason: String },
+    #[error("reading map {map}: {reason}")]
+    Read { map: &'static str, reason: String },
+    #[error("updating the MONITORED map: {0}")]
+    Monitor(String),
 }
 
 /// Packets and bytes of one interface, indexed `[direction][class]`.
@@ -58,7 +65,7 @@ pub fn sum_cpus(values: &[CounterValue]) -> CounterValue {
         })
 }
 
-/// Folds (key, per-CPU values) entries into per-ifindex totals.
+/// Folds (key, summed value) entries into per-ifindex totals.
 pub fn fold_entries<I>(entries: I) -> BTreeMap<u32, TrafficCounters>
 where
     I: IntoIterator<Item = (CounterKey, CounterValue)>,
@@ -70,51 +77,172 @@ where
     totals
 }
 
-/// The kernel's VM_COUNTERS map, owned by the agent.
-pub struct CounterMap {
-    map: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+/// Everything the kernel side counted, for this agent's netns, by ifindex.
+#[derive(Debug, Clone, Default)]
+pub struct KernelSnapshot {
+    pub traffic: BTreeMap<u32, TrafficCounters>,
+    /// Frames the VMM read from the tap (dequeue tracepoint).
+    pub dequeued: BTreeMap<u32, u64>,
+    /// Drops by kernel drop reason number.
+    pub drops: BTreeMap<u32, BTreeMap<u32, u64>>,
+    /// tun_recvmsg calls (vhost-net RX work), where the probe attached.
+    pub vhost_rx: BTreeMap<u32, u64>,
 }
 
-impl CounterMap {
-    pub fn new(map: Map) -> Result<Self, CollectError> {
-        let map = PerCpuHashMap::try_from(map).map_err(|e| CollectError::MapType(e.to_string()))?;
-        Ok(Self { map })
-    }
+/// hvnet's maps, owned by the agent.
+pub struct KernelMaps {
+    netns: u32,
+    counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    monitored: HashMap<MapData, DevKey, u8>,
+    dequeued: PerCpuHashMap<MapData, DevKey, u64>,
+    drops: PerCpuHashMap<MapData, DropKey, u64>,
+    vhost_rx: PerCpuHashMap<MapData, DevKey, u64>,
+}
 
-    /// Current totals per ifindex (summed over CPUs).
-    pub fn read(&self) -> Result<BTreeMap<u32, TrafficCounters>, CollectError> {
-        let mut entries = Vec::new();
-        for item in self.map.iter() {
-            match item {
-                Ok((key, per_cpu)) => entries.push((key, sum_cpus(&per_cpu))),
-                // A key deleted between the key walk and the lookup: skip it.
-                Err(aya::maps::MapError::KeyNotFound) => continue,
-                Err(err) => return Err(CollectError::Read(err.to_string())),
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CollectError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| CollectError::Map {
+        map: name,
+        reason: "missing".into(),
+    })?;
+    T::try_from(map).map_err(|e| CollectError::Map {
+        map: name,
+        reason: e.to_string(),
+    })
+}
+
+fn read_u64_map<K: aya::Pod + Ord>(
+    map: &PerCpuHashMap<MapData, K, u64>,
+    name: &'static str,
+) -> Result<Vec<(K, u64)>, CollectError> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        match item {
+            Ok((key, per_cpu)) => out.push((key, sum_u64(&per_cpu))),
+            // Deleted between the key walk and the lookup: skip it.
+            Err(MapError::KeyNotFound) => continue,
+            Err(err) => {
+                return Err(CollectError::Read {
+                    map: name,
+                    reason: err.to_string(),
+                })
             }
         }
-        Ok(fold_entries(entries))
+    }
+    Ok(out)
+}
+
+fn sum_u64(values: &PerCpuValues<u64>) -> u64 {
+    values.iter().fold(0u64, |acc, v| acc.wrapping_add(*v))
+}
+
+impl KernelMaps {
+    /// Takes the maps out of the loaded object. `netns` is the inode number
+    /// of the agent's network namespace (tracepoints see every namespace).
+    pub fn take(ebpf: &mut Ebpf, netns: u32) -> Result<Self, CollectError> {
+        Ok(Self {
+            netns,
+            counters: take(ebpf, "VM_COUNTERS")?,
+            monitored: take(ebpf, "MONITORED")?,
+            dequeued: take(ebpf, "DEQUEUED")?,
+            drops: take(ebpf, "DROPS")?,
+            vhost_rx: take(ebpf, "VHOST_RX")?,
+        })
     }
 
-    /// Drops every counter of an interface that went away, so that a new
-    /// interface reusing its ifindex starts from zero instead of inheriting
-    /// another VM's totals.
-    pub fn forget_interface(&mut self, ifindex: u32) -> Result<usize, CollectError> {
-        let keys: Vec<CounterKey> = self
-            .map
+    fn dev(&self, ifindex: u32) -> DevKey {
+        DevKey {
+            netns: self.netns,
+            ifindex,
+        }
+    }
+
+    /// Makes the host-wide probes count this interface.
+    pub fn monitor(&mut self, ifindex: u32) -> Result<(), CollectError> {
+        let key = self.dev(ifindex);
+        self.monitored
+            .insert(key, 1, 0)
+            .map_err(|e| CollectError::Monitor(e.to_string()))
+    }
+
+    pub fn read(&self) -> Result<KernelSnapshot, CollectError> {
+        let mut entries = Vec::new();
+        for item in self.counters.iter() {
+            match item {
+                Ok((key, per_cpu)) => entries.push((key, sum_cpus(&per_cpu))),
+                Err(MapError::KeyNotFound) => continue,
+                Err(err) => {
+                    return Err(CollectError::Read {
+                        map: "VM_COUNTERS",
+                        reason: err.to_string(),
+                    })
+                }
+            }
+        }
+        let ours = |dev: &DevKey| dev.netns == self.netns;
+        let mut drops: BTreeMap<u32, BTreeMap<u32, u64>> = BTreeMap::new();
+        for (key, count) in read_u64_map(&self.drops, "DROPS")? {
+            if ours(&key.dev) {
+                *drops
+                    .entry(key.dev.ifindex)
+                    .or_default()
+                    .entry(key.reason)
+                    .or_default() += count;
+            }
+        }
+        let by_ifindex = |pairs: Vec<(DevKey, u64)>| {
+            pairs
+                .into_iter()
+                .filter(|(dev, _)| ours(dev))
+                .map(|(dev, count)| (dev.ifindex, count))
+                .collect()
+        };
+        Ok(KernelSnapshot {
+            traffic: fold_entries(entries),
+            dequeued: by_ifindex(read_u64_map(&self.dequeued, "DEQUEUED")?),
+            drops,
+            vhost_rx: by_ifindex(read_u64_map(&self.vhost_rx, "VHOST_RX")?),
+        })
+    }
+
+    /// Stops counting an interface and drops all its counters, so that a
+    /// new interface reusing the ifindex starts from zero instead of
+    /// inheriting another VM's totals.
+    pub fn forget_interface(&mut self, ifindex: u32) -> Result<(), CollectError> {
+        let dev = self.dev(ifindex);
+        let _ = self.monitored.remove(&dev);
+        let counter_keys: Vec<CounterKey> = self
+            .counters
             .keys()
             .filter_map(Result::ok)
             .filter(|k| k.ifindex == ifindex)
             .collect();
-        let mut removed = 0;
-        for key in &keys {
-            match self.map.remove(key) {
-                Ok(()) => removed += 1,
-                Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(err) => return Err(CollectError::Read(err.to_string())),
-            }
+        for key in &counter_keys {
+            let _ = self.counters.remove(key);
         }
-        Ok(removed)
+        let _ = self.dequeued.remove(&dev);
+        let _ = self.vhost_rx.remove(&dev);
+        let drop_keys: Vec<DropKey> = self
+            .drops
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.dev == dev)
+            .collect();
+        for key in &drop_keys {
+            let _ = self.drops.remove(key);
+        }
+        Ok(())
     }
+}
+
+/// The inode number of this process's network namespace, as the kernel's
+/// `net->ns.inum` holds it.
+pub fn current_netns_inum() -> std::io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata("/proc/self/ns/net")?.ino();
+    u32::try_from(ino).map_err(|_| std::io::Error::other("netns inode does not fit 32 bits"))
 }
 
 #[cfg(test)]
@@ -183,5 +311,10 @@ mod tests {
             },
         )]);
         assert_eq!(totals[&3], TrafficCounters::default());
+    }
+
+    #[test]
+    fn netns_inode_is_readable() {
+        assert!(current_netns_inum().unwrap() > 0);
     }
 }

@@ -10,7 +10,7 @@ use prometheus::{
 use serde::Serialize;
 use tracer_common::{class, direction, CounterValue};
 
-use crate::{collect::TrafficCounters, loader::ProbeStatus};
+use crate::{collect::TrafficCounters, loader::ProbeStatus, stall::VmState};
 
 /// Everything one scrape shows, gathered under the agent's locks and then
 /// rendered without them.
@@ -34,6 +34,32 @@ pub struct VmView {
     pub vm_uuid: String,
     pub vm_name: String,
     pub traffic: TrafficCounters,
+    pub drops: Vec<DropCount>,
+    /// Frames the dequeue tracepoint saw the VMM read (None: probe unavailable).
+    pub dequeued: Option<u64>,
+    /// The tap's own tx_packets (frames the VMM read), as of the last poll.
+    pub netdev_tx_packets: Option<u64>,
+    /// tun_recvmsg calls, where the vhost probe attached.
+    pub vhost_rx: Option<u64>,
+    /// None until the first poll evaluated this VM.
+    pub health: Option<VmHealth>,
+}
+
+/// Frames dropped on a VM's tap for one reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DropCount {
+    pub direction: &'static str,
+    pub reason: String,
+    pub packets: u64,
+}
+
+/// The stall detector's view of a VM at the last poll.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VmHealth {
+    pub state: VmState,
+    pub backlog: u64,
+    pub stalls_total: u64,
+    pub stall_seconds: f64,
 }
 
 pub fn direction_label(direction: u8) -> &'static str {
@@ -114,6 +140,104 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         ));
     }
 
+    let mut dropped = family(
+        "hvnet_vm_dropped_packets_total",
+        "Frames the kernel dropped on the VM's tap, by kernel drop reason (from skb:kfree_skb; \
+         netdev_tx_dropped when that probe is unavailable). direction is inferred from the reason: \
+         to_vm = on the way to the VM (full_ring: the VMM is not draining).",
+        MetricType::COUNTER,
+    );
+    let mut backlog = family(
+        "hvnet_vm_rx_backlog_packets",
+        "Frames offered to the VM and neither dequeued by the VMM nor dropped: the tap's queue \
+         (to_vm). At the queue length the tap drops everything new.",
+        MetricType::GAUGE,
+    );
+    let mut stalled = family(
+        "hvnet_vm_rx_stalled",
+        "1 while the VM's receive path is stalled: frames wait, the VMM dequeues none, the VM still sends.",
+        MetricType::GAUGE,
+    );
+    let mut stalls = family(
+        "hvnet_vm_rx_stalls_total",
+        "RX stall episodes of the VM.",
+        MetricType::COUNTER,
+    );
+    let mut stall_seconds = family(
+        "hvnet_vm_rx_stall_seconds_total",
+        "Seconds the VM's receive path spent stalled (from when dequeueing stopped).",
+        MetricType::COUNTER,
+    );
+    let mut vm_state = family(
+        "hvnet_vm_state",
+        "1 for the VM's current state: ok, rx_stalled, paused (silent both ways), no_carrier (no \
+         VMM holds the tap), idle.",
+        MetricType::GAUGE,
+    );
+    let mut dequeued = family(
+        "hvnet_vm_dequeued_packets_total",
+        "Frames the VMM read from the tap (to_vm), by source: tracepoint (skb_copy_datagram_iovec) \
+         or netdev (the tap's tx_packets).",
+        MetricType::COUNTER,
+    );
+    let mut vhost = family(
+        "hvnet_vm_vhost_rx_calls_total",
+        "tun_recvmsg calls for the VM's tap (vhost-net RX work), where the vhost probe attached.",
+        MetricType::COUNTER,
+    );
+    for vm in &view.vms {
+        let iface = vm.iface.as_str();
+        for drop in &vm.drops {
+            dropped.mut_metric().push(counter(
+                &[
+                    ("iface", iface),
+                    ("direction", drop.direction),
+                    ("reason", drop.reason.as_str()),
+                ],
+                drop.packets as f64,
+            ));
+        }
+        if let Some(seen) = vm.dequeued {
+            dequeued.mut_metric().push(counter(
+                &[("iface", iface), ("source", "tracepoint")],
+                seen as f64,
+            ));
+        }
+        if let Some(read) = vm.netdev_tx_packets {
+            dequeued.mut_metric().push(counter(
+                &[("iface", iface), ("source", "netdev")],
+                read as f64,
+            ));
+        }
+        if let Some(calls) = vm.vhost_rx {
+            vhost
+                .mut_metric()
+                .push(counter(&[("iface", iface)], calls as f64));
+        }
+        let Some(health) = &vm.health else { continue };
+        backlog
+            .mut_metric()
+            .push(gauge(&[("iface", iface)], health.backlog as f64));
+        let is_stalled = health.state == VmState::RxStalled;
+        stalled.mut_metric().push(gauge(
+            &[("iface", iface)],
+            if is_stalled { 1.0 } else { 0.0 },
+        ));
+        stalls
+            .mut_metric()
+            .push(counter(&[("iface", iface)], health.stalls_total as f64));
+        stall_seconds
+            .mut_metric()
+            .push(counter(&[("iface", iface)], health.stall_seconds));
+        for state in VmState::ALL {
+            let current = if state == health.state { 1.0 } else { 0.0 };
+            vm_state.mut_metric().push(gauge(
+                &[("iface", iface), ("state", state.as_str())],
+                current,
+            ));
+        }
+    }
+
     let mut interfaces = family(
         "hvnet_agent_interfaces",
         "Interfaces hvnet's tc programs are attached to.",
@@ -168,7 +292,22 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
     ));
 
     vec![
-        packets, bytes, info, interfaces, probes, failures, events, build,
+        packets,
+        bytes,
+        info,
+        dropped,
+        backlog,
+        stalled,
+        stalls,
+        stall_seconds,
+        vm_state,
+        dequeued,
+        vhost,
+        interfaces,
+        probes,
+        failures,
+        events,
+        build,
     ]
 }
 
@@ -221,6 +360,10 @@ pub struct VmJson {
     pub vm_name: String,
     pub to_vm: DirectionJson,
     pub from_vm: DirectionJson,
+    pub drops: Vec<DropCount>,
+    pub dequeued: Option<u64>,
+    pub netdev_tx_packets: Option<u64>,
+    pub health: Option<VmHealth>,
 }
 
 #[derive(Debug, Serialize)]
@@ -268,6 +411,10 @@ pub fn vms_json(view: &Exposition) -> Vec<VmJson> {
             vm_name: vm.vm_name.clone(),
             to_vm: direction_json(vm, direction::TO_VM),
             from_vm: direction_json(vm, direction::FROM_VM),
+            drops: vm.drops.clone(),
+            dequeued: vm.dequeued,
+            netdev_tx_packets: vm.netdev_tx_packets,
+            health: vm.health.clone(),
         })
         .collect()
 }
@@ -297,6 +444,20 @@ mod tests {
                 vm_uuid: String::new(),
                 vm_name: "vnet0".into(),
                 traffic,
+                drops: vec![DropCount {
+                    direction: "to_vm",
+                    reason: "full_ring".into(),
+                    packets: 412,
+                }],
+                health: Some(VmHealth {
+                    state: VmState::RxStalled,
+                    backlog: 1000,
+                    stalls_total: 1,
+                    stall_seconds: 12.5,
+                }),
+                dequeued: Some(50),
+                netdev_tx_packets: Some(50),
+                vhost_rx: None,
             }],
             probes: vec![ProbeStatus {
                 probe: "tc_egress",
@@ -332,6 +493,16 @@ mod tests {
         assert!(text.contains("hvnet_build_info{version=\"0.1.0\",attach_mechanism=\"tcx\"} 1"));
         assert!(text.contains("to_vm = frames the host offered"));
         assert!(!text.contains("instance=") && !text.contains("job="));
+        assert!(text.contains("hvnet_vm_dropped_packets_total{iface=\"vnet0\",direction=\"to_vm\",reason=\"full_ring\"} 412"));
+        assert!(text.contains("hvnet_vm_rx_backlog_packets{iface=\"vnet0\"} 1000"));
+        assert!(text.contains("hvnet_vm_rx_stalled{iface=\"vnet0\"} 1"));
+        assert!(text.contains("hvnet_vm_rx_stalls_total{iface=\"vnet0\"} 1"));
+        assert!(text.contains("hvnet_vm_rx_stall_seconds_total{iface=\"vnet0\"} 12.5"));
+        assert!(text.contains("hvnet_vm_state{iface=\"vnet0\",state=\"rx_stalled\"} 1"));
+        assert!(text.contains("hvnet_vm_state{iface=\"vnet0\",state=\"ok\"} 0"));
+        assert_eq!(text.matches("hvnet_vm_state{").count(), 5);
+        // No vhost series where the probe is not attached.
+        assert!(!text.contains("hvnet_vm_vhost_rx_calls_total{"));
     }
 
     #[test]

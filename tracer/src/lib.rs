@@ -4,9 +4,11 @@
 
 pub mod agent;
 pub mod bench;
+pub mod btf;
 pub mod cli;
 pub mod collect;
 pub mod config;
+pub mod drops;
 pub mod duration;
 pub mod export;
 pub mod frames;
@@ -14,4 +16,6 @@ pub mod http;
 pub mod ifmatch;
 pub mod links;
 pub mod loader;
+pub mod optional_probes;
 pub mod privileges;
+pub mod stall;

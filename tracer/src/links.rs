@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use futures::{channel::mpsc::UnboundedReceiver, StreamExt, TryStreamExt};
 use netlink_packet_core::NetlinkMessage;
 use netlink_packet_route::{
-    link::{LinkAttribute, LinkMessage, State},
+    link::{LinkAttribute, LinkFlags, LinkMessage, State},
     RouteNetlinkMessage,
 };
 use netlink_sys::{AsyncSocket, SocketAddr};
@@ -28,13 +28,28 @@ pub enum LinksError {
     Dump(String),
 }
 
+/// The kernel's own interface counters (IFLA_STATS64), tap's view:
+/// tx = toward the VM, rx = from the VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetdevStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
+}
+
 /// What hvnet needs to know about an interface.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct LinkInfo {
     pub ifindex: u32,
     pub name: String,
     pub mac: Option<[u8; 6]>,
     pub oper_state: String,
+    pub admin_up: bool,
+    /// IFF_LOWER_UP: for a tap, whether a VMM holds its fd (NO-CARRIER if not).
+    pub carrier: bool,
+    pub txqueuelen: u32,
+    pub stats: Option<NetdevStats>,
 }
 
 impl LinkInfo {
@@ -54,19 +69,35 @@ pub fn link_info(message: &LinkMessage) -> Option<LinkInfo> {
     let mut name = None;
     let mut mac = None;
     let mut oper_state = State::Unknown;
+    let mut txqueuelen = 0;
+    let mut stats = None;
     for attribute in &message.attributes {
         match attribute {
             LinkAttribute::IfName(n) => name = Some(n.clone()),
             LinkAttribute::Address(bytes) => mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
             LinkAttribute::OperState(state) => oper_state = *state,
+            LinkAttribute::TxQueueLen(len) => txqueuelen = *len,
+            LinkAttribute::Stats64(s) => {
+                stats = Some(NetdevStats {
+                    rx_packets: s.rx_packets,
+                    tx_packets: s.tx_packets,
+                    rx_dropped: s.rx_dropped,
+                    tx_dropped: s.tx_dropped,
+                })
+            }
             _ => {}
         }
     }
+    let flags = message.header.flags;
     Some(LinkInfo {
         ifindex: message.header.index,
         name: name?,
         mac,
         oper_state: format!("{oper_state:?}").to_lowercase(),
+        admin_up: flags.contains(LinkFlags::Up),
+        carrier: flags.contains(LinkFlags::LowerUp),
+        txqueuelen,
+        stats,
     })
 }
 
@@ -165,6 +196,7 @@ mod tests {
             name: name.into(),
             mac: Some([0xfe, 0x54, 0, 0, 0, ifindex as u8]),
             oper_state: "up".into(),
+            ..Default::default()
         }
     }
 

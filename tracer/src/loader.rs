@@ -6,7 +6,10 @@
 //! when the process dies (kill -9); netlink filters do not, so in netlink
 //! mode a restarted agent first removes filters left by a killed one.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
 
 use aya::{
     programs::{
@@ -18,7 +21,12 @@ use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
 };
 
-use crate::{collect::CounterMap, config::AttachMode};
+use crate::{
+    btf::KernelBtf,
+    collect::{current_netns_inum, KernelMaps},
+    config::AttachMode,
+    optional_probes,
+};
 
 /// The eBPF object built by build.rs from tracer-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -26,7 +34,6 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const EGRESS_PROGRAM: &str = "hvnet_egress";
 pub const INGRESS_PROGRAM: &str = "hvnet_ingress";
 pub const EMPTY_PROGRAM: &str = "hvnet_empty";
-const COUNTER_MAP: &str = "VM_COUNTERS";
 /// Netlink mode: the tc priority hvnet's filters ask for (lower runs first).
 const NETLINK_PRIORITY: u16 = 1;
 
@@ -93,21 +100,49 @@ pub struct TcProbes {
     ebpf: Ebpf,
     mechanism: TcMechanism,
     attached: BTreeMap<u32, InterfaceAttachment>,
+    statuses: Vec<ProbeStatus>,
+    drop_reasons: HashMap<u32, String>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl TcProbes {
-    /// Loads BTF and the object, verifies the programs, and takes the
-    /// counter map out for the collector. Attaches nothing yet.
-    pub fn load(btf_path: &Path, mode: AttachMode) -> Result<(Self, CounterMap), LoaderError> {
-        let btf =
-            Btf::parse_file(btf_path, Endianness::default()).map_err(|err| LoaderError::Btf {
-                path: btf_path.display().to_string(),
-                reason: err.to_string(),
-            })?;
+    /// Loads BTF and the object, verifies the programs, takes the maps out
+    /// for the collector and attaches the host-wide probes (each optional:
+    /// what this kernel refuses is reported, not fatal). Attaches no tc
+    /// program yet.
+    pub fn load(btf_path: &Path, mode: AttachMode) -> Result<(Self, KernelMaps), LoaderError> {
+        let btf_error = |reason: String| LoaderError::Btf {
+            path: btf_path.display().to_string(),
+            reason,
+        };
+        let btf_bytes = std::fs::read(btf_path).map_err(|e| btf_error(e.to_string()))?;
+        let kernel_btf = KernelBtf::parse(&btf_bytes).map_err(|e| btf_error(e.to_string()))?;
+        let aya_btf =
+            Btf::parse(&btf_bytes, Endianness::default()).map_err(|e| btf_error(e.to_string()))?;
+        let offsets = kernel_btf
+            .skb_offsets()
+            .map_err(|e| btf_error(e.to_string()))?;
+        let drop_reasons = kernel_btf.drop_reasons().unwrap_or_default();
+        let tun_offsets = tun_offsets(&kernel_btf);
         let mechanism = resolve_mechanism(mode)?;
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&btf))
+        let netns = current_netns_inum()
+            .map_err(|e| LoaderError::Load(format!("reading /proc/self/ns/net: {e}")))?;
+
+        let (tfile_socket, tfile_tun, tun_dev) = tun_offsets.as_ref().map_or((0, 0, 0), |t| *t);
+        let mut loader = EbpfLoader::new();
+        loader
+            .btf(Some(&aya_btf))
+            .override_global("SKB_DEV_OFF", &offsets.skb_dev, true)
+            .override_global("SKB_SK_OFF", &offsets.skb_sk, true)
+            .override_global("SKB_LEN_OFF", &offsets.skb_len, true)
+            .override_global("SK_FAMILY_OFF", &offsets.sk_family, true)
+            .override_global("DEV_IFINDEX_OFF", &offsets.dev_ifindex, true)
+            .override_global("DEV_NET_OFF", &offsets.dev_nd_net, true)
+            .override_global("NET_INUM_OFF", &offsets.net_ns_inum, true)
+            .override_global("TFILE_SOCKET_OFF", &tfile_socket, true)
+            .override_global("TFILE_TUN_OFF", &tfile_tun, true)
+            .override_global("TUN_DEV_OFF", &tun_dev, true);
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|err| LoaderError::Load(format!("{err:#}")))?;
         // hvnet's programs log nothing on the packet path; a logger only
@@ -118,42 +153,55 @@ impl TcProbes {
                 .load()
                 .map_err(|err| program_error(name, &err))?;
         }
-        let map = ebpf.take_map(COUNTER_MAP).ok_or_else(|| {
-            LoaderError::Load(format!("map {COUNTER_MAP} missing from the object"))
-        })?;
-        let counters = CounterMap::new(map).map_err(|err| LoaderError::Load(err.to_string()))?;
+        let maps =
+            KernelMaps::take(&mut ebpf, netns).map_err(|e| LoaderError::Load(e.to_string()))?;
+        let mut optional = optional_probes::attach_all(&mut ebpf, &aya_btf, tun_offsets.is_some());
+        let tc_kind = mechanism.as_str();
+        let mut statuses = vec![
+            ProbeStatus {
+                probe: "tc_egress",
+                kind: tc_kind,
+                attached: true,
+                detail: format!("{EGRESS_PROGRAM} loaded, attached per interface via {tc_kind}"),
+            },
+            ProbeStatus {
+                probe: "tc_ingress",
+                kind: tc_kind,
+                attached: true,
+                detail: format!("{INGRESS_PROGRAM} loaded, attached per interface via {tc_kind}"),
+            },
+        ];
+        statuses.append(&mut optional);
         Ok((
             Self {
                 ebpf,
                 mechanism,
                 attached: BTreeMap::new(),
+                statuses,
+                drop_reasons,
                 _logger: logger,
             },
-            counters,
+            maps,
         ))
+    }
+
+    /// Kernel drop reason numbers to names (`full_ring`, ...).
+    pub fn drop_reasons(&self) -> &HashMap<u32, String> {
+        &self.drop_reasons
+    }
+
+    /// Whether the optional probe `name` is attached.
+    pub fn has_probe(&self, name: &str) -> bool {
+        self.statuses.iter().any(|s| s.probe == name && s.attached)
     }
 
     pub fn mechanism(&self) -> TcMechanism {
         self.mechanism
     }
 
-    /// The capability matrix for the tc side.
+    /// The kernel capability matrix: every probe, attached or not.
     pub fn probe_statuses(&self) -> Vec<ProbeStatus> {
-        let kind = self.mechanism.as_str();
-        vec![
-            ProbeStatus {
-                probe: "tc_egress",
-                kind,
-                attached: true,
-                detail: format!("{EGRESS_PROGRAM} loaded, attached per interface via {kind}"),
-            },
-            ProbeStatus {
-                probe: "tc_ingress",
-                kind,
-                attached: true,
-                detail: format!("{INGRESS_PROGRAM} loaded, attached per interface via {kind}"),
-            },
-        ]
+        self.statuses.clone()
     }
 
     pub fn is_attached(&self, ifindex: u32) -> bool {
@@ -273,6 +321,16 @@ impl Drop for TcProbes {
     }
 }
 
+/// tun_file.socket, tun_file.tun, tun_struct.dev: present in vmlinux BTF
+/// when tun is built in; without them the vhost probes cannot name a tap.
+fn tun_offsets(btf: &KernelBtf) -> Option<(u32, u32, u32)> {
+    Some((
+        btf.member_offset("tun_file", "socket").ok()?,
+        btf.member_offset("tun_file", "tun").ok()?,
+        btf.member_offset("tun_struct", "dev").ok()?,
+    ))
+}
+
 fn resolve_mechanism(mode: AttachMode) -> Result<TcMechanism, LoaderError> {
     let version = KernelVersion::current().ok();
     let has_tcx = version.is_some_and(|v| v >= KernelVersion::new(6, 6, 0));
@@ -305,7 +363,7 @@ fn program_error(name: &str, err: &ProgramError) -> LoaderError {
 }
 
 /// aya's errors keep the useful part (errno, verifier log) in the source chain.
-fn describe_program_error(err: &ProgramError) -> String {
+pub(crate) fn describe_program_error(err: &ProgramError) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(inner) = source {

@@ -30,6 +30,9 @@ enum Task {
         /// Only the unprivileged tests.
         #[arg(long)]
         unit_only: bool,
+        /// Also the minutes-long soak under heavy load (HVNET_SOAK_SECONDS).
+        #[arg(long)]
+        soak: bool,
     },
     /// The embedded lab: a compute node in network namespaces, fake VMs, dnsmasq, hvnet.
     Demo {
@@ -55,9 +58,16 @@ fn main() -> anyhow::Result<()> {
             setup::all(&root)?;
             build(&root)
         }
-        Task::Test { unit_only } => {
+        Task::Test { unit_only, soak } => {
             setup::all(&root)?;
-            test(&root, unit_only)
+            test(&root, unit_only)?;
+            if soak {
+                run(cargo(&root)
+                    .args(["test", "--release", "-p", "hvnet-lab", "--test", "soak_lab"])
+                    .args(["--", "--ignored", "--test-threads=1", "--nocapture"])
+                    .env("HVNET_BIN", root.join("target/release/hvnet")))?;
+            }
+            Ok(())
         }
         Task::Demo { vms, duration } => {
             setup::all(&root)?;

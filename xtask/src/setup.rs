@@ -16,6 +16,7 @@ const APT_PACKAGES: &[&str] = &[
     "busybox",      // udhcpc and ping in the lab's guests
     "isc-dhcp-client",
     "iperf3",
+    "tcpdump",
     "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";

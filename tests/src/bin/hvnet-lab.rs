@@ -48,6 +48,16 @@ enum LabCommand {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// Send UDP datagrams at a steady rate (run inside a lab netns; the
+    /// target must be a lab address).
+    UdpSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 500)]
+        pps: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Set a fake VMM's fault mode: running, rx_stall or paused.
     VmmMode { control: PathBuf, mode: String },
 }
@@ -67,6 +77,7 @@ fn main() -> anyhow::Result<()> {
             port,
         } => demo(vms, hvnet, duration, port),
         LabCommand::UdpBroadcast { count } => udp_broadcast(count),
+        LabCommand::UdpSend { to, pps, seconds } => udp_send(to, pps, seconds),
         LabCommand::VmmMode { control, mode } => {
             let mode = VmmMode::parse(&mode).context("mode is running, rx_stall or paused")?;
             vmm::set_mode(&control, mode)
@@ -82,6 +93,32 @@ fn udp_broadcast(count: u32) -> anyhow::Result<()> {
             format!("hvnet-lab broadcast {i}").as_bytes(),
             "10.250.0.255:9",
         )?;
+    }
+    Ok(())
+}
+
+fn udp_send(to: SocketAddr, pps: u32, seconds: u64) -> anyhow::Result<()> {
+    let allowed = match to.ip() {
+        std::net::IpAddr::V4(v4) => v4.octets()[0] == 10 && v4.octets()[1] == 250,
+        std::net::IpAddr::V6(_) => false,
+    };
+    if !allowed {
+        bail!("{to} is outside the lab's 10.250.0.0/16: refusing to send there");
+    }
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let payload = [0x5au8; 64];
+    let end = Instant::now() + Duration::from_secs(seconds);
+    // Send in 10 ms batches: steady enough, and cheap on a 2-core machine.
+    let per_batch = (pps / 100).max(1);
+    while Instant::now() < end {
+        let batch_start = Instant::now();
+        for _ in 0..per_batch {
+            // ENOBUFS/EAGAIN under a full queue is expected: keep the rate.
+            let _ = socket.send_to(&payload, to);
+        }
+        if let Some(rest) = Duration::from_millis(10).checked_sub(batch_start.elapsed()) {
+            std::thread::sleep(rest);
+        }
     }
     Ok(())
 }

@@ -1,1 +1,4 @@
+pub mod kernel;
 pub mod tc;
+pub mod tracepoints;
+pub mod vhost;

@@ -1,0 +1,114 @@
+//! Reading kernel structs without CO-RE: the agent resolves member offsets
+//! from this kernel's BTF and sets these globals before loading.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use tracer_common::DevKey;
+
+use crate::maps::{MONITORED, PERCPU_ERRORS_INDEX, PROBE_ERRORS};
+
+#[unsafe(no_mangle)]
+static SKB_DEV_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SKB_SK_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SKB_LEN_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SK_FAMILY_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static DEV_IFINDEX_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static DEV_NET_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static NET_INUM_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TFILE_SOCKET_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TFILE_TUN_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TUN_DEV_OFF: u32 = 0;
+
+/// Reads a load-time global (volatile: the compiler must not fold the 0).
+#[inline(always)]
+pub fn global(value: &u32) -> u64 {
+    // SAFETY: reading our own static.
+    u64::from(unsafe { core::ptr::read_volatile(value) })
+}
+
+#[inline(always)]
+pub fn read<T>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel validates the address; a bad one is an
+    // error, never a fault.
+    unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
+}
+
+#[inline(always)]
+fn note_read_error() {
+    if let Some(slot) = PROBE_ERRORS.get_ptr_mut(PERCPU_ERRORS_INDEX) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The (netns, ifindex) of a net_device if the agent monitors it.
+#[inline(always)]
+pub fn monitored_device(dev: u64) -> Option<DevKey> {
+    if dev == 0 {
+        return None;
+    }
+    let Some(ifindex) = read::<u32>(dev + global(&DEV_IFINDEX_OFF)) else {
+        note_read_error();
+        return None;
+    };
+    let net = read::<u64>(dev + global(&DEV_NET_OFF))?;
+    let netns = read::<u32>(net + global(&NET_INUM_OFF))?;
+    let key = DevKey { netns, ifindex };
+    // SAFETY: the value is only checked for presence.
+    unsafe { MONITORED.get(key) }.map(|_| key)
+}
+
+/// The monitored device an sk_buff belongs to.
+#[inline(always)]
+pub fn skb_device(skb: u64) -> Option<DevKey> {
+    monitored_device(read::<u64>(skb + global(&SKB_DEV_OFF))?)
+}
+
+#[inline(always)]
+pub fn skb_owner(skb: u64) -> Option<u64> {
+    read::<u64>(skb + global(&SKB_SK_OFF))
+}
+
+/// The address family of a socket (sk->__sk_common.skc_family).
+#[inline(always)]
+pub fn socket_family(sk: u64) -> Option<u16> {
+    read::<u16>(sk + global(&SK_FAMILY_OFF))
+}
+
+#[inline(always)]
+pub fn skb_len(skb: u64) -> Option<u32> {
+    read::<u32>(skb + global(&SKB_LEN_OFF))
+}
+
+/// The tap behind tun_recvmsg's `struct socket *` (embedded in a tun_file).
+#[inline(always)]
+pub fn tun_socket_device(sock: u64) -> Option<DevKey> {
+    let tfile = sock.checked_sub(global(&TFILE_SOCKET_OFF))?;
+    let tun = read::<u64>(tfile + global(&TFILE_TUN_OFF))?;
+    if tun == 0 {
+        return None;
+    }
+    monitored_device(read::<u64>(tun + global(&TUN_DEV_OFF))?)
+}
+
+/// Adds one to a per-CPU u64 counter keyed by `key`.
+#[macro_export]
+macro_rules! bump {
+    ($map:expr, $key:expr) => {
+        match $map.get_ptr_mut($key) {
+            // SAFETY: this CPU's slot of a live map element.
+            Some(value) => unsafe { *value += 1 },
+            None => {
+                let _ = $map.insert($key, 1u64, 0);
+            }
+        }
+    };
+}
