@@ -16,6 +16,19 @@ use crate::{
     BRIDGE_ADDR,
 };
 
+const DHCLIENT_SCRIPT: &str = r#"#!/bin/sh
+# dhclient hook for lab guests: addresses only (never resolv.conf, which
+# belongs to the host).
+case "$reason" in
+  BOUND|RENEW|REBIND|REBOOT)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$new_ip_address/$new_subnet_mask" dev "$interface"
+    ;;
+  EXPIRE|FAIL|RELEASE|STOP|PREINIT) ip -4 addr flush dev "$interface" ;;
+esac
+exit 0
+"#;
+
 const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
 # udhcpc hook for lab guests: apply what the DHCP server handed out.
 case "$1" in
@@ -59,9 +72,14 @@ impl ComputeNode {
         ])?;
         ns.ip(&["addr", "add", &format!("{BRIDGE_ADDR}/24"), "dev", "br0"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
-        let script = dir.join("udhcpc.script");
-        std::fs::write(&script, UDHCPC_SCRIPT)?;
-        run(Command::new("chmod").arg("755").arg(&script))?;
+        for (name, text) in [
+            ("udhcpc.script", UDHCPC_SCRIPT),
+            ("dhclient.script", DHCLIENT_SCRIPT),
+        ] {
+            let script = dir.join(name);
+            std::fs::write(&script, text)?;
+            run(Command::new("chmod").arg("755").arg(&script))?;
+        }
         Ok(Self {
             ns,
             prefix: prefix.to_owned(),
@@ -123,6 +141,10 @@ impl ComputeNode {
 
     pub fn udhcpc_script(&self) -> PathBuf {
         self.dir.join("udhcpc.script")
+    }
+
+    pub fn dhclient_script(&self) -> PathBuf {
+        self.dir.join("dhclient.script")
     }
 
     /// Starts a fake VM: a persistent tap `tap` on br0 (as libvirt creates
@@ -229,6 +251,25 @@ impl FakeVm {
             .stderr(Stdio::null())
             .spawn()
             .context("starting udhcpc")
+    }
+
+    /// ISC dhclient in the foreground, with the lab's hook script and its
+    /// own lease file (nothing of the host's is touched).
+    pub fn spawn_dhclient(&self, script: &Path, dir: &Path) -> anyhow::Result<Child> {
+        let tag = self.guest.name();
+        self.guest
+            .command("dhclient")
+            .args(["-d", "-4", "-sf"])
+            .arg(script)
+            .arg("-lf")
+            .arg(dir.join(format!("{tag}.leases")))
+            .arg("-pf")
+            .arg(dir.join(format!("{tag}.pid")))
+            .arg("eth0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting dhclient (apt package isc-dhcp-client)")
     }
 
     pub fn ipv4(&self) -> anyhow::Result<Option<String>> {

@@ -51,7 +51,7 @@ pub struct CounterValue {
 /// A network device, unique on the host: ifindex is only unique within a
 /// network namespace, so the namespace's inode number is part of the key.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DevKey {
     pub netns: u32,
     pub ifindex: u32,
@@ -91,4 +91,87 @@ mod pod {
     unsafe impl aya::Pod for super::DevKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DropKey {}
+}
+
+/// What a [`PacketEvent`] reports.
+pub mod event_kind {
+    /// A DHCP message crossed the tap's tc hook (direction says which way).
+    pub const DHCP: u8 = 1;
+    /// A DHCP message toward the VM was read by the VMM (dequeue tracepoint).
+    pub const DHCP_DEQUEUED: u8 = 2;
+    /// A DHCP message on the tap was dropped by the kernel (with a reason).
+    pub const DHCP_DROPPED: u8 = 3;
+    /// An ARP frame crossed the tap's tc hook.
+    pub const ARP: u8 = 4;
+}
+
+/// Parse findings the kernel reports with a DHCP event (bit flags).
+pub mod parse_flag {
+    /// The magic cookie is not 99.130.83.99: not DHCP (plain BOOTP or junk).
+    pub const BAD_COOKIE: u16 = 1 << 0;
+    /// The frame ended inside the BOOTP header or an option.
+    pub const TRUNCATED: u16 = 1 << 1;
+    /// An option's length runs past the end of the frame.
+    pub const OPTION_OVERFLOW: u16 = 1 << 2;
+    /// More options than the parser walks (or no end option): stopped.
+    pub const OPTION_LIMIT: u16 = 1 << 3;
+    /// No message type option (53).
+    pub const NO_MESSAGE_TYPE: u16 = 1 << 4;
+    /// Option 52 (overload): further options live in sname/file, not parsed.
+    pub const OVERLOAD: u16 = 1 << 5;
+    /// A known option with a wrong length (e.g. lease time not 4 bytes).
+    pub const BAD_OPTION_LENGTH: u16 = 1 << 6;
+}
+
+/// Most DHCP options the kernel parser walks before giving up.
+pub const MAX_DHCP_OPTIONS: usize = 40;
+
+/// One DHCP or ARP observation from the kernel, fixed size, sent over the
+/// EVENTS ring buffer. IPv4 addresses are in network order as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketEvent {
+    /// bpf_ktime_get_ns (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub dev: DevKey,
+    /// One of [`event_kind`].
+    pub kind: u8,
+    /// One of [`direction`] (for DEQUEUED/DROPPED: always TO_VM or as seen).
+    pub direction: u8,
+    /// DHCP option 53, 0 if absent; ARP: the ARP opcode.
+    pub msg_type: u8,
+    /// BOOTP op (1 request, 2 reply).
+    pub op: u8,
+    pub xid: u32,
+    pub ciaddr: [u8; 4],
+    pub yiaddr: [u8; 4],
+    /// Option 54.
+    pub server_id: [u8; 4],
+    /// Option 50.
+    pub requested_ip: [u8; 4],
+    /// IPv4 source/destination of the frame; ARP: sender/target protocol address.
+    pub src_ip: [u8; 4],
+    pub dst_ip: [u8; 4],
+    /// Option 51, 0 if absent.
+    pub lease_secs: u32,
+    /// Kernel drop reason (DHCP_DROPPED only).
+    pub drop_reason: u32,
+    pub flags: u16,
+    pub secs: u16,
+    /// BOOTP chaddr; ARP: sender hardware address.
+    pub chaddr: [u8; 6],
+    pub dst_mac: [u8; 6],
+    /// 802.1Q VLAN id, 0 if untagged.
+    pub vlan: u16,
+    /// [`parse_flag`] bits.
+    pub parse_flags: u16,
+    pub _pad: [u8; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<PacketEvent>() == 80);
+
+#[cfg(feature = "user")]
+mod event_pod {
+    // SAFETY: repr(C), Copy, integers and byte arrays only, explicit padding.
+    unsafe impl aya::Pod for super::PacketEvent {}
 }

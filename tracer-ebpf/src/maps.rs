@@ -1,6 +1,6 @@
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
     CounterKey, CounterValue, DevKey, DropKey, COUNTER_MAP_ENTRIES, DROP_MAP_ENTRIES, MAX_MONITORED,
@@ -37,3 +37,12 @@ pub const PERCPU_ERRORS_INDEX: u32 = 0;
 /// the agent's self-diagnosis): index 0 = probe read failures.
 #[map]
 pub static PROBE_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// DHCP and ARP observations for the agent (fixed-size PacketEvents).
+/// Never blocks: when full, the event is counted in EVENTS_LOST.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Events that did not fit in the ring buffer.
+#[map]
+pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -10,25 +10,35 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::Context as _;
-use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tokio::{
+    net::TcpListener,
+    signal::unix::SignalKind,
+    sync::{broadcast, watch},
+};
 use tracer_common::direction;
 
 use crate::{
     collect::{CollectError, KernelMaps, KernelSnapshot},
     config::Config,
     drops::{drop_direction, reason_name},
-    export::{DropCount, Exposition, VmHealth, VmView},
+    events::{interpret, EventReader, Observed},
+    export::{DhcpView, DropCount, Exposition, VmHealth, VmView},
     http,
     links::{self, LinkInfo, LinkWatcher},
-    loader::{ProbeStatus, TcProbes},
+    loader::{monotonic_now, ProbeStatus, TcProbes},
     optional_probes::{DEQUEUE_PROBE, DROP_PROBE},
     privileges,
-    stall::{Observation, RxStallDetector, VmState},
+    stall::{Observation, VmState},
+    timeline::{render_explanation, wall_clock, Entry, Explanation},
+    vm::VmRecord,
 };
+
+/// Lines kept for slow /api/v1/events readers before they skip ahead.
+const EVENT_STREAM_BACKLOG: usize = 1024;
 
 /// Link events come in bursts (create, set master, set up): wait this long
 /// after the first one and handle the burst once.
@@ -41,8 +51,8 @@ pub struct AgentState {
     maps: Mutex<KernelMaps>,
     attached: Mutex<BTreeMap<u32, LinkInfo>>,
     failed: Mutex<BTreeMap<u32, String>>,
-    detectors: Mutex<BTreeMap<u32, RxStallDetector>>,
-    health: Mutex<BTreeMap<u32, VmHealth>>,
+    records: Mutex<BTreeMap<u32, VmRecord>>,
+    stream: broadcast::Sender<String>,
     attach_failures: AtomicU64,
     link_events: AtomicU64,
     probe_statuses: Vec<ProbeStatus>,
@@ -50,7 +60,6 @@ pub struct AgentState {
     has_dequeue_probe: bool,
     has_drop_probe: bool,
     mechanism: &'static str,
-    started: Instant,
     stall_after: Duration,
 }
 
@@ -73,8 +82,8 @@ impl AgentState {
             maps: Mutex::new(maps),
             attached: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeMap::new()),
-            detectors: Mutex::new(BTreeMap::new()),
-            health: Mutex::new(BTreeMap::new()),
+            records: Mutex::new(BTreeMap::new()),
+            stream: broadcast::channel(EVENT_STREAM_BACKLOG).0,
             attach_failures: AtomicU64::new(0),
             link_events: AtomicU64::new(0),
             probe_statuses,
@@ -82,7 +91,6 @@ impl AgentState {
             has_dequeue_probe,
             has_drop_probe,
             mechanism,
-            started: Instant::now(),
             stall_after,
         }
     }
@@ -91,7 +99,8 @@ impl AgentState {
     pub fn exposition(&self) -> Result<Exposition, CollectError> {
         let attached = lock(&self.attached).clone();
         let snapshot = lock(&self.maps).read()?;
-        let health = lock(&self.health).clone();
+        let now = self.now();
+        let records = lock(&self.records);
         let vms = attached
             .values()
             .map(|link| VmView {
@@ -112,9 +121,21 @@ impl AgentState {
                     .then(|| snapshot.dequeued.get(&link.ifindex).copied().unwrap_or(0)),
                 netdev_tx_packets: link.stats.map(|s| s.tx_packets),
                 vhost_rx: snapshot.vhost_rx.get(&link.ifindex).copied(),
-                health: health.get(&link.ifindex).cloned(),
+                health: records.get(&link.ifindex).map(|r| VmHealth {
+                    state: r.detector.state(),
+                    backlog: r.detector.backlog(),
+                    stalls_total: r.detector.stalls_total(),
+                    stall_seconds: r.detector.stall_seconds(),
+                }),
+                dhcp: records.get(&link.ifindex).map(|r| DhcpView {
+                    counters: r.dhcp.counters().clone(),
+                    lease_remaining: r.dhcp.lease().map(|l| l.remaining(now)),
+                    lease_address: r.dhcp.lease().map(|l| l.address.clone()),
+                    last_verdict: r.dhcp.last_verdict(),
+                }),
             })
             .collect();
+        drop(records);
         Ok(Exposition {
             vms,
             probes: self.probe_statuses.clone(),
@@ -122,7 +143,103 @@ impl AgentState {
             link_events: self.link_events.load(Ordering::Relaxed),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             attach_mechanism: self.mechanism.to_owned(),
+            events_lost: snapshot.events_lost,
         })
+    }
+
+    fn find_record<'a>(records: &'a BTreeMap<u32, VmRecord>, name: &str) -> Option<&'a VmRecord> {
+        records.values().find(|r| r.iface == name)
+    }
+
+    /// `hvnet explain` text for a VM (by iface; identity names come later).
+    pub fn explain(&self, name: &str) -> Option<String> {
+        let now = self.now();
+        let records = lock(&self.records);
+        let record = Self::find_record(&records, name)?;
+        let stuck_since = record.detector.stuck_since().map(|m| wall_clock(m, now));
+        let counters = record.dhcp.counters();
+        let lease = record
+            .dhcp
+            .lease()
+            .map(|l| (l.address.clone(), l.remaining(now), l.expired));
+        Some(render_explanation(
+            &Explanation {
+                iface: &record.iface,
+                vm_name: &record.iface,
+                state: Some(record.detector.state()),
+                stuck_since,
+                retries_during_stall: counters.retries_during_stall,
+                replies_undelivered: counters.replies_undelivered,
+                lease,
+                now_unix: wall_clock(now, now),
+            },
+            &record.timeline,
+        ))
+    }
+
+    pub fn timeline(&self, name: &str) -> Option<Vec<Entry>> {
+        let records = lock(&self.records);
+        Self::find_record(&records, name).map(|r| r.timeline.entries().cloned().collect())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.stream.subscribe()
+    }
+
+    fn publish(&self, entries: &[Entry]) {
+        for entry in entries {
+            if let Ok(line) = serde_json::to_string(entry) {
+                // No subscriber is fine.
+                let _ = self.stream.send(line);
+            }
+        }
+    }
+
+    /// Handles one batch of kernel DHCP/ARP events.
+    fn handle_events(&self, batch: &[tracer_common::PacketEvent]) {
+        let now = self.now();
+        let mut published = Vec::new();
+        let mut records = lock(&self.records);
+        for ev in batch {
+            let Some(observed) = interpret(ev, |r| reason_name(&self.drop_reasons, r)) else {
+                continue;
+            };
+            match observed {
+                Observed::Dhcp {
+                    ifindex,
+                    mono,
+                    message,
+                } => {
+                    if let Some(record) = records.get_mut(&ifindex) {
+                        published.extend(record.dhcp_message(&message, mono, now));
+                    }
+                }
+                Observed::MalformedDhcp {
+                    ifindex,
+                    mono,
+                    from_vm,
+                    flags,
+                } => {
+                    if let Some(record) = records.get_mut(&ifindex) {
+                        published.push(record.malformed(mono, now, from_vm, flags));
+                    }
+                }
+                Observed::Arp {
+                    ifindex,
+                    mono,
+                    from_vm,
+                    op,
+                    sender,
+                    target,
+                } => {
+                    if let Some(record) = records.get_mut(&ifindex) {
+                        published.extend(record.arp(mono, now, from_vm, op, sender, target));
+                    }
+                }
+            }
+        }
+        drop(records);
+        self.publish(&published);
     }
 
     fn drop_counts(&self, snapshot: &KernelSnapshot, link: &LinkInfo) -> Vec<DropCount> {
@@ -163,7 +280,7 @@ impl AgentState {
     }
 
     fn now(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
+        monotonic_now()
     }
 
     /// Brings attachments in line with the interfaces that exist now.
@@ -223,7 +340,8 @@ impl AgentState {
                     link.mac_string(),
                     self.mechanism
                 );
-                lock(&self.detectors).insert(link.ifindex, RxStallDetector::new(self.stall_after));
+                lock(&self.records)
+                    .insert(link.ifindex, VmRecord::new(&link.name, self.stall_after));
                 lock(&self.attached).insert(link.ifindex, link);
             }
             Err(err) => {
@@ -237,8 +355,7 @@ impl AgentState {
     fn forget(&self, ifindex: u32) {
         let name = lock(&self.probes).detach(ifindex);
         lock(&self.attached).remove(&ifindex);
-        lock(&self.detectors).remove(&ifindex);
-        lock(&self.health).remove(&ifindex);
+        lock(&self.records).remove(&ifindex);
         if let Err(err) = lock(&self.maps).forget_interface(ifindex) {
             log::warn!("ifindex {ifindex}: clearing counters: {err}");
         }
@@ -258,14 +375,15 @@ impl AgentState {
         };
         let now = self.now();
         let attached = lock(&self.attached).clone();
-        let mut detectors = lock(&self.detectors);
-        let mut health = lock(&self.health);
+        let mut published = Vec::new();
+        let mut records = lock(&self.records);
         for (ifindex, link) in &attached {
-            let Some(detector) = detectors.get_mut(ifindex) else {
+            let Some(record) = records.get_mut(ifindex) else {
                 continue;
             };
             let observation = self.observation(&snapshot, link, now);
-            if let Some(transition) = detector.observe(observation) {
+            let (transition, entries) = record.poll(observation, now);
+            if let Some(transition) = transition {
                 let message = format!(
                     "VM on {}: {} -> {}: {}",
                     link.name,
@@ -279,16 +397,10 @@ impl AgentState {
                     log::info!("{message}");
                 }
             }
-            health.insert(
-                *ifindex,
-                VmHealth {
-                    state: detector.state(),
-                    backlog: detector.backlog(),
-                    stalls_total: detector.stalls_total(),
-                    stall_seconds: detector.stall_seconds(),
-                },
-            );
+            published.extend(entries);
         }
+        drop(records);
+        self.publish(&published);
     }
 
     fn observation(&self, snapshot: &KernelSnapshot, link: &LinkInfo, now: f64) -> Observation {
@@ -349,8 +461,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.listen
         )
     })?;
-    let (probes, maps) = TcProbes::load(&config.btf, config.attach_mode)?;
+    let (probes, maps, events) = TcProbes::load(&config.btf, config.attach_mode)?;
     let state = Arc::new(AgentState::new(probes, maps, config.stall_after));
+    let mut reader = EventReader::new(events)?;
+    let events_task = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                match reader.next_batch().await {
+                    Ok(batch) => state.handle_events(&batch),
+                    Err(err) => {
+                        log::error!("{err}; DHCP events stop, counters and stall detection go on");
+                        return;
+                    }
+                }
+            }
+        })
+    };
 
     let mut watcher = LinkWatcher::start()?;
     let present = watcher.dump().await?;
@@ -371,6 +498,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let outcome = poll_loop(&state, &config, &mut watcher).await;
 
+    events_task.abort();
     let detached = state.detach_everything();
     log::info!("detached from {detached} interface(s); exiting");
     let _ = shutdown_tx.send(true);

@@ -397,6 +397,8 @@ pub struct SkbOffsets {
     pub skb_sk: u32,
     pub skb_len: u32,
     pub sk_family: u32,
+    pub skb_data: u32,
+    pub skb_data_len: u32,
     pub dev_ifindex: u32,
     pub dev_nd_net: u32,
     pub net_ns_inum: u32,
@@ -408,6 +410,8 @@ impl KernelBtf {
             skb_dev: self.member_offset("sk_buff", "dev")?,
             skb_sk: self.member_offset("sk_buff", "sk")?,
             skb_len: self.member_offset("sk_buff", "len")?,
+            skb_data: self.member_offset("sk_buff", "data")?,
+            skb_data_len: self.member_offset("sk_buff", "data_len")?,
             sk_family: self.member_offset("sock", "__sk_common")?
                 + self.member_offset("sock_common", "skc_family")?,
             dev_ifindex: self.member_offset("net_device", "ifindex")?,

@@ -23,6 +23,36 @@ pub enum Command {
     Run(RunArgs),
     /// Measure the tc programs against an empty program (BPF_PROG_TEST_RUN).
     Bench(BenchArgs),
+    /// Follow the agent's live events (stall transitions, DHCP, verdicts) as JSON lines.
+    Events(AgentArgs),
+    /// A live per-VM table: pps each way, backlog, state, last DHCP verdict, lease left.
+    Top(TopArgs),
+    /// The incident timeline of one VM, in plain words.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The agent's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:9478")]
+    pub agent: std::net::SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    /// Print one table (two samples a second apart) and exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The VM: its tap name (e.g. tap3f2a1c9d-1e, vnet0).
+    pub vm: String,
+    #[command(flatten)]
+    pub agent: AgentArgs,
 }
 
 #[derive(Debug, Args)]

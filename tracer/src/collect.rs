@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues},
+    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     Ebpf,
 };
 use tracer_common::{class, direction, CounterKey, CounterValue, DevKey, DropKey};
@@ -87,6 +87,8 @@ pub struct KernelSnapshot {
     pub drops: BTreeMap<u32, BTreeMap<u32, u64>>,
     /// tun_recvmsg calls (vhost-net RX work), where the probe attached.
     pub vhost_rx: BTreeMap<u32, u64>,
+    /// Events the ring buffer had no room for.
+    pub events_lost: u64,
 }
 
 /// hvnet's maps, owned by the agent.
@@ -97,6 +99,7 @@ pub struct KernelMaps {
     dequeued: PerCpuHashMap<MapData, DevKey, u64>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     vhost_rx: PerCpuHashMap<MapData, DevKey, u64>,
+    events_lost: PerCpuArray<MapData, u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CollectError>
@@ -149,6 +152,7 @@ impl KernelMaps {
             dequeued: take(ebpf, "DEQUEUED")?,
             drops: take(ebpf, "DROPS")?,
             vhost_rx: take(ebpf, "VHOST_RX")?,
+            events_lost: take(ebpf, "EVENTS_LOST")?,
         })
     }
 
@@ -204,6 +208,14 @@ impl KernelMaps {
             dequeued: by_ifindex(read_u64_map(&self.dequeued, "DEQUEUED")?),
             drops,
             vhost_rx: by_ifindex(read_u64_map(&self.vhost_rx, "VHOST_RX")?),
+            events_lost: self
+                .events_lost
+                .get(&0, 0)
+                .map(|per_cpu| sum_u64(&per_cpu))
+                .map_err(|e| CollectError::Read {
+                    map: "EVENTS_LOST",
+                    reason: e.to_string(),
+                })?,
         })
     }
 

@@ -10,7 +10,12 @@ use prometheus::{
 use serde::Serialize;
 use tracer_common::{class, direction, CounterValue};
 
-use crate::{collect::TrafficCounters, loader::ProbeStatus, stall::VmState};
+use crate::{
+    collect::TrafficCounters,
+    dhcp::{ClientState, DhcpCounters, MessageType, Verdict},
+    loader::ProbeStatus,
+    stall::VmState,
+};
 
 /// Everything one scrape shows, gathered under the agent's locks and then
 /// rendered without them.
@@ -22,6 +27,17 @@ pub struct Exposition {
     pub link_events: u64,
     pub version: String,
     pub attach_mechanism: String,
+    pub events_lost: u64,
+}
+
+/// A VM's DHCP picture at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DhcpView {
+    pub counters: DhcpCounters,
+    /// Seconds left on the lease the VM holds (from the last ACK it got).
+    pub lease_remaining: Option<f64>,
+    pub lease_address: Option<String>,
+    pub last_verdict: Option<Verdict>,
 }
 
 /// One monitored tap and what crossed it.
@@ -43,6 +59,7 @@ pub struct VmView {
     pub vhost_rx: Option<u64>,
     /// None until the first poll evaluated this VM.
     pub health: Option<VmHealth>,
+    pub dhcp: Option<DhcpView>,
 }
 
 /// Frames dropped on a VM's tap for one reason.
@@ -238,6 +255,90 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         }
     }
 
+    let mut dhcp_packets = family(
+        "hvnet_dhcp_packets_total",
+        "DHCP messages that crossed the VM's tap, by message type; direction from the VM's point of view.",
+        MetricType::COUNTER,
+    );
+    let mut retries = family(
+        "hvnet_dhcp_retries_total",
+        "Client messages the VM sent again without having received an answer, by the client state they reveal.",
+        MetricType::COUNTER,
+    );
+    let mut retries_stall = family(
+        "hvnet_dhcp_retries_during_stall_total",
+        "DHCP retries the VM sent while its receive path was stalled: answers cannot reach it.",
+        MetricType::COUNTER,
+    );
+    let mut undelivered = family(
+        "hvnet_dhcp_replies_undelivered_total",
+        "DHCP replies to the VM that the VMM did not dequeue in time or that were dropped on the tap.",
+        MetricType::COUNTER,
+    );
+    let mut lease = family(
+        "hvnet_dhcp_lease_remaining_seconds",
+        "Seconds left on the lease the VM holds, from the last ACK that actually reached it (0: expired).",
+        MetricType::GAUGE,
+    );
+    let mut transactions = family(
+        "hvnet_dhcp_transactions_total",
+        "Finished DHCP exchanges by verdict: delivered, reply_undelivered (stall), reply_dropped, \
+         no_reply (server side), nak.",
+        MetricType::COUNTER,
+    );
+    let mut malformed = family(
+        "hvnet_dhcp_malformed_total",
+        "Malformed DHCP frames on the VM's tap (bad cookie, truncation, option overflow...).",
+        MetricType::COUNTER,
+    );
+    for vm in &view.vms {
+        let iface = vm.iface.as_str();
+        let Some(dhcp) = &vm.dhcp else { continue };
+        let c = &dhcp.counters;
+        for (d, dir) in ["to_vm", "from_vm"].into_iter().enumerate() {
+            for (i, t) in MessageType::ALL.iter().enumerate() {
+                dhcp_packets.mut_metric().push(counter(
+                    &[("iface", iface), ("direction", dir), ("type", t.as_str())],
+                    c.packets[d][i] as f64,
+                ));
+            }
+        }
+        for (i, s) in ClientState::ALL.iter().enumerate() {
+            retries.mut_metric().push(counter(
+                &[("iface", iface), ("state", s.as_str())],
+                c.retries[i] as f64,
+            ));
+        }
+        retries_stall
+            .mut_metric()
+            .push(counter(&[("iface", iface)], c.retries_during_stall as f64));
+        undelivered
+            .mut_metric()
+            .push(counter(&[("iface", iface)], c.replies_undelivered as f64));
+        if let Some(remaining) = dhcp.lease_remaining {
+            lease
+                .mut_metric()
+                .push(gauge(&[("iface", iface)], remaining));
+        }
+        for (i, v) in Verdict::ALL.iter().enumerate() {
+            transactions.mut_metric().push(counter(
+                &[("iface", iface), ("verdict", v.as_str())],
+                c.transactions[i] as f64,
+            ));
+        }
+        malformed
+            .mut_metric()
+            .push(counter(&[("iface", iface)], c.malformed as f64));
+    }
+
+    let mut lost = family(
+        "hvnet_agent_events_lost_total",
+        "DHCP/ARP events the kernel could not hand to the agent (ring buffer full).",
+        MetricType::COUNTER,
+    );
+    lost.mut_metric()
+        .push(counter(&[], view.events_lost as f64));
+
     let mut interfaces = family(
         "hvnet_agent_interfaces",
         "Interfaces hvnet's tc programs are attached to.",
@@ -303,6 +404,14 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         vm_state,
         dequeued,
         vhost,
+        dhcp_packets,
+        retries,
+        retries_stall,
+        undelivered,
+        lease,
+        transactions,
+        malformed,
+        lost,
         interfaces,
         probes,
         failures,
@@ -364,6 +473,7 @@ pub struct VmJson {
     pub dequeued: Option<u64>,
     pub netdev_tx_packets: Option<u64>,
     pub health: Option<VmHealth>,
+    pub dhcp: Option<DhcpView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -415,6 +525,7 @@ pub fn vms_json(view: &Exposition) -> Vec<VmJson> {
             dequeued: vm.dequeued,
             netdev_tx_packets: vm.netdev_tx_packets,
             health: vm.health.clone(),
+            dhcp: vm.dhcp.clone(),
         })
         .collect()
 }
@@ -458,6 +569,16 @@ mod tests {
                 dequeued: Some(50),
                 netdev_tx_packets: Some(50),
                 vhost_rx: None,
+                dhcp: Some(DhcpView {
+                    counters: DhcpCounters {
+                        retries_during_stall: 3,
+                        replies_undelivered: 3,
+                        ..Default::default()
+                    },
+                    lease_remaining: Some(41.0),
+                    lease_address: Some("10.250.0.150".into()),
+                    last_verdict: None,
+                }),
             }],
             probes: vec![ProbeStatus {
                 probe: "tc_egress",
@@ -469,6 +590,7 @@ mod tests {
             link_events: 4,
             version: "0.1.0".into(),
             attach_mechanism: "tcx".into(),
+            events_lost: 2,
         }
     }
 
@@ -501,6 +623,17 @@ mod tests {
         assert!(text.contains("hvnet_vm_state{iface=\"vnet0\",state=\"rx_stalled\"} 1"));
         assert!(text.contains("hvnet_vm_state{iface=\"vnet0\",state=\"ok\"} 0"));
         assert_eq!(text.matches("hvnet_vm_state{").count(), 5);
+        assert!(text.contains("hvnet_dhcp_retries_during_stall_total{iface=\"vnet0\"} 3"));
+        assert!(text.contains("hvnet_dhcp_replies_undelivered_total{iface=\"vnet0\"} 3"));
+        assert!(text.contains("hvnet_dhcp_lease_remaining_seconds{iface=\"vnet0\"} 41"));
+        assert!(text.contains(
+            "hvnet_dhcp_packets_total{iface=\"vnet0\",direction=\"to_vm\",type=\"ack\"} 0"
+        ));
+        assert!(text.contains("hvnet_dhcp_retries_total{iface=\"vnet0\",state=\"renewing\"} 0"));
+        assert!(
+            text.contains("hvnet_dhcp_transactions_total{iface=\"vnet0\",verdict=\"no_reply\"} 0")
+        );
+        assert!(text.contains("hvnet_agent_events_lost_total 2"));
         // No vhost series where the probe is not attached.
         assert!(!text.contains("hvnet_vm_vhost_rx_calls_total{"));
     }

@@ -12,6 +12,7 @@ use std::{
 };
 
 use aya::{
+    maps::{MapData, RingBuf},
     programs::{
         links::LinkOrder,
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
@@ -110,7 +111,10 @@ impl TcProbes {
     /// for the collector and attaches the host-wide probes (each optional:
     /// what this kernel refuses is reported, not fatal). Attaches no tc
     /// program yet.
-    pub fn load(btf_path: &Path, mode: AttachMode) -> Result<(Self, KernelMaps), LoaderError> {
+    pub fn load(
+        btf_path: &Path,
+        mode: AttachMode,
+    ) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoaderError> {
         let btf_error = |reason: String| LoaderError::Btf {
             path: btf_path.display().to_string(),
             reason,
@@ -136,6 +140,8 @@ impl TcProbes {
             .override_global("SKB_SK_OFF", &offsets.skb_sk, true)
             .override_global("SKB_LEN_OFF", &offsets.skb_len, true)
             .override_global("SK_FAMILY_OFF", &offsets.sk_family, true)
+            .override_global("SKB_DATA_OFF", &offsets.skb_data, true)
+            .override_global("SKB_DATA_LEN_OFF", &offsets.skb_data_len, true)
             .override_global("DEV_IFINDEX_OFF", &offsets.dev_ifindex, true)
             .override_global("DEV_NET_OFF", &offsets.dev_nd_net, true)
             .override_global("NET_INUM_OFF", &offsets.net_ns_inum, true)
@@ -155,6 +161,10 @@ impl TcProbes {
         }
         let maps =
             KernelMaps::take(&mut ebpf, netns).map_err(|e| LoaderError::Load(e.to_string()))?;
+        let events = ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| LoaderError::Load("map EVENTS missing from the object".into()))
+            .and_then(|m| RingBuf::try_from(m).map_err(|e| LoaderError::Load(e.to_string())))?;
         let mut optional = optional_probes::attach_all(&mut ebpf, &aya_btf, tun_offsets.is_some());
         let tc_kind = mechanism.as_str();
         let mut statuses = vec![
@@ -182,6 +192,7 @@ impl TcProbes {
                 _logger: logger,
             },
             maps,
+            events,
         ))
     }
 
@@ -396,4 +407,30 @@ pub fn bench_program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a SchedClassifi
     program
         .try_into()
         .map_err(|err: ProgramError| program_error(name, &err))
+}
+
+/// Decodes an EVENTS ring buffer record (exactly one PacketEvent).
+pub fn decode_event(bytes: &[u8]) -> Option<tracer_common::PacketEvent> {
+    if bytes.len() != std::mem::size_of::<tracer_common::PacketEvent>() {
+        return None;
+    }
+    // SAFETY: PacketEvent is repr(C), Copy and valid for any bit pattern
+    // (integers and byte arrays); the length was checked and
+    // read_unaligned copes with any alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<tracer_common::PacketEvent>()) })
+}
+
+/// CLOCK_MONOTONIC in seconds: the clock bpf_ktime_get_ns uses, so kernel
+/// event times and the agent's own times compare directly.
+pub fn monotonic_now() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }

@@ -4,6 +4,7 @@ use clap::Parser as _;
 use hvnet::{
     agent, bench,
     cli::{Cli, Command},
+    client,
     config::{Config, FileConfig},
     privileges,
 };
@@ -32,11 +33,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => FileConfig::default(),
             };
             let config = Config::resolve(file, args.overrides())?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            runtime.block_on(agent::run(config))?;
+            runtime()?.block_on(agent::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events(args) => {
+            runtime()?.block_on(client::follow_events(args.agent))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain(args) => {
+            let path = format!("/api/v1/vms/{}/explain", args.vm);
+            print!(
+                "{}",
+                runtime()?.block_on(client::get_text(args.agent.agent, &path))?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Top(args) => {
+            runtime()?.block_on(top(args.agent.agent, args.once))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => {
@@ -48,5 +61,30 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+async fn top(agent: std::net::SocketAddr, once: bool) -> anyhow::Result<()> {
+    let mut before = client::get_json(agent, "/api/v1/vms").await?;
+    let mut at = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let now = client::get_json(agent, "/api/v1/vms").await?;
+        let table = client::render_top(&now, Some((&before, at.elapsed().as_secs_f64())));
+        if once {
+            print!("{table}");
+            return Ok(());
+        }
+        // Clear the screen and redraw, like top(1).
+        print!("\x1b[2J\x1b[H{table}");
+        before = now;
+        at = std::time::Instant::now();
     }
 }

@@ -15,6 +15,10 @@ static SKB_LEN_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static SK_FAMILY_OFF: u32 = 0;
 #[unsafe(no_mangle)]
+static SKB_DATA_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SKB_DATA_LEN_OFF: u32 = 0;
+#[unsafe(no_mangle)]
 static DEV_IFINDEX_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static DEV_NET_OFF: u32 = 0;
@@ -75,6 +79,20 @@ pub fn skb_device(skb: u64) -> Option<DevKey> {
 #[inline(always)]
 pub fn skb_owner(skb: u64) -> Option<u64> {
     read::<u64>(skb + global(&SKB_SK_OFF))
+}
+
+/// The linear part of an sk_buff (where the frame's headers are), capped
+/// at one Ethernet frame: enough for any DHCP header.
+#[inline(always)]
+pub fn skb_linear_frame(skb: u64) -> Option<crate::programs::dhcp::KernelFrame> {
+    let data = read::<u64>(skb + global(&SKB_DATA_OFF))?;
+    let len = read::<u32>(skb + global(&SKB_LEN_OFF))?;
+    let paged = read::<u32>(skb + global(&SKB_DATA_LEN_OFF))?;
+    let linear = len.saturating_sub(paged).min(1518);
+    Some(crate::programs::dhcp::KernelFrame {
+        data,
+        len: linear as usize,
+    })
 }
 
 /// The address family of a socket (sk->__sk_common.skc_family).

@@ -1,3 +1,4 @@
+pub mod dhcp;
 pub mod kernel;
 pub mod tc;
 pub mod tracepoints;

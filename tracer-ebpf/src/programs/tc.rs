@@ -9,7 +9,7 @@
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use tracer_common::{class, direction, CounterKey, CounterValue};
 
-use crate::maps::VM_COUNTERS;
+use crate::{maps::VM_COUNTERS, programs::dhcp};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -47,12 +47,16 @@ pub fn hvnet_empty(_ctx: TcContext) -> i32 {
 fn count_frame(ctx: &TcContext, direction: u8) {
     // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let class = classify(ctx);
     let key = CounterKey {
         ifindex,
         direction,
-        class: classify(ctx),
+        class,
         _pad: [0; 2],
     };
+    if class == class::DHCP || class == class::ARP {
+        dhcp::tc_event(ctx, ifindex, direction, class == class::DHCP);
+    }
     let len = u64::from(ctx.len());
     match VM_COUNTERS.get_ptr_mut(key) {
         Some(value) => {

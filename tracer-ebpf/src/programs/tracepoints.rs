@@ -5,12 +5,15 @@
 //! exec` hides it) and read the tracepoint's C arguments directly.
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use tracer_common::DropKey;
+use tracer_common::{direction, event_kind, DevKey, DropKey};
 
 use crate::{
     bump,
     maps::{DEQUEUED, DROPS},
-    programs::kernel::{skb_device, skb_len, skb_owner, socket_family},
+    programs::{
+        dhcp::{emit, locate_dhcp, parse_dhcp},
+        kernel::{skb_device, skb_len, skb_linear_frame, skb_owner, socket_family},
+    },
 };
 
 /// Two MAC addresses: tun_put_user copies a VLAN-offloaded frame in two
@@ -41,7 +44,24 @@ pub fn hvnet_dequeue(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     bump!(DEQUEUED, &dev);
+    dhcp_event(skb, dev, event_kind::DHCP_DEQUEUED, 0);
     0
+}
+
+/// A DHCP frame that was dequeued or dropped: which message it was (xid,
+/// client MAC), so the agent can say whether a reply reached the VM.
+#[inline(always)]
+fn dhcp_event(skb: u64, dev: DevKey, kind: u8, reason: u32) {
+    let Some(frame) = skb_linear_frame(skb) else {
+        return;
+    };
+    let Some(at) = locate_dhcp(&frame) else {
+        return;
+    };
+    let mut ev = parse_dhcp(&frame, at, false);
+    ev.kind = kind;
+    ev.drop_reason = reason;
+    emit(ev, dev, direction::TO_VM);
 }
 
 /// kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason
@@ -59,5 +79,6 @@ pub fn hvnet_drop(ctx: RawTracePointContext) -> i32 {
         _pad: 0,
     };
     bump!(DROPS, &key);
+    dhcp_event(skb, dev, event_kind::DHCP_DROPPED, reason as u32);
     0
 }

@@ -1,0 +1,352 @@
+//! Privileged lab tests tying DHCP retries to RX stalls, with real clients
+//! (busybox udhcpc, ISC dhclient) against dnsmasq.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use hvnet_lab::{
+    agent::{hvnet_bin, Agent},
+    expect::eventually,
+    metrics::{self, Sample},
+    node::{ComputeNode, FakeVm},
+    unique_prefix,
+    vmm::VmmMode,
+    BRIDGE_ADDR,
+};
+
+const PORT: u16 = 9478;
+
+fn fake_vmm() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fake-vmm"))
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run `cargo xtask test` as root"
+    );
+}
+
+struct Background(Vec<Child>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn value(s: &[Sample], name: &str, iface: &str, extra: &[(&str, &str)]) -> f64 {
+    let mut labels = vec![("iface", iface)];
+    labels.extend_from_slice(extra);
+    metrics::value(s, name, &labels).unwrap_or(0.0)
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+/// The VM keeps sending (ping to the bridge), as a VM with a stalled RX
+/// does. Waits for the DHCP client to have configured the address first
+/// (hvnet sees the ACK reach the VM a moment before the client applies it).
+fn keep_sending(vm: &FakeVm) -> anyhow::Result<Child> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vm.ipv4()?.is_none() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the guest never configured its lease"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm.ping(BRIDGE_ADDR, 1)?;
+    Ok(vm
+        .guest
+        .command("busybox")
+        .args(["ping", "-i", "0.5", BRIDGE_ADDR])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+fn explain(node: &ComputeNode, iface: &str) -> anyhow::Result<String> {
+    node.ns.exec_ok(&[
+        &hvnet_bin().display().to_string(),
+        "explain",
+        iface,
+        "--agent",
+        "127.0.0.1:9478",
+    ])
+}
+
+#[test]
+fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_delivered_after_recovery(
+) -> anyhow::Result<()> {
+    require_root();
+    let mut node = ComputeNode::create(&unique_prefix("u"))?;
+    node.start_dhcp_server("2m")?;
+    let vm = node.add_vm("tapu0", 0, &fake_vmm())?;
+    let agent = Agent::start(
+        &node.ns,
+        PORT,
+        &["--interfaces", "tapu*"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    let udhcpc = vm.spawn_dhcp_client(&node.udhcpc_script())?;
+    let mut background = Background(vec![udhcpc]);
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(15),
+        "a delivered lease",
+        |s| {
+            metrics::value(
+                s,
+                "hvnet_dhcp_lease_remaining_seconds",
+                &[("iface", "tapu0")],
+            )
+            .is_some_and(|v| v > 100.0)
+                && value(
+                    s,
+                    "hvnet_dhcp_transactions_total",
+                    "tapu0",
+                    &[("verdict", "delivered")],
+                ) >= 1.0
+        },
+    )?;
+    background.0.push(keep_sending(&vm)?);
+
+    vm.set_mode(VmmMode::RxStall)?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(8),
+        "rx_stalled",
+        |s| value(s, "hvnet_vm_rx_stalled", "tapu0", &[]) == 1.0,
+    )?;
+    // Force a renewal: unicast REQUEST, then broadcast REQUESTs every 2 s.
+    signal(&background.0[0], libc::SIGUSR1);
+    let took = eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(20),
+        "retries during the stall and undelivered ACKs",
+        |s| {
+            value(s, "hvnet_dhcp_retries_during_stall_total", "tapu0", &[]) >= 2.0
+                && value(s, "hvnet_dhcp_replies_undelivered_total", "tapu0", &[]) >= 2.0
+        },
+    )?;
+    eprintln!("retries + undelivered ACKs seen {took:?} after the forced renewal");
+    let s = agent.scrape(&node.ns)?;
+    assert!(
+        value(
+            &s,
+            "hvnet_dhcp_packets_total",
+            "tapu0",
+            &[("direction", "to_vm"), ("type", "ack")]
+        ) >= 2.0
+    );
+    let text = explain(&node, "tapu0")?;
+    eprintln!("--- hvnet explain tapu0 ---\n{text}---");
+    assert!(
+        text.starts_with("VM tapu0 (tapu0): rx_stalled since"),
+        "{text}"
+    );
+    assert!(text.contains("RX stalled (backlog"), "{text}");
+    assert!(
+        text.contains("renewal xid 0x") && text.contains("unicast to 10.250.0.1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(retry #") && text.contains("while RX is stalled"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ACK xid")
+            && (text.contains("not dequeued after")
+                || text.contains("dropped before reaching the VM")),
+        "{text}"
+    );
+    assert!(text.contains("expires"), "{text}");
+
+    vm.set_mode(VmmMode::Running)?;
+    eventually(&agent, &node.ns, Duration::from_secs(5), "recovery", |s| {
+        value(s, "hvnet_vm_rx_stalled", "tapu0", &[]) == 0.0
+    })?;
+    let delivered_before = value(
+        &agent.scrape(&node.ns)?,
+        "hvnet_dhcp_transactions_total",
+        "tapu0",
+        &[("verdict", "delivered")],
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    signal(&background.0[0], libc::SIGUSR1);
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(10),
+        "the next renewal delivered",
+        |s| {
+            value(
+                s,
+                "hvnet_dhcp_transactions_total",
+                "tapu0",
+                &[("verdict", "delivered")],
+            ) > delivered_before
+        },
+    )?;
+    let text = explain(&node, "tapu0")?;
+    assert!(text.contains("RX recovered"), "{text}");
+    assert!(text.contains("reached the VM"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn a_stopped_server_is_no_reply_not_blamed_on_the_vm() -> anyhow::Result<()> {
+    require_root();
+    let mut node = ComputeNode::create(&unique_prefix("r"))?;
+    node.start_dhcp_server("2m")?;
+    let vm = node.add_vm("tapr0", 0, &fake_vmm())?;
+    let agent = Agent::start(
+        &node.ns,
+        PORT,
+        &["--interfaces", "tapr*"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    let mut background = Background(vec![vm.spawn_dhcp_client(&node.udhcpc_script())?]);
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(15),
+        "a delivered lease",
+        |s| {
+            value(
+                s,
+                "hvnet_dhcp_transactions_total",
+                "tapr0",
+                &[("verdict", "delivered")],
+            ) >= 1.0
+        },
+    )?;
+    node.stop_dhcp_server();
+    signal(&background.0[0], libc::SIGUSR1);
+    std::thread::sleep(Duration::from_secs(7));
+    // The client gives up for now; silence concludes the exchange.
+    let client = background.0.remove(0);
+    drop(Background(vec![client]));
+    let verdict = eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(35),
+        "a no_reply verdict",
+        |s| {
+            value(
+                s,
+                "hvnet_dhcp_transactions_total",
+                "tapr0",
+                &[("verdict", "no_reply")],
+            ) >= 1.0
+        },
+    );
+    if verdict.is_err() {
+        eprintln!(
+            "--- hvnet explain tapr0 ---\n{}---",
+            explain(&node, "tapr0")?
+        );
+    }
+    verdict?;
+    let s = agent.scrape(&node.ns)?;
+    assert!(
+        value(
+            &s,
+            "hvnet_dhcp_retries_total",
+            "tapr0",
+            &[("state", "rebinding")]
+        ) >= 1.0,
+        "the client retried"
+    );
+    assert_eq!(
+        value(&s, "hvnet_dhcp_retries_during_stall_total", "tapr0", &[]),
+        0.0
+    );
+    assert_eq!(
+        value(&s, "hvnet_dhcp_replies_undelivered_total", "tapr0", &[]),
+        0.0
+    );
+    assert_eq!(value(&s, "hvnet_vm_rx_stalls_total", "tapr0", &[]), 0.0);
+    let text = explain(&node, "tapr0")?;
+    assert!(text.contains("ended: no_reply"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn dhclient_loses_its_lease_during_a_long_stall_and_the_timeline_says_so() -> anyhow::Result<()> {
+    require_root();
+    let mut node = ComputeNode::create(&unique_prefix("x"))?;
+    node.start_dhcp_server("2m")?;
+    let vm = node.add_vm("tapx0", 0, &fake_vmm())?;
+    let agent = Agent::start(
+        &node.ns,
+        PORT,
+        &["--interfaces", "tapx*"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    let mut background = Background(vec![vm.spawn_dhclient(&node.dhclient_script(), &node.dir)?]);
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(20),
+        "dhclient's lease",
+        |s| {
+            metrics::value(
+                s,
+                "hvnet_dhcp_lease_remaining_seconds",
+                &[("iface", "tapx0")],
+            )
+            .is_some_and(|v| v > 100.0)
+        },
+    )?;
+    let granted = Instant::now();
+    background.0.push(keep_sending(&vm)?);
+    vm.set_mode(VmmMode::RxStall)?;
+    // dnsmasq's 2-minute lease: T1 at 60 s (renew), T2 at 105 s (rebind),
+    // expiry at 120 s. The VM never hears an answer.
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(135),
+        "the lease expiring",
+        |s| {
+            metrics::value(
+                s,
+                "hvnet_dhcp_lease_remaining_seconds",
+                &[("iface", "tapx0")],
+            ) == Some(0.0)
+        },
+    )?;
+    eprintln!("lease expired {:?} after it was granted", granted.elapsed());
+    let text = explain(&node, "tapx0")?;
+    eprintln!("--- hvnet explain tapx0 ---\n{text}---");
+    let s = agent.scrape(&node.ns)?;
+    assert!(value(&s, "hvnet_dhcp_retries_during_stall_total", "tapx0", &[]) >= 1.0);
+    assert!(value(&s, "hvnet_dhcp_replies_undelivered_total", "tapx0", &[]) >= 1.0);
+    assert!(
+        text.contains("lease on 10.250.0.") && text.contains("EXPIRED"),
+        "{text}"
+    );
+    assert!(
+        text.contains("expired: the VM has lost its address"),
+        "{text}"
+    );
+    assert!(text.contains("renewal xid"), "{text}");
+    // The guest really lost it.
+    assert_eq!(vm.ipv4()?, None, "the guest still has an address");
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The kernel's DHCP parser against the reference parser, frame by frame,
+//! through BPF_PROG_TEST_RUN: the malformed corpus and well-formed frames.
+//! Every run must also return "continue" (fail-open) whatever the bytes.
+
+use aya::{
+    maps::RingBuf,
+    programs::{TestRun, TestRunOptions},
+};
+use hvnet::{dhcp_wire, frames, loader};
+use tracer_common::{event_kind, PacketEvent};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run `cargo xtask test` as root"
+    );
+}
+
+/// TC_ACT_UNSPEC as the kernel reports the program's return value.
+const CONTINUE: u32 = u32::MAX;
+
+#[test]
+fn kernel_and_reference_parsers_agree_on_every_frame_and_the_program_fails_open(
+) -> anyhow::Result<()> {
+    require_root();
+    let mut ebpf = loader::load_for_bench()?;
+    let mut ring = RingBuf::try_from(
+        ebpf.take_map("EVENTS")
+            .ok_or_else(|| anyhow::anyhow!("no EVENTS map"))?,
+    )?;
+    let mut corpus = dhcp_wire::malformed_corpus();
+    let vm = [0x52, 0x54, 0, 9, 9, 9];
+    corpus.push((
+        "ARP request",
+        frames::arp_request(vm, [10, 250, 0, 9], [10, 250, 0, 1]),
+    ));
+    corpus.push((
+        "TCP segment",
+        frames::tcp_1500(vm, [0xfe, 0x54, 0, 9, 9, 9]),
+    ));
+    // The smallest frame a tap carries (BPF_PROG_TEST_RUN refuses less).
+    corpus.push(("bare ethernet header", vec![0xff; 14]));
+    let mut checked = 0;
+    for (name, frame) in &corpus {
+        let program = loader::bench_program(&ebpf, loader::INGRESS_PROGRAM)?;
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat: 1,
+            ..Default::default()
+        })?;
+        assert_eq!(
+            result.return_value, CONTINUE,
+            "{name}: the program must always continue"
+        );
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            events.push(loader::decode_event(&item).ok_or_else(|| anyhow::anyhow!("bad record"))?);
+        }
+        let dhcp: Vec<&PacketEvent> = events
+            .iter()
+            .filter(|e| e.kind == event_kind::DHCP)
+            .collect();
+        match dhcp_wire::parse_frame(frame) {
+            None => assert!(
+                dhcp.is_empty(),
+                "{name}: kernel reported DHCP for a non-DHCP frame"
+            ),
+            Some(want) => {
+                assert_eq!(
+                    dhcp.len(),
+                    1,
+                    "{name}: expected one DHCP event, got {events:?}"
+                );
+                let got = dhcp[0];
+                let got = dhcp_wire::WireDhcp {
+                    vlan: got.vlan,
+                    src_ip: got.src_ip,
+                    dst_ip: got.dst_ip,
+                    op: got.op,
+                    xid: got.xid,
+                    secs: got.secs,
+                    flags: got.flags,
+                    ciaddr: got.ciaddr,
+                    yiaddr: got.yiaddr,
+                    chaddr: got.chaddr,
+                    msg_type: got.msg_type,
+                    lease_secs: got.lease_secs,
+                    server_id: got.server_id,
+                    requested_ip: got.requested_ip,
+                    parse_flags: got.parse_flags,
+                };
+                assert_eq!(got, want, "{name}: kernel vs reference");
+                checked += 1;
+            }
+        }
+        if *name == "ARP request" {
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e.kind == event_kind::ARP && e.src_ip == [10, 250, 0, 9]),
+                "{events:?}"
+            );
+        }
+    }
+    eprintln!(
+        "{checked} DHCP frames parsed identically by kernel and reference; {} frames run",
+        corpus.len()
+    );
+    assert!(checked >= 15);
+    Ok(())
+}

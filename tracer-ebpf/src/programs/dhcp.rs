@@ -1,0 +1,263 @@
+//! DHCP (BOOTP over UDP 67/68) and ARP parsing for events, bounded and
+//! verifier-safe: every read is a checked load (bpf_skb_load_bytes in tc,
+//! bpf_probe_read_kernel within skb->len in tracepoints), the option walk
+//! has a fixed iteration limit, and any failure yields a flagged event or
+//! none, never a fault. Only DHCP/ARP frames pay for this.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use tracer_common::{direction, event_kind, parse_flag, DevKey, PacketEvent, MAX_DHCP_OPTIONS};
+
+use crate::{
+    maps::{EVENTS, EVENTS_LOST},
+    programs::kernel::read,
+};
+
+const BOOTP_FIXED: usize = 236;
+const DHCP_MAGIC: [u8; 4] = [99, 130, 83, 99];
+/// No DHCP message runs past this offset into its options (an Ethernet
+/// frame's payload); a walk beyond it is a malformed length chain.
+const OPTIONS_SPAN: usize = 1500;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_UDP: u8 = 17;
+
+/// Reads a frame at byte offsets, whatever holds it.
+pub trait Frame {
+    fn load<T: Copy>(&self, offset: usize) -> Option<T>;
+}
+
+pub struct TcFrame<'a>(pub &'a TcContext);
+
+impl Frame for TcFrame<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        self.0.load::<T>(offset).ok()
+    }
+}
+
+/// A frame in kernel memory (an sk_buff's linear data) seen from a tracepoint.
+pub struct KernelFrame {
+    pub data: u64,
+    pub len: usize,
+}
+
+impl Frame for KernelFrame {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        if offset + core::mem::size_of::<T>() > self.len {
+            return None;
+        }
+        read::<T>(self.data + offset as u64)
+    }
+}
+
+/// Where a DHCP message sits in a frame.
+#[derive(Clone, Copy)]
+pub struct DhcpLocation {
+    pub l3: usize,
+    pub l4: usize,
+    pub vlan: u16,
+}
+
+/// Finds a DHCP message (IPv4, first fragment, UDP between 67/68, one
+/// optional VLAN tag), or None.
+#[inline(always)]
+pub fn locate_dhcp<F: Frame>(frame: &F) -> Option<DhcpLocation> {
+    let mut ethertype = u16::from_be(frame.load::<u16>(12)?);
+    let mut l3 = 14;
+    let mut vlan = 0;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        vlan = u16::from_be(frame.load::<u16>(14)?) & 0x0fff;
+        ethertype = u16::from_be(frame.load::<u16>(16)?);
+        l3 = 18;
+    }
+    if ethertype != ETH_P_IP {
+        return None;
+    }
+    let head = frame.load::<[u8; 10]>(l3)?;
+    if head[0] >> 4 != 4 || head[9] != IPPROTO_UDP {
+        return None;
+    }
+    let ihl = usize::from(head[0] & 0x0f) * 4;
+    if ihl < 20 || u16::from_be_bytes([head[6], head[7]]) & 0x1fff != 0 {
+        return None;
+    }
+    let ports = frame.load::<[u8; 4]>(l3 + ihl)?;
+    let src = u16::from_be_bytes([ports[0], ports[1]]);
+    let dst = u16::from_be_bytes([ports[2], ports[3]]);
+    if !((src == 67 || src == 68) && (dst == 67 || dst == 68)) {
+        return None;
+    }
+    Some(DhcpLocation {
+        l3,
+        l4: l3 + ihl,
+        vlan,
+    })
+}
+
+/// Fills a DHCP event from the message at `at`. Always returns an event:
+/// what could not be parsed is reported in parse_flags.
+#[inline(always)]
+pub fn parse_dhcp<F: Frame>(frame: &F, at: DhcpLocation, walk_options: bool) -> PacketEvent {
+    let mut ev = PacketEvent {
+        kind: event_kind::DHCP,
+        vlan: at.vlan,
+        ..Default::default()
+    };
+    if let Some(mac) = frame.load::<[u8; 6]>(0) {
+        ev.dst_mac = mac;
+    }
+    if let Some(addrs) = frame.load::<[u8; 8]>(at.l3 + 12) {
+        ev.src_ip = [addrs[0], addrs[1], addrs[2], addrs[3]];
+        ev.dst_ip = [addrs[4], addrs[5], addrs[6], addrs[7]];
+    }
+    let bootp = at.l4 + 8;
+    let Some(fixed) = frame.load::<[u8; 44]>(bootp) else {
+        ev.parse_flags |= parse_flag::TRUNCATED;
+        return ev;
+    };
+    ev.op = fixed[0];
+    ev.xid = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+    ev.secs = u16::from_be_bytes([fixed[8], fixed[9]]);
+    ev.flags = u16::from_be_bytes([fixed[10], fixed[11]]);
+    ev.ciaddr = [fixed[12], fixed[13], fixed[14], fixed[15]];
+    ev.yiaddr = [fixed[16], fixed[17], fixed[18], fixed[19]];
+    ev.chaddr = [
+        fixed[28], fixed[29], fixed[30], fixed[31], fixed[32], fixed[33],
+    ];
+    if !walk_options {
+        return ev;
+    }
+    match frame.load::<[u8; 4]>(bootp + BOOTP_FIXED) {
+        Some(cookie) if cookie == DHCP_MAGIC => {}
+        Some(_) => {
+            ev.parse_flags |= parse_flag::BAD_COOKIE;
+            return ev;
+        }
+        None => {
+            ev.parse_flags |= parse_flag::TRUNCATED;
+            return ev;
+        }
+    }
+    walk_options_into(frame, bootp + BOOTP_FIXED + 4, &mut ev);
+    if ev.msg_type == 0 {
+        ev.parse_flags |= parse_flag::NO_MESSAGE_TYPE;
+    }
+    ev
+}
+
+#[inline(always)]
+fn walk_options_into<F: Frame>(frame: &F, start: usize, ev: &mut PacketEvent) {
+    let mut offset = start;
+    for _ in 0..MAX_DHCP_OPTIONS {
+        if offset >= start + OPTIONS_SPAN {
+            ev.parse_flags |= parse_flag::OPTION_OVERFLOW;
+            return;
+        }
+        let Some(code) = frame.load::<u8>(offset) else {
+            // Ran off the frame without an end option.
+            ev.parse_flags |= parse_flag::TRUNCATED;
+            return;
+        };
+        match code {
+            255 => return,
+            0 => {
+                offset += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let Some(len) = frame.load::<u8>(offset + 1) else {
+            ev.parse_flags |= parse_flag::TRUNCATED;
+            return;
+        };
+        let value = offset + 2;
+        let len = usize::from(len);
+        match code {
+            53 if len == 1 => match frame.load::<u8>(value) {
+                Some(t) => ev.msg_type = t,
+                None => ev.parse_flags |= parse_flag::OPTION_OVERFLOW,
+            },
+            51 | 54 | 50 if len == 4 => match frame.load::<[u8; 4]>(value) {
+                Some(v) if code == 51 => ev.lease_secs = u32::from_be_bytes(v),
+                Some(v) if code == 54 => ev.server_id = v,
+                Some(v) => ev.requested_ip = v,
+                None => ev.parse_flags |= parse_flag::OPTION_OVERFLOW,
+            },
+            53 | 51 | 54 | 50 => ev.parse_flags |= parse_flag::BAD_OPTION_LENGTH,
+            52 => ev.parse_flags |= parse_flag::OVERLOAD,
+            _ => {}
+        }
+        offset = value + len;
+    }
+    ev.parse_flags |= parse_flag::OPTION_LIMIT;
+}
+
+/// An ARP frame's opcode and addresses (Ethernet/IPv4 ARP only).
+#[inline(always)]
+pub fn parse_arp<F: Frame>(frame: &F, l3: usize) -> Option<PacketEvent> {
+    let arp = frame.load::<[u8; 28]>(l3)?;
+    // htype 1 (Ethernet), ptype 0x0800, hlen 6, plen 4.
+    if arp[0..6] != [0, 1, 8, 0, 6, 4] {
+        return None;
+    }
+    let mut ev = PacketEvent {
+        kind: event_kind::ARP,
+        msg_type: arp[7],
+        ..Default::default()
+    };
+    ev.chaddr = [arp[8], arp[9], arp[10], arp[11], arp[12], arp[13]];
+    ev.src_ip = [arp[14], arp[15], arp[16], arp[17]];
+    ev.dst_ip = [arp[24], arp[25], arp[26], arp[27]];
+    if let Some(mac) = frame.load::<[u8; 6]>(0) {
+        ev.dst_mac = mac;
+    }
+    Some(ev)
+}
+
+/// Sends an event; a full ring buffer counts a loss and never blocks.
+#[inline(always)]
+pub fn emit(mut ev: PacketEvent, dev: DevKey, dir: u8) {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.dev = dev;
+    ev.direction = dir;
+    match EVENTS.reserve::<PacketEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ev);
+            entry.submit(0);
+        }
+        None => {
+            if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
+                // SAFETY: this CPU's slot of a per-CPU array.
+                unsafe { *lost += 1 };
+            }
+        }
+    }
+}
+
+/// tc side: a DHCP or ARP frame crossing the tap.
+#[inline(always)]
+pub fn tc_event(ctx: &TcContext, ifindex: u32, dir: u8, is_dhcp: bool) {
+    let frame = TcFrame(ctx);
+    let dev = DevKey { netns: 0, ifindex };
+    if is_dhcp {
+        if let Some(at) = locate_dhcp(&frame) {
+            emit(parse_dhcp(&frame, at, true), dev, dir);
+        }
+        return;
+    }
+    // ARP: everything the VM sends, and only replies toward it (requests
+    // for other hosts are flooded to every tap and say nothing about it).
+    let l3 = match frame.load::<u16>(12).map(u16::from_be) {
+        Some(0x0806) => 14,
+        Some(ETH_P_8021Q) | Some(ETH_P_8021AD) => 18,
+        _ => return,
+    };
+    if let Some(ev) = parse_arp(&frame, l3) {
+        if dir == direction::FROM_VM || ev.msg_type == 2 {
+            emit(ev, dev, dir);
+        }
+    }
+}

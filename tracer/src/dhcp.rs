@@ -1,0 +1,898 @@
+//! DHCP transactions per VM, from the kernel's DHCP events (pure logic).
+//!
+//! Clients differ (see ENVIRONMENT notes): udhcpc keeps the xid of its first
+//! DISCOVER for every later REQUEST, renewals included; ISC dhclient starts
+//! new xids and INIT-REBOOTs after a restart. So a transaction is one
+//! exchange in time (started by a client message, ended by a delivered
+//! ACK/NAK or by silence), not an xid; and a retry is "the client sent the
+//! same kind of message again without having received an answer".
+
+use std::collections::VecDeque;
+
+use serde::Serialize;
+
+use crate::stall::VmState;
+
+/// Replies not dequeued this long after being offered count as undelivered.
+pub const DEFAULT_UNDELIVERED_AFTER: f64 = 3.0;
+/// A transaction with no message for this long is concluded (clients
+/// retry every few seconds while they still wait for an answer).
+const TRANSACTION_IDLE: f64 = 15.0;
+/// Replies still undequeued after this long are forgotten (VMM gone).
+const PENDING_TTL: f64 = 120.0;
+/// Repeats further apart than this are a new attempt, not a retry.
+const RETRY_WINDOW: f64 = 300.0;
+/// Replies waiting for a dequeue/drop verdict, per VM (a flood cannot grow it).
+const MAX_PENDING_REPLIES: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageType {
+    Discover,
+    Offer,
+    Request,
+    Decline,
+    Ack,
+    Nak,
+    Release,
+    Inform,
+    Other,
+}
+
+impl MessageType {
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            1 => Self::Discover,
+            2 => Self::Offer,
+            3 => Self::Request,
+            4 => Self::Decline,
+            5 => Self::Ack,
+            6 => Self::Nak,
+            7 => Self::Release,
+            8 => Self::Inform,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Discover => "discover",
+            Self::Offer => "offer",
+            Self::Request => "request",
+            Self::Decline => "decline",
+            Self::Ack => "ack",
+            Self::Nak => "nak",
+            Self::Release => "release",
+            Self::Inform => "inform",
+            Self::Other => "other",
+        }
+    }
+
+    pub const ALL: [MessageType; 8] = [
+        Self::Discover,
+        Self::Offer,
+        Self::Request,
+        Self::Decline,
+        Self::Ack,
+        Self::Nak,
+        Self::Release,
+        Self::Inform,
+    ];
+}
+
+/// The client's state as its messages reveal it (RFC 2131 section 4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientState {
+    /// DISCOVER: looking for a server.
+    Selecting,
+    /// REQUEST for an offered address (server id set, no ciaddr).
+    Requesting,
+    /// REQUEST with ciaddr, unicast to the server (T1).
+    Renewing,
+    /// REQUEST with ciaddr, broadcast to any server (T2).
+    Rebinding,
+    /// REQUEST for a remembered address (no ciaddr, no server id): INIT-REBOOT.
+    Rebooting,
+}
+
+impl ClientState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Selecting => "selecting",
+            Self::Requesting => "requesting",
+            Self::Renewing => "renewing",
+            Self::Rebinding => "rebinding",
+            Self::Rebooting => "rebooting",
+        }
+    }
+
+    pub const ALL: [ClientState; 5] = [
+        Self::Selecting,
+        Self::Requesting,
+        Self::Renewing,
+        Self::Rebinding,
+        Self::Rebooting,
+    ];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The server's answer reached the VM (the VMM dequeued it).
+    Delivered,
+    /// The answer was sent but sat in the VM's stalled queue or died there.
+    ReplyUndelivered,
+    /// The answer was dropped on the tap for another reason.
+    ReplyDropped,
+    /// The server never answered: a server-side problem, not the VM.
+    NoReply,
+    /// The server answered NAK (delivered).
+    Nak,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::ReplyUndelivered => "reply_undelivered",
+            Self::ReplyDropped => "reply_dropped",
+            Self::NoReply => "no_reply",
+            Self::Nak => "nak",
+        }
+    }
+
+    pub const ALL: [Verdict; 5] = [
+        Self::Delivered,
+        Self::ReplyUndelivered,
+        Self::ReplyDropped,
+        Self::NoReply,
+        Self::Nak,
+    ];
+}
+
+/// How one DHCP observation reached the tracker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// Crossed the tap's tc hook; `toward_vm` is its direction.
+    OnTap { toward_vm: bool },
+    /// Read from the tap by the VMM.
+    Dequeued,
+    /// Dropped on the tap (kernel drop reason name).
+    Dropped { reason: String },
+}
+
+/// One DHCP message as the kernel reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpMessage {
+    pub seen: Seen,
+    /// Option 53 (None when the kernel did not parse options).
+    pub msg_type: Option<MessageType>,
+    pub op: u8,
+    pub xid: u32,
+    pub ciaddr: [u8; 4],
+    pub yiaddr: [u8; 4],
+    pub server_id: [u8; 4],
+    pub requested_ip: [u8; 4],
+    pub dst_ip: [u8; 4],
+    pub lease_secs: u32,
+    pub chaddr: [u8; 6],
+}
+
+pub fn ip(a: [u8; 4]) -> String {
+    std::net::Ipv4Addr::from(a).to_string()
+}
+
+fn is_zero(a: [u8; 4]) -> bool {
+    a == [0; 4]
+}
+
+/// Classifies a client message's state.
+pub fn client_state(m: &DhcpMessage) -> Option<ClientState> {
+    match m.msg_type? {
+        MessageType::Discover => Some(ClientState::Selecting),
+        MessageType::Request if !is_zero(m.ciaddr) => {
+            if m.dst_ip == [255; 4] {
+                Some(ClientState::Rebinding)
+            } else {
+                Some(ClientState::Renewing)
+            }
+        }
+        MessageType::Request if !is_zero(m.server_id) => Some(ClientState::Requesting),
+        MessageType::Request => Some(ClientState::Rebooting),
+        _ => None,
+    }
+}
+
+/// Something worth a line in the VM's timeline and the event stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum DhcpNote {
+    ClientMessage {
+        message: MessageType,
+        state: Option<ClientState>,
+        xid: u32,
+        to: String,
+        retry: u32,
+        during_stall: bool,
+    },
+    ReplyQueued {
+        message: MessageType,
+        xid: u32,
+        yiaddr: String,
+    },
+    ReplyDelivered {
+        message: MessageType,
+        xid: u32,
+        after_secs: f64,
+        late: bool,
+    },
+    ReplyUndelivered {
+        message: MessageType,
+        xid: u32,
+        waiting_secs: f64,
+        vm_state: VmState,
+    },
+    ReplyDropped {
+        message: MessageType,
+        xid: u32,
+        reason: String,
+        vm_state: VmState,
+    },
+    TransactionDone {
+        id: u64,
+        xid: u32,
+        verdict: Verdict,
+        attempts: u32,
+    },
+    LeaseGranted {
+        address: String,
+        secs: u32,
+        server: String,
+    },
+    LeaseExpired {
+        address: String,
+    },
+    Released {
+        address: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct PendingReply {
+    message: MessageType,
+    xid: u32,
+    chaddr: [u8; 6],
+    offered_at: f64,
+    yiaddr: [u8; 4],
+    server_id: [u8; 4],
+    lease_secs: u32,
+    reported_undelivered: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyFate {
+    None,
+    Undelivered,
+    Dropped,
+}
+
+#[derive(Debug, Clone)]
+struct Transaction {
+    id: u64,
+    xid: u32,
+    last_activity: f64,
+    attempts: u32,
+    worst_fate: ReplyFate,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LastClientMessage {
+    message: MessageType,
+    at: f64,
+    answered: bool,
+}
+
+/// The lease as the VM knows it: from the last ACK that reached it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Lease {
+    pub address: String,
+    pub server: String,
+    pub granted_at: f64,
+    pub secs: u32,
+    pub expired: bool,
+}
+
+impl Lease {
+    pub fn remaining(&self, now: f64) -> f64 {
+        (self.granted_at + f64::from(self.secs) - now).max(0.0)
+    }
+}
+
+/// Counters exported per VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DhcpCounters {
+    /// [to_vm, from_vm] x MessageType::ALL
+    pub packets: [[u64; 8]; 2],
+    pub retries: [u64; 5],
+    pub retries_during_stall: u64,
+    pub replies_undelivered: u64,
+    pub transactions: [u64; 5],
+    pub malformed: u64,
+}
+
+pub struct DhcpTracker {
+    undelivered_after: f64,
+    pending: VecDeque<PendingReply>,
+    current: Option<Transaction>,
+    next_id: u64,
+    last_client: Option<LastClientMessage>,
+    retry_streak: u32,
+    lease: Option<Lease>,
+    last_verdict: Option<Verdict>,
+    counters: DhcpCounters,
+}
+
+fn type_index(t: MessageType) -> Option<usize> {
+    MessageType::ALL.iter().position(|x| *x == t)
+}
+
+impl DhcpTracker {
+    pub fn new(undelivered_after: f64) -> Self {
+        Self {
+            undelivered_after,
+            pending: VecDeque::new(),
+            current: None,
+            next_id: 1,
+            last_client: None,
+            retry_streak: 0,
+            lease: None,
+            last_verdict: None,
+            counters: DhcpCounters::default(),
+        }
+    }
+
+    pub fn counters(&self) -> &DhcpCounters {
+        &self.counters
+    }
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+    pub fn last_verdict(&self) -> Option<Verdict> {
+        self.last_verdict
+    }
+    pub fn pending_replies(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn note_malformed(&mut self) {
+        self.counters.malformed += 1;
+    }
+
+    /// Feeds one message; `vm_state` is the stall detector's view now.
+    pub fn observe(&mut self, m: &DhcpMessage, now: f64, vm_state: VmState) -> Vec<DhcpNote> {
+        let mut notes = Vec::new();
+        match &m.seen {
+            Seen::OnTap { toward_vm: false } if m.op == 1 => {
+                self.client_message(m, now, vm_state, &mut notes)
+            }
+            Seen::OnTap { toward_vm: true } if m.op == 2 => self.server_reply(m, now, &mut notes),
+            Seen::OnTap { toward_vm } => {
+                // A relay or a misdirected message: count it, nothing more.
+                if let Some(i) = m.msg_type.and_then(type_index) {
+                    self.counters.packets[usize::from(!*toward_vm)][i] += 1;
+                }
+            }
+            Seen::Dequeued => self.reply_dequeued(m, now, &mut notes),
+            Seen::Dropped { reason } => self.reply_dropped(m, reason, vm_state, &mut notes),
+        }
+        notes
+    }
+
+    fn client_message(
+        &mut self,
+        m: &DhcpMessage,
+        now: f64,
+        vm_state: VmState,
+        notes: &mut Vec<DhcpNote>,
+    ) {
+        let Some(message) = m.msg_type else { return };
+        if let Some(i) = type_index(message) {
+            self.counters.packets[1][i] += 1;
+        }
+        let state = client_state(m);
+        let is_retry = self.last_client.is_some_and(|last| {
+            // Renewing -> rebinding (unicast gave up, now broadcast) is the
+            // same request retried; a DISCOVER after that is a new start.
+            !last.answered && last.message == message && now - last.at < RETRY_WINDOW
+        });
+        let during_stall = vm_state == VmState::RxStalled;
+        if is_retry {
+            self.retry_streak += 1;
+            if let Some(s) = state {
+                self.counters.retries[s as usize] += 1;
+            }
+            if during_stall {
+                self.counters.retries_during_stall += 1;
+            }
+        } else {
+            self.retry_streak = 0;
+        }
+        self.last_client = Some(LastClientMessage {
+            message,
+            at: now,
+            answered: false,
+        });
+
+        // Transactions: a new exchange starts with a new xid or after the
+        // previous one ended.
+        let continues = self.current.as_ref().is_some_and(|t| t.xid == m.xid);
+        if !continues {
+            self.conclude(None, notes);
+            self.current = Some(Transaction {
+                id: self.next_id,
+                xid: m.xid,
+                last_activity: now,
+                attempts: 0,
+                worst_fate: ReplyFate::None,
+            });
+            self.next_id += 1;
+        }
+        if let Some(t) = self.current.as_mut() {
+            t.attempts += 1;
+            t.last_activity = now;
+        }
+        match message {
+            MessageType::Release => {
+                if let Some(lease) = self.lease.take() {
+                    notes.push(DhcpNote::Released {
+                        address: lease.address,
+                    });
+                }
+            }
+            MessageType::Decline | MessageType::Inform => {}
+            _ => {}
+        }
+        notes.push(DhcpNote::ClientMessage {
+            message,
+            state,
+            xid: m.xid,
+            to: ip(m.dst_ip),
+            retry: if is_retry { self.retry_streak } else { 0 },
+            during_stall,
+        });
+    }
+
+    fn server_reply(&mut self, m: &DhcpMessage, now: f64, notes: &mut Vec<DhcpNote>) {
+        let Some(message) = m.msg_type else { return };
+        if let Some(i) = type_index(message) {
+            self.counters.packets[0][i] += 1;
+        }
+        if self.pending.len() >= MAX_PENDING_REPLIES {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(PendingReply {
+            message,
+            xid: m.xid,
+            chaddr: m.chaddr,
+            offered_at: now,
+            yiaddr: m.yiaddr,
+            server_id: m.server_id,
+            lease_secs: m.lease_secs,
+            reported_undelivered: false,
+        });
+        if let Some(t) = self.current.as_mut().filter(|t| t.xid == m.xid) {
+            t.last_activity = now;
+        }
+        notes.push(DhcpNote::ReplyQueued {
+            message,
+            xid: m.xid,
+            yiaddr: ip(m.yiaddr),
+        });
+    }
+
+    fn take_pending(&mut self, m: &DhcpMessage) -> Option<PendingReply> {
+        let at = self
+            .pending
+            .iter()
+            .position(|p| p.xid == m.xid && p.chaddr == m.chaddr)?;
+        self.pending.remove(at)
+    }
+
+    fn reply_dequeued(&mut self, m: &DhcpMessage, now: f64, notes: &mut Vec<DhcpNote>) {
+        let Some(reply) = self.take_pending(m) else {
+            return;
+        };
+        notes.push(DhcpNote::ReplyDelivered {
+            message: reply.message,
+            xid: reply.xid,
+            after_secs: now - reply.offered_at,
+            late: reply.reported_undelivered,
+        });
+        match reply.message {
+            MessageType::Ack | MessageType::Nak => {
+                if let Some(last) = self.last_client.as_mut() {
+                    last.answered = true;
+                }
+                self.retry_streak = 0;
+                if reply.message == MessageType::Ack
+                    && reply.lease_secs > 0
+                    && !is_zero(reply.yiaddr)
+                {
+                    let lease = Lease {
+                        address: ip(reply.yiaddr),
+                        server: ip(reply.server_id),
+                        granted_at: now,
+                        secs: reply.lease_secs,
+                        expired: false,
+                    };
+                    notes.push(DhcpNote::LeaseGranted {
+                        address: lease.address.clone(),
+                        secs: lease.secs,
+                        server: lease.server.clone(),
+                    });
+                    self.lease = Some(lease);
+                }
+                let verdict = if reply.message == MessageType::Nak {
+                    Verdict::Nak
+                } else {
+                    Verdict::Delivered
+                };
+                if self.current.as_ref().is_some_and(|t| t.xid == reply.xid) {
+                    self.conclude(Some(verdict), notes);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn reply_dropped(
+        &mut self,
+        m: &DhcpMessage,
+        reason: &str,
+        vm_state: VmState,
+        notes: &mut Vec<DhcpNote>,
+    ) {
+        let Some(reply) = self.take_pending(m) else {
+            return;
+        };
+        // A full ring or a stalled VM: the stall is the cause, whatever the
+        // drop site says.
+        let stall = vm_state == VmState::RxStalled || reason == "full_ring";
+        if !reply.reported_undelivered {
+            self.counters.replies_undelivered += 1;
+        }
+        let fate = if stall {
+            ReplyFate::Undelivered
+        } else {
+            ReplyFate::Dropped
+        };
+        if let Some(t) = self.current.as_mut().filter(|t| t.xid == reply.xid) {
+            t.worst_fate = worse(t.worst_fate, fate);
+        }
+        notes.push(DhcpNote::ReplyDropped {
+            message: reply.message,
+            xid: reply.xid,
+            reason: reason.to_owned(),
+            vm_state,
+        });
+    }
+
+    /// Time passes: replies waiting too long, idle transactions, leases.
+    pub fn tick(&mut self, now: f64, vm_state: VmState) -> Vec<DhcpNote> {
+        let mut notes = Vec::new();
+        for reply in self.pending.iter_mut() {
+            let waiting = now - reply.offered_at;
+            if !reply.reported_undelivered && waiting >= self.undelivered_after {
+                reply.reported_undelivered = true;
+                self.counters.replies_undelivered += 1;
+                if let Some(t) = self.current.as_mut().filter(|t| t.xid == reply.xid) {
+                    t.worst_fate = worse(t.worst_fate, ReplyFate::Undelivered);
+                }
+                notes.push(DhcpNote::ReplyUndelivered {
+                    message: reply.message,
+                    xid: reply.xid,
+                    waiting_secs: waiting,
+                    vm_state,
+                });
+            }
+        }
+        // Forget replies nobody will ever dequeue (the VMM went away).
+        self.pending.retain(|r| now - r.offered_at < PENDING_TTL);
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|t| now - t.last_activity >= TRANSACTION_IDLE)
+        {
+            self.conclude(None, &mut notes);
+        }
+        if let Some(lease) = self.lease.as_mut() {
+            if !lease.expired && lease.remaining(now) <= 0.0 {
+                lease.expired = true;
+                notes.push(DhcpNote::LeaseExpired {
+                    address: lease.address.clone(),
+                });
+            }
+        }
+        notes
+    }
+
+    /// Ends the current transaction with `verdict`, or with what its
+    /// replies' fates imply.
+    fn conclude(&mut self, verdict: Option<Verdict>, notes: &mut Vec<DhcpNote>) {
+        let Some(t) = self.current.take() else { return };
+        let verdict = verdict.unwrap_or(match t.worst_fate {
+            ReplyFate::Undelivered => Verdict::ReplyUndelivered,
+            ReplyFate::Dropped => Verdict::ReplyDropped,
+            ReplyFate::None => {
+                let answered = self.pending.iter().any(|p| p.xid == t.xid);
+                if answered {
+                    Verdict::ReplyUndelivered
+                } else {
+                    Verdict::NoReply
+                }
+            }
+        });
+        if let Some(i) = Verdict::ALL.iter().position(|v| *v == verdict) {
+            self.counters.transactions[i] += 1;
+        }
+        self.last_verdict = Some(verdict);
+        notes.push(DhcpNote::TransactionDone {
+            id: t.id,
+            xid: t.xid,
+            verdict,
+            attempts: t.attempts,
+        });
+    }
+}
+
+fn worse(a: ReplyFate, b: ReplyFate) -> ReplyFate {
+    match (a, b) {
+        (ReplyFate::Undelivered, _) | (_, ReplyFate::Undelivered) => ReplyFate::Undelivered,
+        (ReplyFate::Dropped, _) | (_, ReplyFate::Dropped) => ReplyFate::Dropped,
+        _ => ReplyFate::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 1, 2, 3];
+    const SERVER: [u8; 4] = [10, 250, 0, 1];
+    const LEASED: [u8; 4] = [10, 250, 0, 150];
+
+    fn client(
+        t: MessageType,
+        xid: u32,
+        ciaddr: [u8; 4],
+        dst: [u8; 4],
+        server_id: [u8; 4],
+        requested: [u8; 4],
+    ) -> DhcpMessage {
+        DhcpMessage {
+            seen: Seen::OnTap { toward_vm: false },
+            msg_type: Some(t),
+            op: 1,
+            xid,
+            ciaddr,
+            yiaddr: [0; 4],
+            server_id,
+            requested_ip: requested,
+            dst_ip: dst,
+            lease_secs: 0,
+            chaddr: VM_MAC,
+        }
+    }
+
+    fn reply(t: MessageType, xid: u32) -> DhcpMessage {
+        DhcpMessage {
+            seen: Seen::OnTap { toward_vm: true },
+            msg_type: Some(t),
+            op: 2,
+            xid,
+            ciaddr: [0; 4],
+            yiaddr: LEASED,
+            server_id: SERVER,
+            requested_ip: [0; 4],
+            dst_ip: LEASED,
+            lease_secs: 120,
+            chaddr: VM_MAC,
+        }
+    }
+
+    fn seen_as(mut m: DhcpMessage, seen: Seen) -> DhcpMessage {
+        m.seen = seen;
+        m.msg_type = None; // the dequeue/drop tracepoints do not walk options
+        m
+    }
+
+    fn renew(xid: u32) -> DhcpMessage {
+        client(MessageType::Request, xid, LEASED, SERVER, [0; 4], [0; 4])
+    }
+
+    /// A full DORA with udhcpc's behaviour (one xid), delivered.
+    fn bind(t: &mut DhcpTracker, xid: u32, at: f64) {
+        t.observe(
+            &client(MessageType::Discover, xid, [0; 4], [255; 4], [0; 4], [0; 4]),
+            at,
+            VmState::Ok,
+        );
+        t.observe(&reply(MessageType::Offer, xid), at + 0.01, VmState::Ok);
+        t.observe(
+            &seen_as(reply(MessageType::Offer, xid), Seen::Dequeued),
+            at + 0.02,
+            VmState::Ok,
+        );
+        t.observe(
+            &client(MessageType::Request, xid, [0; 4], [255; 4], SERVER, LEASED),
+            at + 0.03,
+            VmState::Ok,
+        );
+        t.observe(&reply(MessageType::Ack, xid), at + 0.04, VmState::Ok);
+        t.observe(
+            &seen_as(reply(MessageType::Ack, xid), Seen::Dequeued),
+            at + 0.05,
+            VmState::Ok,
+        );
+    }
+
+    #[test]
+    fn client_states_follow_rfc_2131() {
+        let discover = client(MessageType::Discover, 1, [0; 4], [255; 4], [0; 4], [0; 4]);
+        assert_eq!(client_state(&discover), Some(ClientState::Selecting));
+        let requesting = client(MessageType::Request, 1, [0; 4], [255; 4], SERVER, LEASED);
+        assert_eq!(client_state(&requesting), Some(ClientState::Requesting));
+        assert_eq!(client_state(&renew(1)), Some(ClientState::Renewing));
+        let rebinding = client(MessageType::Request, 1, LEASED, [255; 4], [0; 4], [0; 4]);
+        assert_eq!(client_state(&rebinding), Some(ClientState::Rebinding));
+        let reboot = client(MessageType::Request, 9, [0; 4], [255; 4], [0; 4], LEASED);
+        assert_eq!(client_state(&reboot), Some(ClientState::Rebooting));
+    }
+
+    #[test]
+    fn a_delivered_exchange_grants_a_lease_and_counts_no_retry() {
+        let mut t = DhcpTracker::new(3.0);
+        bind(&mut t, 0x3f2a, 100.0);
+        assert_eq!(t.last_verdict(), Some(Verdict::Delivered));
+        let lease = t.lease().unwrap();
+        assert_eq!(lease.address, "10.250.0.150");
+        assert!((lease.remaining(160.0) - 60.05).abs() < 0.01);
+        assert_eq!(t.counters().retries, [0; 5]);
+        assert_eq!(t.counters().transactions[0], 1);
+    }
+
+    #[test]
+    fn the_incident_renewals_during_a_stall_are_retries_and_acks_undelivered() {
+        let mut t = DhcpTracker::new(3.0);
+        bind(&mut t, 0x3f2a, 0.0);
+        // T1: udhcpc renews with the SAME xid, unicast; the VM's RX is stalled.
+        let mut notes = Vec::new();
+        for (i, at) in [60.0, 63.0, 66.0].into_iter().enumerate() {
+            let mut m = renew(0x3f2a);
+            if i > 0 {
+                m.dst_ip = [255; 4]; // udhcpc's later tries are broadcast, ciaddr set
+            }
+            notes.extend(t.observe(&m, at, VmState::RxStalled));
+            notes.extend(t.observe(
+                &reply(MessageType::Ack, 0x3f2a),
+                at + 0.01,
+                VmState::RxStalled,
+            ));
+            notes.extend(t.tick(at + 3.5, VmState::RxStalled));
+        }
+        let c = t.counters();
+        // The first renewal is not a retry; both broadcasts that follow are.
+        assert_eq!(c.retries[ClientState::Rebinding as usize], 2);
+        assert_eq!(c.retries[ClientState::Renewing as usize], 0);
+        assert_eq!(c.replies_undelivered, 3);
+        assert_eq!(c.retries_during_stall, 2);
+        assert!(notes.iter().any(|n| matches!(
+            n,
+            DhcpNote::ReplyUndelivered {
+                vm_state: VmState::RxStalled,
+                ..
+            }
+        )));
+        // The lease runs out: the VM never got any of the ACKs.
+        let notes = t.tick(121.0, VmState::RxStalled);
+        assert!(
+            notes
+                .iter()
+                .any(|n| matches!(n, DhcpNote::LeaseExpired { .. })),
+            "{notes:?}"
+        );
+        assert_eq!(t.lease().unwrap().remaining(121.0), 0.0);
+        // Silence ends the transaction as reply_undelivered.
+        t.tick(200.0, VmState::RxStalled);
+        assert_eq!(t.last_verdict(), Some(Verdict::ReplyUndelivered));
+    }
+
+    #[test]
+    fn repeated_identical_requests_are_retries_whatever_the_xid() {
+        // dhclient-style: a new xid for each INIT-REBOOT attempt.
+        let mut t = DhcpTracker::new(3.0);
+        for (i, xid) in [10, 11, 12, 13].into_iter().enumerate() {
+            let m = client(MessageType::Request, xid, [0; 4], [255; 4], [0; 4], LEASED);
+            t.observe(&m, i as f64 * 4.0, VmState::Ok);
+        }
+        assert_eq!(t.counters().retries[ClientState::Rebooting as usize], 3);
+        assert_eq!(t.counters().retries_during_stall, 0);
+    }
+
+    #[test]
+    fn server_silence_is_no_reply_not_the_vm() {
+        let mut t = DhcpTracker::new(3.0);
+        bind(&mut t, 1, 0.0);
+        for at in [60.0, 65.0, 70.0] {
+            t.observe(&renew(1), at, VmState::Ok);
+            t.tick(at + 4.0, VmState::Ok);
+        }
+        t.tick(200.0, VmState::Ok);
+        assert_eq!(t.last_verdict(), Some(Verdict::NoReply));
+        assert_eq!(t.counters().replies_undelivered, 0);
+        assert_eq!(t.counters().transactions[Verdict::NoReply as usize], 1);
+    }
+
+    #[test]
+    fn a_full_ring_drop_is_undelivered_and_a_nak_is_its_own_verdict() {
+        let mut t = DhcpTracker::new(3.0);
+        bind(&mut t, 5, 0.0);
+        t.observe(&renew(5), 60.0, VmState::Ok);
+        t.observe(&reply(MessageType::Ack, 5), 60.01, VmState::Ok);
+        let dropped = seen_as(
+            reply(MessageType::Ack, 5),
+            Seen::Dropped {
+                reason: "full_ring".into(),
+            },
+        );
+        t.observe(&dropped, 60.02, VmState::Ok);
+        assert_eq!(t.counters().replies_undelivered, 1);
+        t.observe(&renew(6), 70.0, VmState::Ok); // new xid ends the old transaction
+        assert_eq!(t.last_verdict(), Some(Verdict::ReplyUndelivered));
+        t.observe(&reply(MessageType::Nak, 6), 70.01, VmState::Ok);
+        t.observe(
+            &seen_as(reply(MessageType::Nak, 6), Seen::Dequeued),
+            70.02,
+            VmState::Ok,
+        );
+        assert_eq!(t.last_verdict(), Some(Verdict::Nak));
+    }
+
+    #[test]
+    fn a_late_delivery_after_recovery_is_reported_as_late() {
+        let mut t = DhcpTracker::new(3.0);
+        bind(&mut t, 7, 0.0);
+        t.observe(&renew(7), 60.0, VmState::RxStalled);
+        t.observe(&reply(MessageType::Ack, 7), 60.01, VmState::RxStalled);
+        t.tick(64.0, VmState::RxStalled);
+        let notes = t.observe(
+            &seen_as(reply(MessageType::Ack, 7), Seen::Dequeued),
+            70.0,
+            VmState::Ok,
+        );
+        assert!(notes
+            .iter()
+            .any(|n| matches!(n, DhcpNote::ReplyDelivered { late: true, .. })));
+        assert_eq!(t.last_verdict(), Some(Verdict::Delivered));
+    }
+
+    #[test]
+    fn a_dhcp_flood_keeps_memory_bounded() {
+        let mut t = DhcpTracker::new(3.0);
+        for i in 0..100_000u32 {
+            t.observe(
+                &client(MessageType::Discover, i, [0; 4], [255; 4], [0; 4], [0; 4]),
+                f64::from(i) * 0.001,
+                VmState::Ok,
+            );
+            t.observe(
+                &reply(MessageType::Offer, i),
+                f64::from(i) * 0.001,
+                VmState::Ok,
+            );
+        }
+        assert!(t.pending_replies() <= MAX_PENDING_REPLIES);
+        assert_eq!(t.counters().packets[1][0], 100_000);
+    }
+}

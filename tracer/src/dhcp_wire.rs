@@ -1,0 +1,334 @@
+//! The reference DHCP frame parser: the same rules as the kernel's
+//! (tracer-ebpf programs/dhcp.rs), over a byte slice. The kernel parser is
+//! checked against it frame by frame (BPF_PROG_TEST_RUN in the lab tests),
+//! and it is property-tested here: any input, no panic, bounded work.
+
+use tracer_common::{parse_flag, MAX_DHCP_OPTIONS};
+
+const BOOTP_FIXED: usize = 236;
+const MAGIC: [u8; 4] = [99, 130, 83, 99];
+const OPTIONS_SPAN: usize = 1500;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WireDhcp {
+    pub vlan: u16,
+    pub src_ip: [u8; 4],
+    pub dst_ip: [u8; 4],
+    pub op: u8,
+    pub xid: u32,
+    pub secs: u16,
+    pub flags: u16,
+    pub ciaddr: [u8; 4],
+    pub yiaddr: [u8; 4],
+    pub chaddr: [u8; 6],
+    pub msg_type: u8,
+    pub lease_secs: u32,
+    pub server_id: [u8; 4],
+    pub requested_ip: [u8; 4],
+    pub parse_flags: u16,
+}
+
+fn be16(f: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*f.get(at)?, *f.get(at + 1)?]))
+}
+
+fn four(f: &[u8], at: usize) -> Option<[u8; 4]> {
+    f.get(at..at + 4)?.try_into().ok()
+}
+
+/// Where the DHCP message starts (the UDP header), if the frame carries one.
+pub fn locate(frame: &[u8]) -> Option<(usize, usize, u16)> {
+    let mut ethertype = be16(frame, 12)?;
+    let mut l3 = 14;
+    let mut vlan = 0;
+    if ethertype == 0x8100 || ethertype == 0x88a8 {
+        vlan = be16(frame, 14)? & 0x0fff;
+        ethertype = be16(frame, 16)?;
+        l3 = 18;
+    }
+    if ethertype != 0x0800 {
+        return None;
+    }
+    let head = frame.get(l3..l3 + 10)?;
+    if head[0] >> 4 != 4 || head[9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(head[0] & 0x0f) * 4;
+    if ihl < 20 || u16::from_be_bytes([head[6], head[7]]) & 0x1fff != 0 {
+        return None;
+    }
+    let l4 = l3 + ihl;
+    let (src, dst) = (be16(frame, l4)?, be16(frame, l4 + 2)?);
+    if !tracer_common::classify::is_dhcp_port_pair(src, dst) {
+        return None;
+    }
+    Some((l3, l4, vlan))
+}
+
+/// Parses a DHCP frame as the kernel does: None if it is not DHCP at all,
+/// otherwise what could be read plus parse flags for what could not.
+pub fn parse_frame(frame: &[u8]) -> Option<WireDhcp> {
+    let (l3, l4, vlan) = locate(frame)?;
+    let mut d = WireDhcp {
+        vlan,
+        ..Default::default()
+    };
+    if let (Some(src), Some(dst)) = (four(frame, l3 + 12), four(frame, l3 + 16)) {
+        d.src_ip = src;
+        d.dst_ip = dst;
+    }
+    let b = l4 + 8;
+    let Some(fixed) = frame.get(b..b + 44) else {
+        d.parse_flags |= parse_flag::TRUNCATED;
+        return Some(d);
+    };
+    d.op = fixed[0];
+    d.xid = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
+    d.secs = u16::from_be_bytes([fixed[8], fixed[9]]);
+    d.flags = u16::from_be_bytes([fixed[10], fixed[11]]);
+    d.ciaddr = [fixed[12], fixed[13], fixed[14], fixed[15]];
+    d.yiaddr = [fixed[16], fixed[17], fixed[18], fixed[19]];
+    d.chaddr = [
+        fixed[28], fixed[29], fixed[30], fixed[31], fixed[32], fixed[33],
+    ];
+    match four(frame, b + BOOTP_FIXED) {
+        Some(c) if c == MAGIC => {}
+        Some(_) => {
+            d.parse_flags |= parse_flag::BAD_COOKIE;
+            return Some(d);
+        }
+        None => {
+            d.parse_flags |= parse_flag::TRUNCATED;
+            return Some(d);
+        }
+    }
+    walk_options(frame, b + BOOTP_FIXED + 4, &mut d);
+    if d.msg_type == 0 {
+        d.parse_flags |= parse_flag::NO_MESSAGE_TYPE;
+    }
+    Some(d)
+}
+
+fn walk_options(frame: &[u8], start: usize, d: &mut WireDhcp) {
+    let mut offset = start;
+    for _ in 0..MAX_DHCP_OPTIONS {
+        if offset >= start + OPTIONS_SPAN {
+            d.parse_flags |= parse_flag::OPTION_OVERFLOW;
+            return;
+        }
+        let Some(&code) = frame.get(offset) else {
+            d.parse_flags |= parse_flag::TRUNCATED;
+            return;
+        };
+        match code {
+            255 => return,
+            0 => {
+                offset += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let Some(&len) = frame.get(offset + 1) else {
+            d.parse_flags |= parse_flag::TRUNCATED;
+            return;
+        };
+        let value = offset + 2;
+        let len = usize::from(len);
+        match code {
+            53 if len == 1 => match frame.get(value) {
+                Some(&t) => d.msg_type = t,
+                None => d.parse_flags |= parse_flag::OPTION_OVERFLOW,
+            },
+            51 | 54 | 50 if len == 4 => match four(frame, value) {
+                Some(v) if code == 51 => d.lease_secs = u32::from_be_bytes(v),
+                Some(v) if code == 54 => d.server_id = v,
+                Some(v) => d.requested_ip = v,
+                None => d.parse_flags |= parse_flag::OPTION_OVERFLOW,
+            },
+            53 | 51 | 54 | 50 => d.parse_flags |= parse_flag::BAD_OPTION_LENGTH,
+            52 => d.parse_flags |= parse_flag::OVERLOAD,
+            _ => {}
+        }
+        offset = value + len;
+    }
+    d.parse_flags |= parse_flag::OPTION_LIMIT;
+}
+
+/// A corpus of malformed and edge-case DHCP frames (name, bytes): fed to
+/// the kernel program and to this parser by the lab tests.
+pub fn malformed_corpus() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::frames::{
+        dhcp_ack, dhcp_discover, dhcp_message, udp_frame, with_vlan_tag, BROADCAST_MAC,
+    };
+    let vm = [0x52, 0x54, 0, 0xde, 0xad, 1];
+    let host = [0xfe, 0x54, 0, 0xde, 0xad, 1];
+    let discover = dhcp_discover(vm);
+    let with_options = |options: &[u8]| {
+        let mut message = dhcp_message(1, 0xabad_cafe, vm, 1);
+        message.truncate(240);
+        message.extend_from_slice(options);
+        udp_frame(BROADCAST_MAC, vm, [0; 4], [255; 4], 68, 67, &message)
+    };
+    let mut corpus = vec![
+        ("valid discover", discover.clone()),
+        ("valid ack with lease", dhcp_ack(host, vm)),
+        ("vlan tagged discover", with_vlan_tag(&discover, 42)),
+        ("truncated in udp header", discover[..14 + 20 + 4].to_vec()),
+        (
+            "truncated in bootp header",
+            discover[..14 + 20 + 8 + 30].to_vec(),
+        ),
+        (
+            "truncated before cookie",
+            discover[..14 + 20 + 8 + 238].to_vec(),
+        ),
+        (
+            "truncated inside an option",
+            discover[..14 + 20 + 8 + 240 + 2].to_vec(),
+        ),
+        ("wrong magic cookie", {
+            let mut f = discover.clone();
+            f[14 + 20 + 8 + 236] = 0x42;
+            f
+        }),
+        (
+            "no message type",
+            with_options(&[12, 3, b'v', b'm', b'1', 255]),
+        ),
+        (
+            "option length past the end",
+            with_options(&[53, 1, 1, 12, 200, b'x']),
+        ),
+        (
+            "lease option with wrong length",
+            with_options(&[53, 1, 1, 51, 3, 0, 0, 1, 255]),
+        ),
+        (
+            "message type with wrong length",
+            with_options(&[53, 2, 1, 1, 255]),
+        ),
+        ("overload option", with_options(&[53, 1, 1, 52, 1, 3, 255])),
+        ("no end option", with_options(&[53, 1, 1])),
+        ("endless padding", with_options(&[0u8; 600])),
+        (
+            "many options (looping walk)",
+            with_options(&[7, 0].repeat(200)),
+        ),
+        ("oversized options area", {
+            let mut opts = vec![53, 1, 1];
+            for _ in 0..6 {
+                opts.extend_from_slice(&[43, 255]);
+                opts.extend_from_slice(&[0xab; 255]);
+            }
+            opts.push(255);
+            with_options(&opts)
+        }),
+        ("bootp without dhcp options", {
+            let mut m = dhcp_message(1, 7, vm, 1);
+            m.truncate(236);
+            m.resize(300, 0);
+            udp_frame(BROADCAST_MAC, vm, [0; 4], [255; 4], 68, 67, &m)
+        }),
+    ];
+    corpus.push((
+        "empty udp payload",
+        udp_frame(BROADCAST_MAC, vm, [0; 4], [255; 4], 68, 67, &[]),
+    ));
+    corpus
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(name: &str) -> WireDhcp {
+        let corpus = malformed_corpus();
+        let frame = &corpus.iter().find(|(n, _)| *n == name).unwrap().1;
+        parse_frame(frame).unwrap_or_else(|| panic!("{name} not located as DHCP"))
+    }
+
+    #[test]
+    fn valid_messages_parse_fully() {
+        let ack = parse("valid ack with lease");
+        assert_eq!(
+            (ack.op, ack.msg_type, ack.xid, ack.parse_flags),
+            (2, 5, 0x3f2a_1c9d, 0)
+        );
+        let tagged = parse("vlan tagged discover");
+        assert_eq!(
+            (tagged.vlan, tagged.msg_type, tagged.parse_flags),
+            (42, 1, 0)
+        );
+    }
+
+    #[test]
+    fn every_malformation_is_flagged() {
+        let expect = [
+            ("truncated in bootp header", parse_flag::TRUNCATED),
+            ("truncated before cookie", parse_flag::TRUNCATED),
+            ("truncated inside an option", parse_flag::TRUNCATED),
+            ("wrong magic cookie", parse_flag::BAD_COOKIE),
+            ("no message type", parse_flag::NO_MESSAGE_TYPE),
+            ("option length past the end", parse_flag::TRUNCATED),
+            (
+                "lease option with wrong length",
+                parse_flag::BAD_OPTION_LENGTH,
+            ),
+            (
+                "message type with wrong length",
+                parse_flag::BAD_OPTION_LENGTH,
+            ),
+            ("overload option", parse_flag::OVERLOAD),
+            ("no end option", parse_flag::TRUNCATED),
+            ("endless padding", parse_flag::OPTION_LIMIT),
+            ("many options (looping walk)", parse_flag::OPTION_LIMIT),
+            ("oversized options area", parse_flag::OPTION_OVERFLOW),
+            ("bootp without dhcp options", parse_flag::BAD_COOKIE),
+            ("empty udp payload", parse_flag::TRUNCATED),
+        ];
+        for (name, flag) in expect {
+            let d = parse(name);
+            assert_ne!(
+                d.parse_flags & flag,
+                0,
+                "{name}: flags {:#x}",
+                d.parse_flags
+            );
+        }
+        // Ports present, header cut: located as DHCP, flagged truncated.
+        assert_ne!(
+            parse("truncated in udp header").parse_flags & parse_flag::TRUNCATED,
+            0
+        );
+        assert!(
+            parse_frame(&malformed_corpus()[3].1[..14 + 20 + 2]).is_none(),
+            "no ports, no DHCP"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
+            let _ = parse_frame(&bytes);
+        }
+
+        #[test]
+        fn any_options_after_a_valid_header_never_panic_and_stay_bounded(
+            options in proptest::collection::vec(any::<u8>(), 0..1500)
+        ) {
+            let vm = [0x52, 0x54, 0, 1, 2, 3];
+            let mut message = crate::frames::dhcp_message(1, 1, vm, 1);
+            message.truncate(240);
+            message.extend_from_slice(&options);
+            let frame = crate::frames::udp_frame(crate::frames::BROADCAST_MAC, vm, [0; 4], [255; 4], 68, 67, &message);
+            let d = parse_frame(&frame).expect("a DHCP frame");
+            prop_assert_eq!(d.xid, 1);
+            if d.parse_flags == 0 {
+                prop_assert!(d.msg_type != 0);
+            }
+        }
+    }
+}
