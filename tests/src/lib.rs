@@ -15,6 +15,7 @@
 //! dhclient, ping) run as the guest.
 
 pub mod agent;
+pub mod dashboards;
 pub mod expect;
 pub mod http;
 pub mod metrics;
@@ -25,6 +26,9 @@ pub mod vmm;
 /// The subnet the lab uses; tests send traffic nowhere else.
 pub const LAB_SUBNET: &str = "10.250.0.0/24";
 pub const BRIDGE_ADDR: &str = "10.250.0.1";
+/// A second address on the node's bridge: a peer the guests talk to that
+/// is not their DHCP server (as a VM's traffic usually is).
+pub const PEER_ADDR: &str = "10.250.0.2";
 
 /// A name prefix unique to this process and call, short enough that
 /// "<prefix>-vm12" stays a valid netns name and taps fit in 15 bytes.

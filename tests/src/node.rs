@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _};
 use crate::{
     netns::{run, NetNs},
     vmm::{self, VmmMode, VmmStats},
-    BRIDGE_ADDR,
+    BRIDGE_ADDR, PEER_ADDR,
 };
 
 const DHCLIENT_SCRIPT: &str = r#"#!/bin/sh
@@ -71,6 +71,7 @@ impl ComputeNode {
             "0",
         ])?;
         ns.ip(&["addr", "add", &format!("{BRIDGE_ADDR}/24"), "dev", "br0"])?;
+        ns.ip(&["addr", "add", &format!("{PEER_ADDR}/24"), "dev", "br0"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
         for (name, text) in [
             ("udhcpc.script", UDHCPC_SCRIPT),

@@ -14,7 +14,7 @@ use hvnet_lab::{
     node::{ComputeNode, FakeVm},
     unique_prefix,
     vmm::VmmMode,
-    BRIDGE_ADDR,
+    BRIDGE_ADDR, PEER_ADDR,
 };
 
 const PORT: u16 = 9478;
@@ -54,7 +54,9 @@ fn signal(child: &Child, sig: i32) {
     unsafe { libc::kill(child.id() as i32, sig) };
 }
 
-/// The VM keeps sending (ping to the bridge), as a VM with a stalled RX
+/// The VM keeps sending (ping to a peer, not to its DHCP server: a VM's
+/// own traffic goes elsewhere, so its ARP entry for the server stays
+/// usable and its unicast renewal can leave), as a VM with a stalled RX
 /// does. Waits for the DHCP client to have configured the address first
 /// (hvnet sees the ACK reach the VM a moment before the client applies it).
 fn keep_sending(vm: &FakeVm) -> anyhow::Result<Child> {
@@ -70,7 +72,7 @@ fn keep_sending(vm: &FakeVm) -> anyhow::Result<Child> {
     Ok(vm
         .guest
         .command("busybox")
-        .args(["ping", "-i", "0.5", BRIDGE_ADDR])
+        .args(["ping", "-i", "0.5", PEER_ADDR])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?)
@@ -123,6 +125,16 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
     )?;
     background.0.push(keep_sending(&vm)?);
 
+    // `hvnet events` follows the live stream for the rest of the test.
+    let events_log = node.dir.join("events.jsonl");
+    let follower = node
+        .ns
+        .command(&hvnet_bin().display().to_string())
+        .args(["events", "--agent", "127.0.0.1:9478"])
+        .stdout(std::fs::File::create(&events_log)?)
+        .stderr(Stdio::null())
+        .spawn()?;
+    background.0.push(follower);
     vm.set_mode(VmmMode::RxStall)?;
     eventually(
         &agent,
@@ -131,6 +143,16 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
         "rx_stalled",
         |s| value(s, "hvnet_vm_rx_stalled", "tapu0", &[]) == 1.0,
     )?;
+    let hvnet = hvnet_bin().display().to_string();
+    let top = node
+        .ns
+        .exec_ok(&[&hvnet, "top", "--once", "--agent", "127.0.0.1:9478"])?;
+    let row = top
+        .lines()
+        .find(|l| l.starts_with("tapu0"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(row.contains("rx_stalled"), "hvnet top: {top}");
     // Force a renewal: unicast REQUEST, then broadcast REQUESTs every 2 s.
     signal(&background.0[0], libc::SIGUSR1);
     let took = eventually(
@@ -205,6 +227,24 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
     let text = explain(&node, "tapu0")?;
     assert!(text.contains("RX recovered"), "{text}");
     assert!(text.contains("reached the VM"), "{text}");
+    let stream = std::fs::read_to_string(&events_log)?;
+    let lines: Vec<serde_json::Value> = stream
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let kinds: Vec<&str> = lines.iter().filter_map(|l| l["kind"].as_str()).collect();
+    for wanted in [
+        "stall",
+        "dhcp_client",
+        "dhcp_reply_queued",
+        "dhcp_reply_undelivered",
+    ] {
+        assert!(
+            kinds.contains(&wanted),
+            "no {wanted} in `hvnet events`: {kinds:?}"
+        );
+    }
+    assert!(lines.iter().all(|l| l["iface"] == "tapu0"));
     Ok(())
 }
 
@@ -332,7 +372,13 @@ fn dhclient_loses_its_lease_during_a_long_stall_and_the_timeline_says_so() -> an
         },
     )?;
     eprintln!("lease expired {:?} after it was granted", granted.elapsed());
-    let text = explain(&node, "tapx0")?;
+    // The expiry line lands on the agent's next poll.
+    let mut text = explain(&node, "tapx0")?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !text.contains("expired: the VM has lost its address") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        text = explain(&node, "tapx0")?;
+    }
     eprintln!("--- hvnet explain tapx0 ---\n{text}---");
     let s = agent.scrape(&node.ns)?;
     assert!(value(&s, "hvnet_dhcp_retries_during_stall_total", "tapx0", &[]) >= 1.0);

@@ -121,6 +121,7 @@ impl AgentState {
                     .then(|| snapshot.dequeued.get(&link.ifindex).copied().unwrap_or(0)),
                 netdev_tx_packets: link.stats.map(|s| s.tx_packets),
                 vhost_rx: snapshot.vhost_rx.get(&link.ifindex).copied(),
+                queue_len: link.txqueuelen,
                 health: records.get(&link.ifindex).map(|r| VmHealth {
                     state: r.detector.state(),
                     backlog: r.detector.backlog(),

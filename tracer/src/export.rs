@@ -57,6 +57,8 @@ pub struct VmView {
     pub netdev_tx_packets: Option<u64>,
     /// tun_recvmsg calls, where the vhost probe attached.
     pub vhost_rx: Option<u64>,
+    /// The tap's txqueuelen: the most frames that can wait toward the VM.
+    pub queue_len: u32,
     /// None until the first poll evaluated this VM.
     pub health: Option<VmHealth>,
     pub dhcp: Option<DhcpView>,
@@ -78,6 +80,36 @@ pub struct VmHealth {
     pub stalls_total: u64,
     pub stall_seconds: f64,
 }
+
+/// Every metric family hvnet exports (checked against `render` by a test;
+/// the dashboard lint checks panels against it).
+pub const METRIC_NAMES: &[&str] = &[
+    "hvnet_vm_packets_total",
+    "hvnet_vm_bytes_total",
+    "hvnet_vm_info",
+    "hvnet_vm_dropped_packets_total",
+    "hvnet_vm_rx_backlog_packets",
+    "hvnet_vm_queue_length_packets",
+    "hvnet_vm_rx_stalled",
+    "hvnet_vm_rx_stalls_total",
+    "hvnet_vm_rx_stall_seconds_total",
+    "hvnet_vm_state",
+    "hvnet_vm_dequeued_packets_total",
+    "hvnet_vm_vhost_rx_calls_total",
+    "hvnet_dhcp_packets_total",
+    "hvnet_dhcp_retries_total",
+    "hvnet_dhcp_retries_during_stall_total",
+    "hvnet_dhcp_replies_undelivered_total",
+    "hvnet_dhcp_lease_remaining_seconds",
+    "hvnet_dhcp_transactions_total",
+    "hvnet_dhcp_malformed_total",
+    "hvnet_agent_events_lost_total",
+    "hvnet_agent_interfaces",
+    "hvnet_agent_probe_attached",
+    "hvnet_agent_attach_failures_total",
+    "hvnet_agent_link_events_total",
+    "hvnet_build_info",
+];
 
 pub fn direction_label(direction: u8) -> &'static str {
     match direction {
@@ -170,6 +202,11 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
          (to_vm). At the queue length the tap drops everything new.",
         MetricType::GAUGE,
     );
+    let mut queue_len = family(
+        "hvnet_vm_queue_length_packets",
+        "The tap's queue length (txqueuelen): the most frames that can wait toward the VM.",
+        MetricType::GAUGE,
+    );
     let mut stalled = family(
         "hvnet_vm_rx_stalled",
         "1 while the VM's receive path is stalled: frames wait, the VMM dequeues none, the VM still sends.",
@@ -231,6 +268,9 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
                 .mut_metric()
                 .push(counter(&[("iface", iface)], calls as f64));
         }
+        queue_len
+            .mut_metric()
+            .push(gauge(&[("iface", iface)], f64::from(vm.queue_len)));
         let Some(health) = &vm.health else { continue };
         backlog
             .mut_metric()
@@ -398,6 +438,7 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         info,
         dropped,
         backlog,
+        queue_len,
         stalled,
         stalls,
         stall_seconds,
@@ -568,7 +609,8 @@ mod tests {
                 }),
                 dequeued: Some(50),
                 netdev_tx_packets: Some(50),
-                vhost_rx: None,
+                vhost_rx: Some(7),
+                queue_len: 1000,
                 dhcp: Some(DhcpView {
                     counters: DhcpCounters {
                         retries_during_stall: 3,
@@ -634,8 +676,22 @@ mod tests {
             text.contains("hvnet_dhcp_transactions_total{iface=\"vnet0\",verdict=\"no_reply\"} 0")
         );
         assert!(text.contains("hvnet_agent_events_lost_total 2"));
-        // No vhost series where the probe is not attached.
-        assert!(!text.contains("hvnet_vm_vhost_rx_calls_total{"));
+        assert!(text.contains("hvnet_vm_queue_length_packets{iface=\"vnet0\"} 1000"));
+        assert!(text.contains("hvnet_vm_vhost_rx_calls_total{iface=\"vnet0\"} 7"));
+    }
+
+    #[test]
+    fn metric_names_lists_exactly_what_is_rendered() {
+        let text = render(&sample()).unwrap();
+        let mut rendered: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        rendered.sort_unstable();
+        let mut listed = METRIC_NAMES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(rendered, listed);
     }
 
     #[test]

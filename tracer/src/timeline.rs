@@ -27,6 +27,8 @@ pub struct Entry {
     pub kind: &'static str,
     pub text: String,
     pub repeats: u32,
+    /// Unix time of the latest repeat (equals `at` when none).
+    pub last_at: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,
 }
@@ -61,6 +63,7 @@ impl Timeline {
         if let Some(back) = recent {
             let index = self.entries.len() - 1 - back;
             self.entries[index].repeats += 1;
+            self.entries[index].last_at = entry.at;
             return &self.entries[index];
         }
         if self.entries.len() >= MAX_ENTRIES {
@@ -306,6 +309,7 @@ mod tests {
             kind: "test",
             text: text.into(),
             repeats: 0,
+            last_at: 1_764_000_000.0 + mono,
             detail: None,
         }
     }

@@ -33,9 +33,11 @@ impl VmRecord {
         text: String,
         detail: Option<serde_json::Value>,
     ) -> Entry {
+        let at = wall_clock(mono, now);
         self.timeline
             .push(Entry {
-                at: wall_clock(mono, now),
+                at,
+                last_at: at,
                 mono,
                 iface: self.iface.clone(),
                 kind,
@@ -94,9 +96,10 @@ impl VmRecord {
         self.entry(mono, now, "dhcp_malformed", text, None)
     }
 
-    /// ARP matters while the VM cannot receive: its who-has requests go
-    /// unanswered as far as it can tell. Recorded only then, to keep the
-    /// timeline about the incident.
+    /// ARP for its DHCP server matters while the VM cannot receive: its
+    /// who-has requests go unanswered as far as it can tell, and without an
+    /// answer its unicast renewal cannot even leave. Other ARP is not
+    /// recorded (it would crowd the DHCP story out of the bounded history).
     pub fn arp(
         &mut self,
         mono: f64,
@@ -110,15 +113,14 @@ impl VmRecord {
         if !(state == VmState::RxStalled || state == VmState::Paused) {
             return None;
         }
+        let server: std::net::Ipv4Addr = self.dhcp.lease()?.server.parse().ok()?;
         let text = match (from_vm, op) {
-            (true, 1) => format!(
-                "ARP who-has {} from the VM",
-                std::net::Ipv4Addr::from(target)
-            ),
-            (false, 2) => format!(
-                "ARP reply {} is-at ... queued toward the VM",
-                std::net::Ipv4Addr::from(sender)
-            ),
+            (true, 1) if std::net::Ipv4Addr::from(target) == server => {
+                format!("ARP who-has {server} (the DHCP server) from the VM")
+            }
+            (false, 2) if std::net::Ipv4Addr::from(sender) == server => {
+                format!("ARP reply from {server} (the DHCP server) queued toward the VM")
+            }
             _ => return None,
         };
         Some(self.entry(mono, now, "arp", text, None))

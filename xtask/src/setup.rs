@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "iperf3",
     "tcpdump",
     "curl",
+    "prometheus",              // promtool, and the end-to-end test's server
+    "prometheus-alertmanager", // the end-to-end test routes alerts through it
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";

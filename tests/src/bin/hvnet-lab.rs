@@ -42,6 +42,9 @@ enum LabCommand {
         /// Port on this host's loopback that forwards to the agent.
         #[arg(long, default_value_t = 9478)]
         port: u16,
+        /// Do not play the incident (RX stall + DHCP renewal) on the first VM.
+        #[arg(long)]
+        no_incident: bool,
     },
     /// Send UDP broadcasts to 10.250.0.255 (run inside a guest netns).
     UdpBroadcast {
@@ -75,7 +78,8 @@ fn main() -> anyhow::Result<()> {
             hvnet,
             duration,
             port,
-        } => demo(vms, hvnet, duration, port),
+            no_incident,
+        } => demo(vms, hvnet, duration, port, !no_incident),
         LabCommand::UdpBroadcast { count } => udp_broadcast(count),
         LabCommand::UdpSend { to, pps, seconds } => udp_send(to, pps, seconds),
         LabCommand::VmmMode { control, mode } => {
@@ -123,7 +127,13 @@ fn udp_send(to: SocketAddr, pps: u32, seconds: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn demo(vms: u8, hvnet: Option<PathBuf>, duration: Option<u64>, port: u16) -> anyhow::Result<()> {
+fn demo(
+    vms: u8,
+    hvnet: Option<PathBuf>,
+    duration: Option<u64>,
+    port: u16,
+    incident: bool,
+) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the lab creates network namespaces and taps: run it as root");
@@ -155,9 +165,10 @@ fn demo(vms: u8, hvnet: Option<PathBuf>, duration: Option<u64>, port: u16) -> an
     let agent = Agent::start(&node.ns, 9478, &["--interfaces", "tap*"], &agent_log)?;
 
     let mut guests: Vec<FakeVm> = Vec::new();
+    let mut clients = Vec::new();
     for i in 0..vms {
         let vm = node.add_vm(&format!("tap{i}"), i, &fake_vmm)?;
-        let _client = vm.spawn_dhcp_client(&node.udhcpc_script())?;
+        clients.push(vm.spawn_dhcp_client(&node.udhcpc_script())?);
         println!(
             "  VM {i}: tap{i} <-> {}:eth0 ({}), control {}",
             vm.guest.name(),
@@ -197,15 +208,42 @@ fn demo(vms: u8, hvnet: Option<PathBuf>, duration: Option<u64>, port: u16) -> an
     );
     println!("Ctrl-C stops the demo and removes everything it created.\n");
 
+    if incident {
+        println!(
+            "The incident plays on tap0: at 15 s its VMM stops draining the RX queue, at 20 s"
+        );
+        println!(
+            "the guest renews its lease, at 40 s the VMM recovers. Watch STATE and LAST DHCP.\n"
+        );
+    }
     let started = Instant::now();
     let mut previous: Option<(Instant, serde_json::Value)> = None;
     let mut tick = 0u32;
+    let mut script: Vec<(u64, IncidentStep)> = if incident && !guests.is_empty() {
+        vec![
+            (15, IncidentStep::Stall),
+            (20, IncidentStep::Renew),
+            (34, IncidentStep::Explain),
+            (40, IncidentStep::Recover),
+            (43, IncidentStep::Renew),
+            (48, IncidentStep::Explain),
+        ]
+    } else {
+        Vec::new()
+    };
     while !STOP.load(Ordering::SeqCst) {
         if duration.is_some_and(|d| started.elapsed() >= Duration::from_secs(d)) {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
         tick += 1;
+        while script
+            .first()
+            .is_some_and(|(at, _)| started.elapsed() >= Duration::from_secs(*at))
+        {
+            let (_, step) = script.remove(0);
+            play(step, &guests[0], &clients[0], &node, agent.addr);
+        }
         if !tick.is_multiple_of(10) {
             continue;
         }
@@ -223,11 +261,18 @@ fn demo(vms: u8, hvnet: Option<PathBuf>, duration: Option<u64>, port: u16) -> an
             Ok(resp) => {
                 let now = Instant::now();
                 let vms: serde_json::Value = serde_json::from_str(&resp.body).unwrap_or_default();
-                print_table(&guests, &vms, previous.as_ref());
+                let before = previous
+                    .as_ref()
+                    .map(|(at, v)| (v, at.elapsed().as_secs_f64()));
+                println!("{}", hvnet::client::render_top(&vms, before));
                 previous = Some((now, vms));
             }
             Err(err) => println!("agent not answering: {err:#}"),
         }
+    }
+    for mut client in clients {
+        let _ = client.kill();
+        let _ = client.wait();
     }
     println!("\nstopping: hvnet detaches, the lab is removed");
     let mut agent = agent;
@@ -235,6 +280,52 @@ fn demo(vms: u8, hvnet: Option<PathBuf>, duration: Option<u64>, port: u16) -> an
     drop(guests);
     drop(node);
     Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum IncidentStep {
+    Stall,
+    Renew,
+    Explain,
+    Recover,
+}
+
+fn play(
+    step: IncidentStep,
+    vm: &FakeVm,
+    client: &std::process::Child,
+    node: &ComputeNode,
+    agent: SocketAddr,
+) {
+    match step {
+        IncidentStep::Stall => {
+            println!(">>> {}: the VMM stops draining the VM's RX queue (the virtio bug); the VM still sends\n", vm.tap);
+            if let Err(err) = vm.set_mode(VmmMode::RxStall) {
+                println!("fault injection failed: {err:#}");
+            }
+        }
+        IncidentStep::Renew => {
+            println!(
+                ">>> {}: the guest renews its DHCP lease (udhcpc SIGUSR1)\n",
+                vm.tap
+            );
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(client.id() as i32, libc::SIGUSR1) };
+        }
+        IncidentStep::Recover => {
+            println!(">>> {}: the VMM drains its RX queue again\n", vm.tap);
+            if let Err(err) = vm.set_mode(VmmMode::Running) {
+                println!("recovery failed: {err:#}");
+            }
+        }
+        IncidentStep::Explain => {
+            println!(">>> hvnet explain {}", vm.tap);
+            match http::get(&node.ns, agent, &format!("/api/v1/vms/{}/explain", vm.tap)) {
+                Ok(resp) => println!("{}", resp.body),
+                Err(err) => println!("explain failed: {err:#}"),
+            }
+        }
+    }
 }
 
 fn wait_for_leases(guests: &[FakeVm], timeout: Duration) {
@@ -248,65 +339,6 @@ fn wait_for_leases(guests: &[FakeVm], timeout: Duration) {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-}
-
-fn print_table(
-    guests: &[FakeVm],
-    vms: &serde_json::Value,
-    previous: Option<&(Instant, serde_json::Value)>,
-) {
-    println!(
-        "{:<8} {:<18} {:<9} {:>9} {:>9} {:>8} {:>8} {:>6} {:>6}",
-        "iface", "guest mac", "vmm", "to_vm", "from_vm", "to pps", "from pps", "dhcp", "arp"
-    );
-    let Some(list) = vms.as_array() else { return };
-    for vm in list {
-        let iface = vm["iface"].as_str().unwrap_or("?");
-        let guest = guests.iter().find(|g| g.tap == iface);
-        let mode = guest
-            .and_then(|g| g.stats().ok())
-            .map_or("?", |s| s.mode.as_str());
-        let to = vm["to_vm"]["packets"].as_u64().unwrap_or(0);
-        let from = vm["from_vm"]["packets"].as_u64().unwrap_or(0);
-        let dhcp = vm["to_vm"]["by_class"]["dhcp"]["packets"]
-            .as_u64()
-            .unwrap_or(0)
-            + vm["from_vm"]["by_class"]["dhcp"]["packets"]
-                .as_u64()
-                .unwrap_or(0);
-        let arp = vm["to_vm"]["by_class"]["arp"]["packets"]
-            .as_u64()
-            .unwrap_or(0)
-            + vm["from_vm"]["by_class"]["arp"]["packets"]
-                .as_u64()
-                .unwrap_or(0);
-        let (to_pps, from_pps) = previous
-            .and_then(|(at, prev)| {
-                let before = prev
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["iface"] == vm["iface"])?;
-                let secs = at.elapsed().as_secs_f64().max(0.001);
-                let rate = |key: &str, now: u64| {
-                    now.saturating_sub(before[key]["packets"].as_u64().unwrap_or(0)) as f64 / secs
-                };
-                Some((rate("to_vm", to), rate("from_vm", from)))
-            })
-            .unwrap_or((0.0, 0.0));
-        println!(
-            "{:<8} {:<18} {:<9} {:>9} {:>9} {:>8.1} {:>8.1} {:>6} {:>6}",
-            iface,
-            guest.map_or("?", |g| g.guest_mac.as_str()),
-            mode,
-            to,
-            from,
-            to_pps,
-            from_pps,
-            dhcp,
-            arp
-        );
-    }
-    println!();
 }
 
 /// Forwards 127.0.0.1:`port` (or the next free port) on this host to the
