@@ -21,6 +21,7 @@ pub mod http;
 pub mod metrics;
 pub mod netns;
 pub mod node;
+pub mod promstack;
 pub mod vmm;
 
 /// The subnet the lab uses; tests send traffic nowhere else.

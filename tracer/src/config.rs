@@ -260,3 +260,18 @@ attach_mode = "netlink"
         assert!(file("interfaces = \"tap*\"").is_err());
     }
 }
+
+#[cfg(test)]
+mod shipped_config {
+    use super::*;
+
+    /// The example config shipped for operators parses and resolves.
+    #[test]
+    fn the_example_config_file_is_valid() {
+        let text = include_str!("../deploy/hvnet.toml");
+        let file = FileConfig::parse(Path::new("deploy/hvnet.toml"), text).unwrap();
+        let cfg = Config::resolve(file, FlagOverrides::default()).unwrap();
+        assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(cfg.stall_after, DEFAULT_STALL_AFTER);
+    }
+}
