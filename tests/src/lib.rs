@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod netns;
 pub mod node;
 pub mod promstack;
+pub mod testkit;
 pub mod vmm;
 
 /// The subnet the lab uses; tests send traffic nowhere else.

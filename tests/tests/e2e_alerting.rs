@@ -7,7 +7,7 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -18,21 +18,11 @@ use hvnet_lab::{
     metrics,
     node::ComputeNode,
     promstack::{self, received},
+    testkit::Background,
     unique_prefix,
     vmm::VmmMode,
     BRIDGE_ADDR, PEER_ADDR,
 };
-
-struct Background(Vec<Child>);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn wait_for(
     what: &str,

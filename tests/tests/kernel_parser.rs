@@ -7,16 +7,8 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use hvnet::{dhcp_wire, frames, loader};
+use hvnet_lab::testkit::require_root;
 use tracer_common::{event_kind, PacketEvent};
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run `cargo xtask test` as root"
-    );
-}
 
 /// TC_ACT_UNSPEC as the kernel reports the program's return value.
 const CONTINUE: u32 = u32::MAX;

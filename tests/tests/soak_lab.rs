@@ -13,19 +13,9 @@ use hvnet_lab::{
     expect::eventually,
     metrics,
     node::{ComputeNode, FakeVm},
+    testkit::Background,
     unique_prefix, BRIDGE_ADDR,
 };
-
-struct Background(Vec<Child>);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn spawn(mut cmd: std::process::Command) -> anyhow::Result<Child> {
     Ok(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)

@@ -3,7 +3,7 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -12,6 +12,7 @@ use hvnet_lab::{
     expect::eventually,
     metrics::{self, Sample},
     node::{ComputeNode, FakeVm},
+    testkit::{require_root, Background},
     unique_prefix,
     vmm::VmmMode,
     BRIDGE_ADDR,
@@ -25,26 +26,6 @@ const SCRAPE_SLACK: f64 = 0.3;
 
 fn fake_vmm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fake-vmm"))
-}
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run `cargo xtask test` as root"
-    );
-}
-
-struct Background(Vec<Child>);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 fn gauge(samples: &[Sample], name: &str, iface: &str) -> f64 {

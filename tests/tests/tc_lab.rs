@@ -12,6 +12,7 @@ use hvnet_lab::{
     expect::{self, counts_match, eventually, tc_filters, tcx_programs},
     metrics,
     node::{ComputeNode, FakeVm},
+    testkit::require_root,
     unique_prefix, BRIDGE_ADDR,
 };
 
@@ -23,15 +24,6 @@ fn fake_vmm() -> PathBuf {
 
 fn lab_bin() -> String {
     env!("CARGO_BIN_EXE_hvnet-lab").to_owned()
-}
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the lab tests create netns and taps: run `cargo xtask test` as root"
-    );
 }
 
 fn start_agent(node: &ComputeNode, globs: &str, extra: &[&str]) -> anyhow::Result<Agent> {

@@ -153,6 +153,7 @@ fn test(root: &Path, unit_only: bool) -> anyhow::Result<()> {
         .args([
             "test",
             "--release",
+            "--no-fail-fast",
             "-p",
             "hvnet-lab",
             "--tests",
