@@ -28,6 +28,7 @@ use crate::{
     events::{interpret, EventReader, Observed},
     export::{DhcpView, DropCount, Exposition, VmHealth, VmView},
     http,
+    identity::{Identity, IdentityResolver},
     links::{self, LinkInfo, LinkWatcher},
     loader::{monotonic_now, ProbeStatus, TcProbes},
     optional_probes::{DEQUEUE_PROBE, DROP_PROBE},
@@ -61,7 +62,14 @@ pub struct AgentState {
     has_drop_probe: bool,
     mechanism: &'static str,
     stall_after: Duration,
+    resolver: IdentityResolver,
+    identities: Mutex<HashMap<String, Identity>>,
+    identity_refreshed: Mutex<f64>,
 }
+
+/// How often identities are re-read without a tap change (a VM renamed,
+/// libvirt restarted).
+const IDENTITY_REFRESH_SECS: f64 = 30.0;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock leaves plain data behind; keep serving.
@@ -71,7 +79,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AgentState {
-    fn new(probes: TcProbes, maps: KernelMaps, stall_after: Duration) -> Self {
+    fn new(probes: TcProbes, maps: KernelMaps, config: &Config) -> Self {
+        let stall_after = config.stall_after;
         let probe_statuses = probes.probe_statuses();
         let mechanism = probes.mechanism().as_str();
         let drop_reasons = probes.drop_reasons().clone();
@@ -92,7 +101,50 @@ impl AgentState {
             has_drop_probe,
             mechanism,
             stall_after,
+            resolver: IdentityResolver::new(&config.libvirt_run_dir, &config.proc_root),
+            identities: Mutex::new(HashMap::new()),
+            identity_refreshed: Mutex::new(f64::NEG_INFINITY),
         }
+    }
+
+    /// Re-reads who is behind each attached tap.
+    fn refresh_identities(&self) {
+        let names: Vec<String> = lock(&self.attached)
+            .values()
+            .map(|l| l.name.clone())
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (found, skipped) = self.resolver.resolve(&refs);
+        let mut known = lock(&self.identities);
+        for (tap, identity) in &found {
+            if known.get(tap) != Some(identity) {
+                log::info!(
+                    "{tap} is VM {:?} (uuid {:?}, mac {:?}, from {})",
+                    identity.vm_name,
+                    identity.vm_uuid,
+                    identity.mac,
+                    identity.source
+                );
+            }
+        }
+        for s in skipped {
+            if !known.contains_key(&s.device) {
+                log::debug!("{} of VM {}: skipped: {}", s.device, s.domain, s.reason);
+            }
+        }
+        *known = found;
+        *lock(&self.identity_refreshed) = self.now();
+    }
+
+    pub fn identity(&self, iface: &str) -> Identity {
+        lock(&self.identities)
+            .get(iface)
+            .cloned()
+            .unwrap_or_else(|| Identity {
+                vm_name: iface.to_owned(),
+                source: "tap",
+                ..Default::default()
+            })
     }
 
     /// One consistent view for a scrape or an API call.
@@ -103,13 +155,16 @@ impl AgentState {
         let records = lock(&self.records);
         let vms = attached
             .values()
-            .map(|link| VmView {
+            .map(|link| (link, self.identity(&link.name)))
+            .map(|(link, identity)| VmView {
                 iface: link.name.clone(),
                 ifindex: link.ifindex,
-                mac: link.mac_string(),
+                mac: identity.mac.clone(),
+                tap_mac: link.mac_string(),
                 oper_state: link.oper_state.clone(),
-                vm_uuid: String::new(),
-                vm_name: link.name.clone(),
+                vm_uuid: identity.vm_uuid.clone(),
+                vm_name: identity.vm_name.clone(),
+                identity,
                 traffic: snapshot
                     .traffic
                     .get(&link.ifindex)
@@ -148,15 +203,30 @@ impl AgentState {
         })
     }
 
-    fn find_record<'a>(records: &'a BTreeMap<u32, VmRecord>, name: &str) -> Option<&'a VmRecord> {
-        records.values().find(|r| r.iface == name)
+    /// A VM by tap name, VM name or UUID.
+    fn find_record<'a>(
+        &self,
+        records: &'a BTreeMap<u32, VmRecord>,
+        name: &str,
+    ) -> Option<&'a VmRecord> {
+        records.values().find(|r| r.iface == name).or_else(|| {
+            let identities = lock(&self.identities);
+            let tap = identities
+                .iter()
+                .find(|(_, id)| {
+                    id.vm_name == name || (!id.vm_uuid.is_empty() && id.vm_uuid == name)
+                })
+                .map(|(tap, _)| tap.clone())?;
+            records.values().find(|r| r.iface == tap)
+        })
     }
 
     /// `hvnet explain` text for a VM (by iface; identity names come later).
     pub fn explain(&self, name: &str) -> Option<String> {
         let now = self.now();
         let records = lock(&self.records);
-        let record = Self::find_record(&records, name)?;
+        let record = self.find_record(&records, name)?;
+        let identity = self.identity(&record.iface);
         let stuck_since = record.detector.stuck_since().map(|m| wall_clock(m, now));
         let counters = record.dhcp.counters();
         let lease = record
@@ -166,7 +236,7 @@ impl AgentState {
         Some(render_explanation(
             &Explanation {
                 iface: &record.iface,
-                vm_name: &record.iface,
+                vm_name: &identity.vm_name,
                 state: Some(record.detector.state()),
                 stuck_since,
                 retries_during_stall: counters.retries_during_stall,
@@ -180,7 +250,8 @@ impl AgentState {
 
     pub fn timeline(&self, name: &str) -> Option<Vec<Entry>> {
         let records = lock(&self.records);
-        Self::find_record(&records, name).map(|r| r.timeline.entries().cloned().collect())
+        self.find_record(&records, name)
+            .map(|r| r.timeline.entries().cloned().collect())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<String> {
@@ -303,11 +374,15 @@ impl AgentState {
             &config.interfaces,
             &lock(&self.failed),
         );
+        let changed = !plan.attach.is_empty() || !plan.detach.is_empty();
         for ifindex in plan.detach {
             self.forget(ifindex);
         }
         for link in plan.attach {
             self.attach(link);
+        }
+        if changed || self.now() - *lock(&self.identity_refreshed) >= IDENTITY_REFRESH_SECS {
+            self.refresh_identities();
         }
         // Keep oper state, stats and MAC current for interfaces that stay.
         let mut attached = lock(&self.attached);
@@ -463,7 +538,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let (probes, maps, events) = TcProbes::load(&config.btf, config.attach_mode)?;
-    let state = Arc::new(AgentState::new(probes, maps, config.stall_after));
+    let state = Arc::new(AgentState::new(probes, maps, &config));
     let mut reader = EventReader::new(events)?;
     let events_task = {
         let state = state.clone();

@@ -78,6 +78,9 @@ pub struct RunArgs {
     /// Kernel BTF file [default: /sys/kernel/btf/vmlinux].
     #[arg(long)]
     pub btf: Option<PathBuf>,
+    /// libvirt's directory of running domains' status XML [default: /run/libvirt/qemu].
+    #[arg(long)]
+    pub libvirt_run_dir: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -89,6 +92,7 @@ impl RunArgs {
             stall_after: self.stall_after.clone(),
             attach_mode: self.attach_mode.clone(),
             btf: self.btf.clone(),
+            libvirt_run_dir: self.libvirt_run_dir.clone(),
         }
     }
 }

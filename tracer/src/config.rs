@@ -20,6 +20,8 @@ pub const DEFAULT_INTERFACES: &str = "tap*,vnet*";
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(3);
 pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub const DEFAULT_LIBVIRT_RUN_DIR: &str = "/run/libvirt/qemu";
+pub const DEFAULT_PROC_ROOT: &str = "/proc";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -78,6 +80,8 @@ pub struct FileConfig {
     pub stall_after: Option<String>,
     pub attach_mode: Option<String>,
     pub btf: Option<PathBuf>,
+    pub libvirt_run_dir: Option<PathBuf>,
+    pub proc_root: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -106,6 +110,7 @@ pub struct FlagOverrides {
     pub stall_after: Option<String>,
     pub attach_mode: Option<String>,
     pub btf: Option<PathBuf>,
+    pub libvirt_run_dir: Option<PathBuf>,
 }
 
 /// The resolved configuration the agent runs with.
@@ -117,6 +122,10 @@ pub struct Config {
     pub stall_after: Duration,
     pub attach_mode: AttachMode,
     pub btf: PathBuf,
+    /// Where libvirt keeps running domains' status XML (identity source).
+    pub libvirt_run_dir: PathBuf,
+    /// /proc, for the process holding each tap and its QEMU command line.
+    pub proc_root: PathBuf,
 }
 
 impl Config {
@@ -156,6 +165,14 @@ impl Config {
             .or(file.btf)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_BTF));
 
+        let libvirt_run_dir = flags
+            .libvirt_run_dir
+            .or(file.libvirt_run_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_LIBVIRT_RUN_DIR));
+        let proc_root = file
+            .proc_root
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PROC_ROOT));
+
         Ok(Self {
             listen,
             interfaces,
@@ -163,6 +180,8 @@ impl Config {
             stall_after,
             attach_mode,
             btf,
+            libvirt_run_dir,
+            proc_root,
         })
     }
 }

@@ -45,7 +45,11 @@ pub struct DhcpView {
 pub struct VmView {
     pub iface: String,
     pub ifindex: u32,
+    /// The guest NIC's MAC, where an identity source knows it.
     pub mac: String,
+    /// The tap's own MAC (libvirt: the guest's with fe: in front).
+    pub tap_mac: String,
+    pub identity: crate::identity::Identity,
     pub oper_state: String,
     pub vm_uuid: String,
     pub vm_name: String,
@@ -158,8 +162,8 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
     );
     let mut info = family(
         "hvnet_vm_info",
-        "Identity of the VM behind each monitored tap (join on iface). mac is the tap's own \
-         address until VMM identity is resolved.",
+        "Identity of the VM behind each monitored tap (join on iface): from libvirt's status XML, \
+         else the QEMU process holding the tap, else the tap name. mac is the guest NIC's.",
         MetricType::GAUGE,
     );
     for vm in &view.vms {
@@ -505,6 +509,8 @@ pub struct VmJson {
     pub iface: String,
     pub ifindex: u32,
     pub mac: String,
+    pub tap_mac: String,
+    pub identity: crate::identity::Identity,
     pub oper_state: String,
     pub vm_uuid: String,
     pub vm_name: String,
@@ -557,6 +563,8 @@ pub fn vms_json(view: &Exposition) -> Vec<VmJson> {
             iface: vm.iface.clone(),
             ifindex: vm.ifindex,
             mac: vm.mac.clone(),
+            tap_mac: vm.tap_mac.clone(),
+            identity: vm.identity.clone(),
             oper_state: vm.oper_state.clone(),
             vm_uuid: vm.vm_uuid.clone(),
             vm_name: vm.vm_name.clone(),
@@ -592,6 +600,8 @@ mod tests {
                 iface: "vnet0".into(),
                 ifindex: 7,
                 mac: "fe:54:00:12:34:56".into(),
+                tap_mac: "fe:54:00:12:34:56".into(),
+                identity: Default::default(),
                 oper_state: "up".into(),
                 vm_uuid: String::new(),
                 vm_name: "vnet0".into(),

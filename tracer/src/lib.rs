@@ -17,6 +17,7 @@ pub mod events;
 pub mod export;
 pub mod frames;
 pub mod http;
+pub mod identity;
 pub mod ifmatch;
 pub mod links;
 pub mod loader;

@@ -1,0 +1,456 @@
+//! Which VM is behind a tap. Sources, best first, each optional:
+//! libvirt's running-domain status XML (name, UUID, nova metadata, MAC);
+//! the process holding the tap (`/proc/*/fdinfo` `iff:`) and its QEMU
+//! command line (`-name`, `-uuid`, the NIC's MAC); OpenStack/Neutron tap
+//! naming (`tap` + the port UUID's first 11 characters); else the tap
+//! itself. Files are read, libvirt is never called (its API can hang on
+//! domain locks while a VM is in trouble: exactly when hvnet is needed).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    pub vm_name: String,
+    pub vm_uuid: String,
+    /// The guest NIC's MAC (not the tap's).
+    pub mac: String,
+    pub project: String,
+    pub flavor: String,
+    pub domain: String,
+    /// The Neutron port UUID prefix from the tap name, when it follows that scheme.
+    pub neutron_port: String,
+    /// Which source named it: libvirt, qemu, neutron_name, tap.
+    pub source: &'static str,
+}
+
+/// An interface libvirt lists for a domain but hvnet does not watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub domain: String,
+    pub device: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("libvirt status file {path}: {reason}")]
+    Xml { path: String, reason: String },
+}
+
+/// A domain's taps with their identities, and the interfaces skipped.
+pub type DomainTaps = (Vec<(String, Identity)>, Vec<Skipped>);
+
+fn child<'a>(node: roxmltree::Node<'a, 'a>, name: &str) -> Option<roxmltree::Node<'a, 'a>> {
+    node.children()
+        .find(|c| c.is_element() && c.tag_name().name() == name)
+}
+
+fn text_of(node: Option<roxmltree::Node<'_, '_>>) -> String {
+    node.and_then(|n| n.text()).unwrap_or("").trim().to_owned()
+}
+
+/// Taps (target dev) of one libvirt status/domain XML, with identities,
+/// plus the interfaces skipped and why.
+pub fn parse_libvirt_xml(path: &str, xml: &str) -> Result<DomainTaps, IdentityError> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| IdentityError::Xml {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let root = doc.root_element();
+    let domain = if root.tag_name().name() == "domain" {
+        Some(root)
+    } else {
+        child(root, "domain")
+    };
+    let Some(domain) = domain else {
+        return Err(IdentityError::Xml {
+            path: path.to_owned(),
+            reason: "no <domain> element".into(),
+        });
+    };
+    let domain_name = text_of(child(domain, "name"));
+    let uuid = text_of(child(domain, "uuid"));
+    let nova = child(domain, "metadata").and_then(|m| child(m, "instance"));
+    let nova_name = text_of(nova.and_then(|n| child(n, "name")));
+    let flavor = nova
+        .and_then(|n| child(n, "flavor"))
+        .and_then(|f| f.attribute("name"))
+        .unwrap_or("")
+        .to_owned();
+    let project = text_of(
+        nova.and_then(|n| child(n, "owner"))
+            .and_then(|o| child(o, "project")),
+    );
+    let mut taps = Vec::new();
+    let mut skipped = Vec::new();
+    let Some(devices) = child(domain, "devices") else {
+        return Ok((taps, skipped));
+    };
+    for iface in devices
+        .children()
+        .filter(|c| c.is_element() && c.tag_name().name() == "interface")
+    {
+        let kind = iface.attribute("type").unwrap_or("");
+        let Some(dev) = child(iface, "target").and_then(|t| t.attribute("dev")) else {
+            continue;
+        };
+        if kind == "direct" || kind == "hostdev" || kind == "vhostuser" {
+            skipped.push(Skipped {
+                domain: domain_name.clone(),
+                device: dev.to_owned(),
+                reason: format!(
+                    "{kind} interface: no host tap carries its traffic, hvnet cannot watch it"
+                ),
+            });
+            continue;
+        }
+        let mac = child(iface, "mac")
+            .and_then(|m| m.attribute("address"))
+            .unwrap_or("")
+            .to_lowercase();
+        taps.push((
+            dev.to_owned(),
+            Identity {
+                vm_name: if nova_name.is_empty() {
+                    domain_name.clone()
+                } else {
+                    nova_name.clone()
+                },
+                vm_uuid: uuid.clone(),
+                mac,
+                project: project.clone(),
+                flavor: flavor.clone(),
+                domain: domain_name.clone(),
+                neutron_port: neutron_port(dev).unwrap_or_default(),
+                source: "libvirt",
+            },
+        ));
+    }
+    Ok((taps, skipped))
+}
+
+/// `tap` + 11 characters of a Neutron port UUID (8 hex, '-', 2 hex).
+pub fn neutron_port(tap: &str) -> Option<String> {
+    let rest = tap.strip_prefix("tap")?;
+    let ok = rest.len() == 11
+        && rest.char_indices().all(|(i, c)| {
+            if i == 8 {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
+    ok.then(|| rest.to_owned())
+}
+
+/// The interface a tun fd is bound to, from /proc/<pid>/fdinfo/<fd>.
+pub fn fdinfo_tap(fdinfo: &str) -> Option<&str> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("iff:"))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// What a QEMU command line says about the VM and the NIC using tap fd `fd`.
+pub fn parse_qemu_cmdline(args: &[String], fd: &str) -> Option<Identity> {
+    let value_after = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+    };
+    let name = value_after("-name").map(|v| {
+        v.split(',')
+            .find_map(|p| p.strip_prefix("guest="))
+            .unwrap_or_else(|| v.split(',').next().unwrap_or(""))
+            .to_owned()
+    })?;
+    let uuid = value_after("-uuid").cloned().unwrap_or_default();
+    // -netdev tap,fd=N,id=hostnet0  ...  -device virtio-net-pci,netdev=hostnet0,mac=...
+    let options = |arg: &str| -> HashMap<String, String> {
+        arg.split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    };
+    let netdev_id = args
+        .windows(2)
+        .filter(|w| w[0] == "-netdev")
+        .map(|w| options(&w[1]))
+        .find(|o| {
+            o.get("fd").map(String::as_str) == Some(fd)
+                || o.get("fds").is_some_and(|f| f.split(':').any(|x| x == fd))
+        })
+        .and_then(|o| o.get("id").cloned());
+    let mac = netdev_id
+        .and_then(|id| {
+            args.windows(2)
+                .filter(|w| w[0] == "-device")
+                .map(|w| options(&w[1]))
+                .find(|o| o.get("netdev") == Some(&id))
+                .and_then(|o| o.get("mac").cloned())
+        })
+        .unwrap_or_default()
+        .to_lowercase();
+    Some(Identity {
+        vm_name: name,
+        vm_uuid: uuid,
+        mac,
+        source: "qemu",
+        ..Default::default()
+    })
+}
+
+/// Reads the identity sources from a libvirt run directory and a /proc.
+pub struct IdentityResolver {
+    libvirt_dir: PathBuf,
+    proc_root: PathBuf,
+}
+
+impl IdentityResolver {
+    pub fn new(libvirt_dir: &Path, proc_root: &Path) -> Self {
+        Self {
+            libvirt_dir: libvirt_dir.to_owned(),
+            proc_root: proc_root.to_owned(),
+        }
+    }
+
+    fn read_libvirt(&self) -> (HashMap<String, Identity>, Vec<Skipped>) {
+        let mut taps = HashMap::new();
+        let mut skipped = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.libvirt_dir) else {
+            return (taps, skipped);
+        };
+        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            if path.extension().is_none_or(|e| e != "xml") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            match parse_libvirt_xml(&path.display().to_string(), &text) {
+                Ok((found, skip)) => {
+                    taps.extend(found);
+                    skipped.extend(skip);
+                }
+                // libvirt rewrites these files; a half-written one is retried later.
+                Err(err) => log::debug!("{err}"),
+            }
+        }
+        (taps, skipped)
+    }
+
+    fn read_proc(&self, wanted: &[&str]) -> HashMap<String, Identity> {
+        let mut found = HashMap::new();
+        let Ok(pids) = std::fs::read_dir(&self.proc_root) else {
+            return found;
+        };
+        for pid_dir in pids.filter_map(Result::ok).map(|e| e.path()) {
+            let is_pid = pid_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
+            if !is_pid {
+                continue;
+            }
+            let Ok(fds) = std::fs::read_dir(pid_dir.join("fdinfo")) else {
+                continue;
+            };
+            for fd_path in fds.filter_map(Result::ok).map(|e| e.path()) {
+                let Ok(info) = std::fs::read_to_string(&fd_path) else {
+                    continue;
+                };
+                let Some(tap) = fdinfo_tap(&info) else {
+                    continue;
+                };
+                if !wanted.contains(&tap) || found.contains_key(tap) {
+                    continue;
+                }
+                let fd = fd_path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("")
+                    .to_owned();
+                let args: Vec<String> = std::fs::read(pid_dir.join("cmdline"))
+                    .map(|raw| {
+                        raw.split(|b| *b == 0)
+                            .filter(|a| !a.is_empty())
+                            .map(|a| String::from_utf8_lossy(a).into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Some(identity) = parse_qemu_cmdline(&args, &fd) {
+                    found.insert(tap.to_owned(), identity);
+                }
+            }
+        }
+        found
+    }
+
+    /// Identities for `taps`, best source first; every tap gets one.
+    pub fn resolve(&self, taps: &[&str]) -> (HashMap<String, Identity>, Vec<Skipped>) {
+        let (mut libvirt, skipped) = self.read_libvirt();
+        let missing: Vec<&str> = taps
+            .iter()
+            .copied()
+            .filter(|t| !libvirt.contains_key(*t))
+            .collect();
+        let mut qemu = if missing.is_empty() {
+            HashMap::new()
+        } else {
+            self.read_proc(&missing)
+        };
+        let mut out = HashMap::new();
+        for tap in taps {
+            let identity = libvirt
+                .remove(*tap)
+                .or_else(|| qemu.remove(*tap))
+                .or_else(|| {
+                    neutron_port(tap).map(|port| Identity {
+                        vm_name: (*tap).to_owned(),
+                        neutron_port: port,
+                        source: "neutron_name",
+                        ..Default::default()
+                    })
+                })
+                .unwrap_or_else(|| Identity {
+                    vm_name: (*tap).to_owned(),
+                    source: "tap",
+                    ..Default::default()
+                });
+            out.insert((*tap).to_owned(), identity);
+        }
+        (out, skipped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/libvirt")
+                .join(name),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn plain_libvirt_domain() {
+        let (taps, skipped) = parse_libvirt_xml("plain.xml", &fixture("plain.xml")).unwrap();
+        assert!(skipped.is_empty());
+        let (tap, id) = &taps[0];
+        assert_eq!(tap, "vnet0");
+        assert_eq!(
+            (id.vm_name.as_str(), id.vm_uuid.as_str(), id.mac.as_str()),
+            (
+                "web-1",
+                "6f1c2a9e-5b7d-4c1e-9a3f-2b8d7e6c5a41",
+                "52:54:00:12:34:56"
+            )
+        );
+        assert_eq!(id.source, "libvirt");
+    }
+
+    #[test]
+    fn nova_domain_with_metadata_ovs_port_and_a_skipped_macvtap() {
+        let (taps, skipped) = parse_libvirt_xml("nova.xml", &fixture("nova.xml")).unwrap();
+        assert_eq!(taps.len(), 2);
+        let eth = &taps.iter().find(|(t, _)| t == "tap3f2a1c9d-1e").unwrap().1;
+        assert_eq!(eth.vm_name, "db-primary");
+        assert_eq!(eth.domain, "instance-0000002a");
+        assert_eq!(eth.project, "payments");
+        assert_eq!(eth.flavor, "m1.large");
+        assert_eq!(eth.neutron_port, "3f2a1c9d-1e");
+        assert_eq!(eth.mac, "fa:16:3e:5a:6b:7c");
+        assert!(
+            taps.iter().any(|(t, _)| t == "tap7d2e9c4b-00"),
+            "OVS port tap"
+        );
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].device, "macvtap0");
+        assert!(skipped[0].reason.contains("direct"));
+    }
+
+    #[test]
+    fn a_half_written_file_is_an_error_not_a_panic() {
+        assert!(parse_libvirt_xml("broken.xml", &fixture("broken.xml")).is_err());
+    }
+
+    #[test]
+    fn neutron_names_and_fdinfo() {
+        assert_eq!(
+            neutron_port("tap3f2a1c9d-1e").as_deref(),
+            Some("3f2a1c9d-1e")
+        );
+        assert_eq!(neutron_port("tap0"), None);
+        assert_eq!(neutron_port("vnet12"), None);
+        assert_eq!(
+            fdinfo_tap("pos:\t0\nflags:\t0104002\nmnt_id:\t25\niff:\tvnet3\n"),
+            Some("vnet3")
+        );
+        assert_eq!(fdinfo_tap("pos:\t0\n"), None);
+    }
+
+    #[test]
+    fn qemu_command_lines_name_the_vm_and_the_nic_mac() {
+        let args: Vec<String> = "qemu-system-x86_64 -name guest=web-2,debug-threads=on -uuid 1111-2222 -netdev tap,fd=31,id=hostnet0,vhost=on,vhostfd=32 -device virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:AB:CD:EF,bus=pci.0"
+            .split(' ')
+            .map(str::to_owned)
+            .collect();
+        let id = parse_qemu_cmdline(&args, "31").unwrap();
+        assert_eq!(
+            (id.vm_name.as_str(), id.vm_uuid.as_str(), id.mac.as_str()),
+            ("web-2", "1111-2222", "52:54:00:ab:cd:ef")
+        );
+        let other_fd = parse_qemu_cmdline(&args, "40").unwrap();
+        assert_eq!(other_fd.mac, "");
+        assert!(parse_qemu_cmdline(&["bash".to_owned()], "3").is_none());
+    }
+
+    #[test]
+    fn resolver_prefers_libvirt_then_proc_then_naming_then_the_tap() {
+        let root = std::env::temp_dir().join(format!("hvnet-identity-{}", std::process::id()));
+        let libvirt = root.join("libvirt");
+        let proc_root = root.join("proc");
+        std::fs::create_dir_all(&libvirt).unwrap();
+        std::fs::write(libvirt.join("web-1.xml"), fixture("plain.xml")).unwrap();
+        std::fs::write(libvirt.join("broken.xml"), fixture("broken.xml")).unwrap();
+        let pid = proc_root.join("4242");
+        std::fs::create_dir_all(pid.join("fdinfo")).unwrap();
+        std::fs::write(pid.join("fdinfo/31"), "pos:\t0\niff:\tvnet1\n").unwrap();
+        std::fs::write(pid.join("fdinfo/4"), "pos:\t0\n").unwrap();
+        std::fs::write(
+            pid.join("cmdline"),
+            "qemu-system-x86_64\0-name\0guest=api-1\0-uuid\0aaaa-bbbb\0-netdev\0tap,fd=31,id=hostnet0\0-device\0virtio-net-pci,netdev=hostnet0,mac=52:54:00:00:00:31\0",
+        )
+        .unwrap();
+        let resolver = IdentityResolver::new(&libvirt, &proc_root);
+        let (ids, _) = resolver.resolve(&["vnet0", "vnet1", "tap3f2a1c9d-1e", "tap9"]);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(
+            (ids["vnet0"].source, ids["vnet0"].vm_name.as_str()),
+            ("libvirt", "web-1")
+        );
+        assert_eq!(
+            (
+                ids["vnet1"].source,
+                ids["vnet1"].vm_name.as_str(),
+                ids["vnet1"].mac.as_str()
+            ),
+            ("qemu", "api-1", "52:54:00:00:00:31")
+        );
+        assert_eq!(ids["tap3f2a1c9d-1e"].source, "neutron_name");
+        assert_eq!(
+            (ids["tap9"].source, ids["tap9"].vm_name.as_str()),
+            ("tap", "tap9")
+        );
+    }
+}
