@@ -17,7 +17,7 @@ use hvnet_lab::{
     netns::{enter_netns, NetNs},
     node::{ComputeNode, FakeVm},
     vmm::{self, VmmMode},
-    BRIDGE_ADDR,
+    BRIDGE_ADDR, PEER_ADDR,
 };
 
 #[derive(Parser)]
@@ -179,12 +179,18 @@ fn demo(
     }
     wait_for_leases(&guests, Duration::from_secs(15));
     for vm in &guests {
-        // Steady guest traffic toward the bridge: ICMP both ways, ARP refreshes.
+        // Steady guest traffic to a peer on the bridge (not the DHCP
+        // server): ICMP both ways, ARP refreshes. The loop restarts ping
+        // when the guest loses its address and gets it back.
         let _ = vm
             .guest
-            .command("busybox")
-            .args(["ping", "-i", "0.5", BRIDGE_ADDR])
+            .command("sh")
+            .args([
+                "-c",
+                &format!("while :; do busybox ping -q -i 0.5 {PEER_ADDR}; sleep 1; done"),
+            ])
             .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn();
     }
 
