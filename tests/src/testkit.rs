@@ -24,3 +24,32 @@ pub fn require_root() {
         "the lab tests create netns and taps: run `cargo xtask test` as root"
     );
 }
+
+/// The most common lab: a compute node (with dnsmasq when `dhcp`), one
+/// fake VM on tap `tap`, and hvnet watching `<tap's prefix>*`. Bind the
+/// result as `let (node, vm, agent) = ...`: locals drop in reverse, so the
+/// agent stops first and the node goes last.
+pub fn lab_with_one_vm(
+    tag: &str,
+    tap: &str,
+    dhcp: bool,
+    fake_vmm: &std::path::Path,
+) -> anyhow::Result<(
+    crate::node::ComputeNode,
+    crate::node::FakeVm,
+    crate::agent::Agent,
+)> {
+    let mut node = crate::node::ComputeNode::create(&crate::unique_prefix(tag))?;
+    if dhcp {
+        node.start_dhcp_server("2m")?;
+    }
+    let vm = node.add_vm(tap, 0, fake_vmm)?;
+    let glob = format!("{}*", tap.trim_end_matches(|c: char| c.is_ascii_digit()));
+    let agent = crate::agent::Agent::start(
+        &node.ns,
+        9478,
+        &["--interfaces", &glob],
+        &node.dir.join("hvnet.log"),
+    )?;
+    Ok((node, vm, agent))
+}

@@ -8,17 +8,14 @@ use std::{
 };
 
 use hvnet_lab::{
-    agent::{hvnet_bin, Agent},
+    agent::hvnet_bin,
     expect::eventually,
     metrics::{self, Sample},
     node::{ComputeNode, FakeVm},
-    testkit::{require_root, Background},
-    unique_prefix,
+    testkit::{lab_with_one_vm, require_root, Background},
     vmm::VmmMode,
     BRIDGE_ADDR, PEER_ADDR,
 };
-
-const PORT: u16 = 9478;
 
 fn fake_vmm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fake-vmm"))
@@ -73,15 +70,7 @@ fn explain(node: &ComputeNode, iface: &str) -> anyhow::Result<String> {
 fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_delivered_after_recovery(
 ) -> anyhow::Result<()> {
     require_root();
-    let mut node = ComputeNode::create(&unique_prefix("u"))?;
-    node.start_dhcp_server("2m")?;
-    let vm = node.add_vm("tapu0", 0, &fake_vmm())?;
-    let agent = Agent::start(
-        &node.ns,
-        PORT,
-        &["--interfaces", "tapu*"],
-        &node.dir.join("hvnet.log"),
-    )?;
+    let (node, vm, agent) = lab_with_one_vm("u", "tapu0", true, &fake_vmm())?;
     let udhcpc = vm.spawn_dhcp_client(&node.udhcpc_script())?;
     let mut background = Background(vec![udhcpc]);
     eventually(
@@ -232,15 +221,7 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
 #[test]
 fn a_stopped_server_is_no_reply_not_blamed_on_the_vm() -> anyhow::Result<()> {
     require_root();
-    let mut node = ComputeNode::create(&unique_prefix("r"))?;
-    node.start_dhcp_server("2m")?;
-    let vm = node.add_vm("tapr0", 0, &fake_vmm())?;
-    let agent = Agent::start(
-        &node.ns,
-        PORT,
-        &["--interfaces", "tapr*"],
-        &node.dir.join("hvnet.log"),
-    )?;
+    let (mut node, vm, agent) = lab_with_one_vm("r", "tapr0", true, &fake_vmm())?;
     let mut background = Background(vec![vm.spawn_dhcp_client(&node.udhcpc_script())?]);
     eventually(
         &agent,
@@ -317,15 +298,7 @@ fn a_stopped_server_is_no_reply_not_blamed_on_the_vm() -> anyhow::Result<()> {
 #[test]
 fn dhclient_loses_its_lease_during_a_long_stall_and_the_timeline_says_so() -> anyhow::Result<()> {
     require_root();
-    let mut node = ComputeNode::create(&unique_prefix("x"))?;
-    node.start_dhcp_server("2m")?;
-    let vm = node.add_vm("tapx0", 0, &fake_vmm())?;
-    let agent = Agent::start(
-        &node.ns,
-        PORT,
-        &["--interfaces", "tapx*"],
-        &node.dir.join("hvnet.log"),
-    )?;
+    let (node, vm, agent) = lab_with_one_vm("x", "tapx0", true, &fake_vmm())?;
     let mut background = Background(vec![vm.spawn_dhclient(&node.dhclient_script(), &node.dir)?]);
     eventually(
         &agent,
