@@ -28,7 +28,8 @@ fn a_libvirt_status_file_names_the_vm_in_metrics_and_explain() -> anyhow::Result
         format!(
             "<domstatus state='running' pid='1'><domain type='kvm' id='1'><name>instance-00000001</name>\
              <uuid>6f1c2a9e-5b7d-4c1e-9a3f-2b8d7e6c5a41</uuid><metadata>\
-             <nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'><nova:name>web-1</nova:name></nova:instance>\
+             <nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'><nova:name>web-1</nova:name>\
+             <nova:owner><nova:project uuid='9a1f'>payments</nova:project></nova:owner></nova:instance>\
              </metadata><devices><interface type='bridge'><mac address='{}'/><source bridge='br0'/>\
              <target dev='tapi0'/></interface></devices></domain></domstatus>",
             vm.guest_mac
@@ -38,7 +39,13 @@ fn a_libvirt_status_file_names_the_vm_in_metrics_and_explain() -> anyhow::Result
     let agent = Agent::start(
         &node.ns,
         9478,
-        &["--interfaces", "tapi*", "--libvirt-run-dir", &libvirt_arg],
+        &[
+            "--interfaces",
+            "tapi*",
+            "--libvirt-run-dir",
+            &libvirt_arg,
+            "--project-label",
+        ],
         &node.dir.join("hvnet.log"),
     )?;
     eventually(
@@ -55,6 +62,7 @@ fn a_libvirt_status_file_names_the_vm_in_metrics_and_explain() -> anyhow::Result
                     ("vm_name", "web-1"),
                     ("vm_uuid", "6f1c2a9e-5b7d-4c1e-9a3f-2b8d7e6c5a41"),
                     ("mac", vm.guest_mac.as_str()),
+                    ("project", "payments"),
                 ],
             ) == Some(1.0)
         },

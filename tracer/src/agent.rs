@@ -65,6 +65,7 @@ pub struct AgentState {
     resolver: IdentityResolver,
     identities: Mutex<HashMap<String, Identity>>,
     identity_refreshed: Mutex<f64>,
+    project_label: bool,
 }
 
 /// How often identities are re-read without a tap change (a VM renamed,
@@ -104,6 +105,7 @@ impl AgentState {
             resolver: IdentityResolver::new(&config.libvirt_run_dir, &config.proc_root),
             identities: Mutex::new(HashMap::new()),
             identity_refreshed: Mutex::new(f64::NEG_INFINITY),
+            project_label: config.project_label,
         }
     }
 
@@ -200,6 +202,7 @@ impl AgentState {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             attach_mechanism: self.mechanism.to_owned(),
             events_lost: snapshot.events_lost,
+            project_label: self.project_label,
         })
     }
 

@@ -81,6 +81,9 @@ pub struct RunArgs {
     /// libvirt's directory of running domains' status XML [default: /run/libvirt/qemu].
     #[arg(long)]
     pub libvirt_run_dir: Option<PathBuf>,
+    /// Add the VM's project (nova metadata) to hvnet_vm_info; more series, so off by default.
+    #[arg(long)]
+    pub project_label: bool,
 }
 
 impl RunArgs {
@@ -93,6 +96,7 @@ impl RunArgs {
             attach_mode: self.attach_mode.clone(),
             btf: self.btf.clone(),
             libvirt_run_dir: self.libvirt_run_dir.clone(),
+            project_label: self.project_label,
         }
     }
 }

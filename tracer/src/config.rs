@@ -82,6 +82,7 @@ pub struct FileConfig {
     pub btf: Option<PathBuf>,
     pub libvirt_run_dir: Option<PathBuf>,
     pub proc_root: Option<PathBuf>,
+    pub project_label: Option<bool>,
 }
 
 impl FileConfig {
@@ -111,6 +112,7 @@ pub struct FlagOverrides {
     pub attach_mode: Option<String>,
     pub btf: Option<PathBuf>,
     pub libvirt_run_dir: Option<PathBuf>,
+    pub project_label: bool,
 }
 
 /// The resolved configuration the agent runs with.
@@ -126,6 +128,8 @@ pub struct Config {
     pub libvirt_run_dir: PathBuf,
     /// /proc, for the process holding each tap and its QEMU command line.
     pub proc_root: PathBuf,
+    /// Add the VM's project to hvnet_vm_info (more series: off by default).
+    pub project_label: bool,
 }
 
 impl Config {
@@ -173,6 +177,8 @@ impl Config {
             .proc_root
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PROC_ROOT));
 
+        let project_label = flags.project_label || file.project_label.unwrap_or(false);
+
         Ok(Self {
             listen,
             interfaces,
@@ -182,6 +188,7 @@ impl Config {
             btf,
             libvirt_run_dir,
             proc_root,
+            project_label,
         })
     }
 }
@@ -213,6 +220,27 @@ mod tests {
         assert_eq!(cfg.poll_interval, Duration::from_secs(1));
         assert_eq!(cfg.stall_after, Duration::from_secs(3));
         assert_eq!(cfg.attach_mode, AttachMode::Auto);
+        assert!(!cfg.project_label);
+    }
+
+    #[test]
+    fn the_project_label_comes_from_the_file_or_the_flag() {
+        let on = file("project_label = true").unwrap();
+        assert!(
+            Config::resolve(on, FlagOverrides::default())
+                .unwrap()
+                .project_label
+        );
+        let flag = FlagOverrides {
+            project_label: true,
+            ..Default::default()
+        };
+        assert!(
+            Config::resolve(FileConfig::default(), flag)
+                .unwrap()
+                .project_label
+        );
+        assert!(file("project_label = \"yes\"").is_err());
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Exposition {
     pub version: String,
     pub attach_mechanism: String,
     pub events_lost: u64,
+    /// Whether hvnet_vm_info carries the VM's project (config `project_label`).
+    pub project_label: bool,
 }
 
 /// A VM's DHCP picture at scrape time.
@@ -182,15 +184,17 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
                 bytes.mut_metric().push(counter(&labels, b as f64));
             }
         }
-        info.mut_metric().push(gauge(
-            &[
-                ("iface", vm.iface.as_str()),
-                ("vm_uuid", vm.vm_uuid.as_str()),
-                ("vm_name", vm.vm_name.as_str()),
-                ("mac", vm.mac.as_str()),
-            ],
-            1.0,
-        ));
+        let mut labels = vec![
+            ("iface", vm.iface.as_str()),
+            ("vm_uuid", vm.vm_uuid.as_str()),
+            ("vm_name", vm.vm_name.as_str()),
+            ("mac", vm.mac.as_str()),
+        ];
+        // Opt-in: a project label multiplies series per tenant.
+        if view.project_label {
+            labels.push(("project", vm.identity.project.as_str()));
+        }
+        info.mut_metric().push(gauge(&labels, 1.0));
     }
 
     let mut dropped = family(
@@ -643,6 +647,7 @@ mod tests {
             version: "0.1.0".into(),
             attach_mechanism: "tcx".into(),
             events_lost: 2,
+            project_label: false,
         }
     }
 
@@ -702,6 +707,16 @@ mod tests {
         let mut listed = METRIC_NAMES.to_vec();
         listed.sort_unstable();
         assert_eq!(rendered, listed);
+    }
+
+    #[test]
+    fn the_project_label_is_opt_in() {
+        let mut view = sample();
+        view.vms[0].identity.project = "payments".into();
+        assert!(!render(&view).unwrap().contains("project="));
+        view.project_label = true;
+        let text = render(&view).unwrap();
+        assert!(text.contains(",project=\"payments\"} 1"), "{text}");
     }
 
     #[test]
