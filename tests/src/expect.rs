@@ -98,19 +98,11 @@ pub fn eventually(
     what: &str,
     check: impl Fn(&[Sample]) -> bool,
 ) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if let Ok(samples) = agent.scrape(ns) {
-            if check(&samples) {
-                return Ok(start.elapsed());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!(
-        "timed out after {timeout:?} waiting for {what}:\n{}",
-        agent.log_text()
-    )
+    // A failed scrape (agent still starting) is a "not yet".
+    crate::testkit::poll_until(what, timeout, Duration::from_millis(50), || {
+        Ok(agent.scrape(ns).is_ok_and(|samples| check(&samples)))
+    })
+    .map_err(|err| anyhow::anyhow!("{err}:\n{}", agent.log_text()))
 }
 
 /// Names of the TCX programs attached to `iface` in `ns` (both directions).

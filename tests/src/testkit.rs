@@ -1,6 +1,9 @@
 //! Small helpers every privileged test file uses.
 
-use std::process::Child;
+use std::{
+    process::Child,
+    time::{Duration, Instant},
+};
 
 /// Background processes of a test (clients, traffic generators), killed
 /// when the test ends, however it ends.
@@ -52,4 +55,22 @@ pub fn lab_with_one_vm(
         &node.dir.join("hvnet.log"),
     )?;
     Ok((node, vm, agent))
+}
+
+/// Calls `check` every `interval` until it says yes (returns how long that
+/// took), fails (its error is returned), or `timeout` passes.
+pub fn poll_until(
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check()? {
+            return Ok(start.elapsed());
+        }
+        std::thread::sleep(interval);
+    }
+    anyhow::bail!("timed out after {timeout:?} waiting for {what}")
 }

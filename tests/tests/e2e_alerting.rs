@@ -18,25 +18,21 @@ use hvnet_lab::{
     metrics,
     node::ComputeNode,
     promstack::{self, received},
-    testkit::Background,
+    testkit::{poll_until, Background},
     unique_prefix,
     vmm::VmmMode,
     BRIDGE_ADDR, PEER_ADDR,
 };
 
+/// Alerts, queries and the guest are polled this often.
+const POLL: Duration = Duration::from_millis(250);
+
 fn wait_for(
     what: &str,
     timeout: Duration,
-    mut check: impl FnMut() -> anyhow::Result<bool>,
+    check: impl FnMut() -> anyhow::Result<bool>,
 ) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if check()? {
-            return Ok(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    anyhow::bail!("timed out after {timeout:?} waiting for {what}")
+    poll_until(what, timeout, POLL, check)
 }
 
 #[test]

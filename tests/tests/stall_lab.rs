@@ -1,18 +1,14 @@
 //! Privileged lab tests of RX-stall detection with the fake VMM's faults.
 //! Defaults as shipped: poll 1 s, stall-after 3 s.
 
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use hvnet_lab::{
     agent::Agent,
     expect::eventually,
     metrics::{self, Sample},
     node::{ComputeNode, FakeVm},
-    testkit::{require_root, Background},
+    testkit::{poll_until, require_root, Background},
     unique_prefix,
     vmm::VmmMode,
     BRIDGE_ADDR,
@@ -79,20 +75,16 @@ fn watch(
     check: impl Fn(&[Sample]) -> bool,
     forbidden: impl Fn(&[Sample]) -> bool,
 ) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
+    poll_until(what, timeout, Duration::from_millis(100), || {
         let samples = agent.scrape(&node.ns)?;
         anyhow::ensure!(
             !forbidden(&samples),
-            "forbidden state seen while waiting for {what}:\n{}",
-            agent.log_text()
+            "forbidden state seen while waiting for {what}"
         );
-        if check(&samples) {
-            return Ok(start.elapsed().as_secs_f64());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    anyhow::bail!("timed out waiting for {what}:\n{}", agent.log_text())
+        Ok(check(&samples))
+    })
+    .map(|took| took.as_secs_f64())
+    .map_err(|err| anyhow::anyhow!("{err}:\n{}", agent.log_text()))
 }
 
 #[test]
