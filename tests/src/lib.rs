@@ -17,11 +17,13 @@
 pub mod agent;
 pub mod dashboards;
 pub mod expect;
+pub mod guest;
 pub mod http;
 pub mod metrics;
 pub mod netns;
 pub mod node;
 pub mod promstack;
+pub mod tap;
 pub mod testkit;
 pub mod vmm;
 

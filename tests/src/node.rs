@@ -148,6 +148,15 @@ impl ComputeNode {
         self.dir.join("dhclient.script")
     }
 
+    /// A persistent tap on br0 with `mac`, as libvirt creates one before
+    /// handing its fd to QEMU.
+    pub fn create_tap(&self, tap: &str, mac: &str) -> anyhow::Result<()> {
+        self.ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+        self.ns
+            .ip(&["link", "set", tap, "address", mac, "master", "br0", "up"])
+            .map(|_| ())
+    }
+
     /// Starts a fake VM: a persistent tap `tap` on br0 (as libvirt creates
     /// it), a guest netns, and a fake VMM relaying between them.
     pub fn add_vm(&self, tap: &str, index: u8, fake_vmm: &Path) -> anyhow::Result<FakeVm> {
@@ -177,10 +186,7 @@ impl FakeVm {
         // libvirt's convention: the tap's MAC is the guest's with fe:.
         let guest_mac = format!("52:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
         let tap_mac = format!("fe:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
-        node.ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
-        node.ns.ip(&[
-            "link", "set", tap, "address", &tap_mac, "master", "br0", "up",
-        ])?;
+        node.create_tap(tap, &tap_mac)?;
         let control = node.dir.join(format!("{tap}.ctl"));
         let mut vmm = Command::new(fake_vmm)
             .args(["--node-netns", node.ns.name(), "--tap", tap])

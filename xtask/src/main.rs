@@ -33,6 +33,10 @@ enum Task {
         /// Also the minutes-long soak under heavy load (HVNET_SOAK_SECONDS).
         #[arg(long)]
         soak: bool,
+        /// Only the real-guest regression test (QEMU TCG guest, the
+        /// incident's fault reproduced by masking its RX interrupt).
+        #[arg(long, conflicts_with_all = ["unit_only", "soak"])]
+        qemu: bool,
     },
     /// The embedded lab: a compute node in network namespaces, fake VMs, dnsmasq, hvnet.
     Demo {
@@ -58,14 +62,31 @@ fn main() -> anyhow::Result<()> {
             setup::all(&root)?;
             build(&root)
         }
-        Task::Test { unit_only, soak } => {
+        Task::Test {
+            unit_only,
+            soak,
+            qemu,
+        } => {
             setup::all(&root)?;
+            if qemu {
+                build(&root)?;
+                return run(lab_tests(&root).args([
+                    "--test",
+                    "qemu_guest_lab",
+                    "--",
+                    "--nocapture",
+                ]));
+            }
             test(&root, unit_only)?;
             if soak {
-                run(cargo(&root)
-                    .args(["test", "--release", "-p", "hvnet-lab", "--test", "soak_lab"])
-                    .args(["--", "--ignored", "--test-threads=1", "--nocapture"])
-                    .env("HVNET_BIN", root.join("target/release/hvnet")))?;
+                run(lab_tests(&root).args([
+                    "--test",
+                    "soak_lab",
+                    "--",
+                    "--ignored",
+                    "--test-threads=1",
+                    "--nocapture",
+                ]))?;
             }
             Ok(())
         }
@@ -147,20 +168,21 @@ fn test(root: &Path, unit_only: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     build(root)?;
-    // Privileged tier: real netns, taps, dnsmasq and the agent; they share
-    // kernel state (tc, netns names), so one at a time.
-    run(cargo(root)
-        .args([
-            "test",
-            "--release",
-            "--no-fail-fast",
-            "-p",
-            "hvnet-lab",
-            "--tests",
-            "--",
-            "--test-threads=1",
-        ])
-        .env("HVNET_BIN", root.join("target/release/hvnet")))
+    // Privileged tier: real netns, taps, dnsmasq, QEMU and the agent; they
+    // share kernel state (tc, netns names), so one at a time.
+    run(lab_tests(root).args(["--no-fail-fast", "--tests", "--", "--test-threads=1"]))
+}
+
+/// `cargo test` for the lab crate with what its tests need to know: the
+/// agent binary, and that set-up provided QEMU and the guest's boot files
+/// (so the real-guest test fails rather than skips if they are missing).
+fn lab_tests(root: &Path) -> Command {
+    let mut cmd = cargo(root);
+    cmd.args(["test", "--release", "-p", "hvnet-lab"])
+        .env("HVNET_BIN", root.join("target/release/hvnet"))
+        .env("HVNET_GUEST_CACHE", setup::guest_cache(root))
+        .env("HVNET_REQUIRE_QEMU", "1");
+    cmd
 }
 
 fn cargo(root: &Path) -> Command {

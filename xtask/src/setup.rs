@@ -20,15 +20,75 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "prometheus",              // promtool, and the end-to-end test's server
     "prometheus-alertmanager", // the end-to-end test routes alerts through it
+    "qemu-system-x86",         // the real-guest test (TCG; no KVM needed)
 ];
+/// Packages unpacked (not installed) as the real-guest test's boot files:
+/// the meta-package's current kernel, and a static busybox for its initramfs.
+const GUEST_KERNEL_META: &str = "linux-image-cloud-amd64";
+const GUEST_BUSYBOX: &str = "busybox-static";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
 
-pub fn all(_root: &Path) -> anyhow::Result<()> {
+pub fn all(root: &Path) -> anyhow::Result<()> {
     apt_packages()?;
     rust_src()?;
     bpf_linker()?;
+    guest_boot_files(&guest_cache(root))?;
     Ok(())
+}
+
+/// Where the real-guest test finds its kernel and busybox (the test reads
+/// the same HVNET_GUEST_CACHE).
+pub fn guest_cache(root: &Path) -> PathBuf {
+    std::env::var_os("HVNET_GUEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/hvnet-guest"))
+}
+
+/// Downloads a Debian kernel package and busybox-static with apt-get
+/// download and unpacks them with dpkg-deb -x (nothing is installed on the
+/// host, no VM image is downloaded). Skipped when already unpacked.
+fn guest_boot_files(cache: &Path) -> anyhow::Result<()> {
+    let marker = cache.join("unpacked");
+    if marker.exists() {
+        return Ok(());
+    }
+    let kernel_package = match kernel_package() {
+        Ok(pkg) => pkg,
+        Err(_) => {
+            run(Command::new("apt-get").args(["update", "-qq"]))?;
+            kernel_package()?
+        }
+    };
+    eprintln!("setup: fetching the test guest's boot files ({kernel_package}, {GUEST_BUSYBOX})");
+    let debs = cache.join("debs");
+    let _ = std::fs::remove_dir_all(cache);
+    std::fs::create_dir_all(&debs)?;
+    // apt's sandbox user must be able to write the download directory.
+    run(Command::new("chmod").arg("777").arg(&debs))?;
+    run(Command::new("apt-get")
+        .args(["download", "-qq", &kernel_package, GUEST_BUSYBOX])
+        .current_dir(&debs))?;
+    let root = cache.join("root");
+    for deb in std::fs::read_dir(&debs)?.filter_map(Result::ok) {
+        run(Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(deb.path())
+            .arg(&root))?;
+    }
+    std::fs::remove_dir_all(&debs)?;
+    std::fs::write(&marker, format!("{kernel_package}\n{GUEST_BUSYBOX}\n"))?;
+    Ok(())
+}
+
+/// The kernel package the meta-package currently points at.
+fn kernel_package() -> anyhow::Result<String> {
+    let out = capture(Command::new("apt-cache").args(["depends", GUEST_KERNEL_META]))?;
+    out.lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .map(str::to_owned)
+        .with_context(|| format!("apt-cache depends {GUEST_KERNEL_META} names no kernel"))
 }
 
 fn apt_packages() -> anyhow::Result<()> {

@@ -7,7 +7,7 @@
 //! tap (the incident's virtio RX bug), `paused` stops both directions.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::File,
     io::{BufRead, BufReader, Read, Write},
     os::{
         fd::{AsRawFd, RawFd},
@@ -25,6 +25,7 @@ use anyhow::{bail, Context as _};
 use clap::Parser;
 use hvnet_lab::{
     netns::enter_netns,
+    tap::{open_tap, TapFraming},
     vmm::{DirectionStats, VmmMode, VmmStats},
 };
 use tracer_common::{class, classify::classify_frame};
@@ -48,9 +49,6 @@ struct Args {
     control: PathBuf,
 }
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_NO_PI: libc::c_short = 0x1000;
 const MODE_RUNNING: u8 = 0;
 const MODE_RX_STALL: u8 = 1;
 const MODE_PAUSED: u8 = 2;
@@ -82,27 +80,6 @@ struct Shared {
     to_vm: Counters,
     from_vm: Counters,
     write_errors: AtomicU64,
-}
-
-fn open_tap(name: &str) -> anyhow::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .context("opening /dev/net/tun")?;
-    let mut ifreq = [0u8; 40];
-    let bytes = name.as_bytes();
-    if bytes.len() > 15 {
-        bail!("interface name {name:?} longer than 15 bytes");
-    }
-    ifreq[..bytes.len()].copy_from_slice(bytes);
-    ifreq[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
-    // SAFETY: TUNSETIFF reads a struct ifreq (40 bytes) from the pointer.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, ifreq.as_mut_ptr()) };
-    if rc != 0 {
-        bail!("TUNSETIFF {name}: {}", std::io::Error::last_os_error());
-    }
-    Ok(file)
 }
 
 /// Waits up to 50 ms for `fd` to be readable.
@@ -210,9 +187,9 @@ fn main() -> anyhow::Result<()> {
     // A tun fd belongs to the netns it was opened in: open each tap after
     // entering its namespace (this thread only; children inherit nothing).
     enter_netns(&PathBuf::from("/run/netns").join(&args.node_netns))?;
-    let host_tap = open_tap(&args.tap)?;
+    let host_tap = open_tap(&args.tap, TapFraming::Plain)?;
     enter_netns(&PathBuf::from("/run/netns").join(&args.guest_netns))?;
-    let guest_tap = open_tap(&args.guest_if)?;
+    let guest_tap = open_tap(&args.guest_if, TapFraming::Plain)?;
 
     let _ = std::fs::remove_file(&args.control);
     let listener = UnixListener::bind(&args.control)

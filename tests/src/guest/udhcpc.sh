@@ -1,0 +1,10 @@
+#!/bin/sh
+# udhcpc hook in the QEMU guest: apply the lease, drop it on deconfig.
+case "$1" in
+  deconfig) ip -4 addr flush dev "$interface" ;;
+  bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    ;;
+esac
+exit 0
