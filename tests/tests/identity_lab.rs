@@ -6,6 +6,7 @@ use hvnet_lab::{
     agent::{hvnet_bin, Agent},
     expect::eventually,
     metrics,
+    netns::NetNs,
     node::ComputeNode,
     testkit::require_root,
     unique_prefix,
@@ -95,19 +96,25 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
 }
 
+fn open_fds(pid: u32) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
 #[test]
 fn five_hundred_tap_create_destroy_cycles_leak_nothing() -> anyhow::Result<()> {
     require_root();
     let node = ComputeNode::create(&unique_prefix("ch"))?;
+    // A short grace, so departed series must also come and go.
     let agent = Agent::start(
         &node.ns,
         9478,
-        &["--interfaces", "tapch*"],
+        &["--interfaces", "tapch*", "--series-grace", "1s"],
         &node.dir.join("hvnet.log"),
     )?;
     let pid = agent.pid().ok_or_else(|| anyhow::anyhow!("no agent pid"))?;
     let batch = ["ip", "-n", node.ns.name(), "-batch", "-"];
     let mut before = 0;
+    let mut fds_before = 0;
     let mut per_round = Vec::new();
     for round in 0..10 {
         // The first two rounds warm up (allocator arenas, map and table
@@ -115,6 +122,7 @@ fn five_hundred_tap_create_destroy_cycles_leak_nothing() -> anyhow::Result<()> {
         if round == 2 {
             std::thread::sleep(Duration::from_secs(2));
             before = rss_kib(pid)?;
+            fds_before = open_fds(pid)?;
         }
         // 50 taps appear, get attached, and vanish again, per round.
         let mut script = String::new();
@@ -146,6 +154,9 @@ fn five_hundred_tap_create_destroy_cycles_leak_nothing() -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_secs(2));
     let after = rss_kib(pid)?;
+    // Each TCX link or netlink attachment is an fd in the agent: a leaked
+    // attachment would show here.
+    let fds_after = open_fds(pid)?;
     let samples = agent.scrape(&node.ns)?;
     let stale: Vec<_> = samples
         .iter()
@@ -156,7 +167,11 @@ fn five_hundred_tap_create_destroy_cycles_leak_nothing() -> anyhow::Result<()> {
         "stale per-VM series after churn: {:?}",
         stale.first()
     );
-    eprintln!("500 tap cycles: agent RSS per round {per_round:?} KiB; {before} KiB after warm-up, {after} KiB at the end; 0 per-VM series left");
+    eprintln!("500 tap cycles: agent RSS per round {per_round:?} KiB; {before} KiB after warm-up, {after} KiB at the end; open fds {fds_before} -> {fds_after}; 0 per-VM series left");
+    assert_eq!(
+        fds_after, fds_before,
+        "the agent's open fds (links, programs) leaked"
+    );
     assert!(
         after < before + 1024,
         "agent memory grew from {before} to {after} KiB over 400 cycles"
@@ -191,5 +206,150 @@ fn run_batch(cmd: &[&str], script: &str) -> anyhow::Result<()> {
         .write_all(script.as_bytes())?;
     let status = child.wait()?;
     anyhow::ensure!(status.success(), "ip -batch failed");
+    Ok(())
+}
+
+/// A VM-side veth standing in for a tap, at a chosen ifindex: `ip tuntap`
+/// cannot pick one, and reuse is what this test is about.
+fn veth_vm(
+    node: &ComputeNode,
+    guest: &NetNs,
+    name: &str,
+    index: Option<u32>,
+) -> anyhow::Result<()> {
+    let mut args = vec!["link", "add", name];
+    let index_text = index.map(|i| i.to_string());
+    if let Some(i) = &index_text {
+        args.extend(["index", i.as_str()]);
+    }
+    args.extend([
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        guest.name(),
+    ]);
+    node.ns.ip(&args)?;
+    node.ns.ip(&["addr", "add", "10.250.7.1/24", "dev", name])?;
+    node.ns.ip(&["link", "set", name, "up"])?;
+    guest.ip(&["addr", "add", "10.250.7.2/24", "dev", "eth0"])?;
+    guest.ip(&["link", "set", "eth0", "up"])?;
+    Ok(())
+}
+
+fn icmp_to_vm(s: &[metrics::Sample], iface: &str) -> Vec<f64> {
+    s.iter()
+        .filter(|x| {
+            x.name == "hvnet_vm_packets_total"
+                && x.labels.get("iface").map(String::as_str) == Some(iface)
+                && x.labels.get("direction").map(String::as_str) == Some("to_vm")
+                && x.labels.get("class").map(String::as_str) == Some("other")
+        })
+        .map(|x| x.value)
+        .collect()
+}
+
+#[test]
+fn a_reused_ifindex_or_name_never_inherits_another_vms_counts() -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("ri"))?;
+    let guest = NetNs::create(&format!("{}-g", node.prefix))?;
+    let agent = Agent::start(
+        &node.ns,
+        9478,
+        &["--interfaces", "tapri*", "--series-grace", "60s"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    let ping = |count: &str| {
+        node.ns.exec_ok(&[
+            "busybox",
+            "ping",
+            "-c",
+            count,
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "10.250.7.2",
+        ])
+    };
+    // /api/v1/vms carries the ifindex (the metrics do not).
+    let ifindex_of = |iface: &str| {
+        let resp = hvnet_lab::http::get(&node.ns, agent.addr, "/api/v1/vms")?;
+        let vms: serde_json::Value = serde_json::from_str(&resp.body)?;
+        anyhow::Ok(
+            vms.as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .find(|v| v["iface"] == iface && v["departed"] == false)
+                })
+                .and_then(|v| v["ifindex"].as_u64()),
+        )
+    };
+
+    // VM A on tapri0 at ifindex 4242 sends 3 pings' worth toward the VM.
+    veth_vm(&node, &guest, "tapri0", Some(4242))?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "tapri0 attached",
+        |s| icmp_to_vm(s, "tapri0") == [0.0],
+    )?;
+    ping("3")?;
+    eventually(&agent, &node.ns, Duration::from_secs(3), "A counted", |s| {
+        icmp_to_vm(s, "tapri0") == [3.0]
+    })?;
+
+    // A goes; B arrives on another name with the same ifindex: B starts
+    // from zero while A's final count stays visible for the grace period.
+    node.ns.ip(&["link", "del", "tapri0"])?;
+    veth_vm(&node, &guest, "tapri1", Some(4242))?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "B attached at A's ifindex",
+        |s| icmp_to_vm(s, "tapri1") == [0.0] && icmp_to_vm(s, "tapri0") == [3.0],
+    )?;
+    assert_eq!(ifindex_of("tapri1")?, Some(4242));
+    ping("2")?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "B counted alone",
+        |s| icmp_to_vm(s, "tapri1") == [2.0] && icmp_to_vm(s, "tapri0") == [3.0],
+    )?;
+
+    // C reuses A's name (libvirt reuses vnetN names) within A's grace: one
+    // series for the name, C's, from zero; never two, never A's 3.
+    node.ns.ip(&["link", "del", "tapri1"])?;
+    veth_vm(&node, &guest, "tapri0", None)?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "C owns the name",
+        |s| {
+            icmp_to_vm(s, "tapri0") == [0.0]
+                && metrics::value(
+                    s,
+                    "hvnet_vm_state",
+                    &[("iface", "tapri0"), ("state", "idle")],
+                )
+                .is_some()
+        },
+    )?;
+    ping("1")?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "C counted alone",
+        |s| icmp_to_vm(s, "tapri0") == [1.0] && icmp_to_vm(s, "tapri1") == [2.0],
+    )?;
     Ok(())
 }

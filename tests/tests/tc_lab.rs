@@ -106,7 +106,7 @@ fn counts_equal_what_the_vmm_relayed_per_direction_and_class() -> anyhow::Result
 fn taps_created_after_start_are_attached_and_removed_ones_disappear() -> anyhow::Result<()> {
     require_root();
     let node = ComputeNode::create(&unique_prefix("h"))?;
-    let agent = start_agent(&node, "taph*", &[])?;
+    let agent = start_agent(&node, "taph*", &["--series-grace", "3s"])?;
     assert_eq!(interfaces(&agent.scrape(&node.ns)?), Some(0.0));
 
     let vm0 = node.add_vm("taph0", 0, &fake_vmm())?;
@@ -136,20 +136,54 @@ fn taps_created_after_start_are_attached_and_removed_ones_disappear() -> anyhow:
         .ip(&["addr", "add", "10.250.0.50/24", "dev", "eth0"])?;
     vm0.ping(BRIDGE_ADDR, 3)?;
     counts_match(&agent, &node.ns, "taph0", &vm0.control, Some(&base0))?;
+    let final_other = |s: &[metrics::Sample]| {
+        metrics::value(
+            s,
+            "hvnet_vm_packets_total",
+            &[
+                ("iface", "taph0"),
+                ("direction", "to_vm"),
+                ("class", "other"),
+            ],
+        )
+    };
+    let counted = final_other(&agent.scrape(&node.ns)?);
+    assert!(counted.is_some_and(|v| v >= 3.0), "{counted:?}");
 
+    // Removed: detached at once, gauges gone, the final counters stay for
+    // the grace period (3 s here) so the next scrape still sees them...
     vm0.delete_tap()?;
+    let removed = Instant::now();
     eventually(
         &agent,
         &node.ns,
         Duration::from_secs(2),
+        "taph0 detached, its final counters kept",
+        |s| {
+            interfaces(s) == Some(1.0)
+                && metrics::value(s, "hvnet_vm_state", &[("iface", "taph0")]).is_none()
+                && final_other(s) == counted
+                && has_iface(s, "taph0")
+                && has_iface(s, "taph1")
+        },
+    )?;
+    // ...then nothing of it is left.
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(6),
         "taph0's series gone",
         |s| {
             !has_iface(s, "taph0")
                 && metrics::value(s, "hvnet_vm_packets_total", &[("iface", "taph0")]).is_none()
                 && has_iface(s, "taph1")
-                && interfaces(s) == Some(1.0)
         },
     )?;
+    let gone_after = removed.elapsed().as_secs_f64();
+    assert!(
+        (2.5..5.0).contains(&gone_after),
+        "series removed {gone_after:.1} s after the tap, grace is 3 s"
+    );
     drop(vm1);
     Ok(())
 }

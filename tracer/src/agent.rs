@@ -24,6 +24,7 @@ use tracer_common::direction;
 use crate::{
     collect::{CollectError, KernelMaps, KernelSnapshot},
     config::Config,
+    departed::DepartedSeries,
     drops::{drop_direction, reason_name},
     events::{interpret, EventReader, Observed},
     export::{DhcpView, DropCount, Exposition, VmHealth, VmView},
@@ -66,6 +67,7 @@ pub struct AgentState {
     identities: Mutex<HashMap<String, Identity>>,
     identity_refreshed: Mutex<f64>,
     project_label: bool,
+    departed: Mutex<DepartedSeries>,
 }
 
 /// How often identities are re-read without a tap change (a VM renamed,
@@ -106,6 +108,7 @@ impl AgentState {
             identities: Mutex::new(HashMap::new()),
             identity_refreshed: Mutex::new(f64::NEG_INFINITY),
             project_label: config.project_label,
+            departed: Mutex::new(DepartedSeries::new(config.series_grace)),
         }
     }
 
@@ -155,45 +158,13 @@ impl AgentState {
         let snapshot = lock(&self.maps).read()?;
         let now = self.now();
         let records = lock(&self.records);
-        let vms = attached
+        let mut vms: Vec<VmView> = attached
             .values()
-            .map(|link| (link, self.identity(&link.name)))
-            .map(|(link, identity)| VmView {
-                iface: link.name.clone(),
-                ifindex: link.ifindex,
-                mac: identity.mac.clone(),
-                tap_mac: link.mac_string(),
-                oper_state: link.oper_state.clone(),
-                vm_uuid: identity.vm_uuid.clone(),
-                vm_name: identity.vm_name.clone(),
-                identity,
-                traffic: snapshot
-                    .traffic
-                    .get(&link.ifindex)
-                    .copied()
-                    .unwrap_or_default(),
-                drops: self.drop_counts(&snapshot, link),
-                dequeued: self
-                    .has_dequeue_probe
-                    .then(|| snapshot.dequeued.get(&link.ifindex).copied().unwrap_or(0)),
-                netdev_tx_packets: link.stats.map(|s| s.tx_packets),
-                vhost_rx: snapshot.vhost_rx.get(&link.ifindex).copied(),
-                queue_len: link.txqueuelen,
-                health: records.get(&link.ifindex).map(|r| VmHealth {
-                    state: r.detector.state(),
-                    backlog: r.detector.backlog(),
-                    stalls_total: r.detector.stalls_total(),
-                    stall_seconds: r.detector.stall_seconds(),
-                }),
-                dhcp: records.get(&link.ifindex).map(|r| DhcpView {
-                    counters: r.dhcp.counters().clone(),
-                    lease_remaining: r.dhcp.lease().map(|l| l.remaining(now)),
-                    lease_address: r.dhcp.lease().map(|l| l.address.clone()),
-                    last_verdict: r.dhcp.last_verdict(),
-                }),
-            })
+            .map(|link| self.view(link, &snapshot, records.get(&link.ifindex), now))
             .collect();
         drop(records);
+        let names: Vec<&str> = attached.values().map(|l| l.name.as_str()).collect();
+        vms.extend(lock(&self.departed).visible(now, &names));
         Ok(Exposition {
             vms,
             probes: self.probe_statuses.clone(),
@@ -204,6 +175,52 @@ impl AgentState {
             events_lost: snapshot.events_lost,
             project_label: self.project_label,
         })
+    }
+
+    /// What one attached tap shows.
+    fn view(
+        &self,
+        link: &LinkInfo,
+        snapshot: &KernelSnapshot,
+        record: Option<&VmRecord>,
+        now: f64,
+    ) -> VmView {
+        let identity = self.identity(&link.name);
+        VmView {
+            iface: link.name.clone(),
+            ifindex: link.ifindex,
+            mac: identity.mac.clone(),
+            tap_mac: link.mac_string(),
+            oper_state: link.oper_state.clone(),
+            vm_uuid: identity.vm_uuid.clone(),
+            vm_name: identity.vm_name.clone(),
+            identity,
+            traffic: snapshot
+                .traffic
+                .get(&link.ifindex)
+                .copied()
+                .unwrap_or_default(),
+            drops: self.drop_counts(snapshot, link),
+            dequeued: self
+                .has_dequeue_probe
+                .then(|| snapshot.dequeued.get(&link.ifindex).copied().unwrap_or(0)),
+            netdev_tx_packets: link.stats.map(|s| s.tx_packets),
+            vhost_rx: snapshot.vhost_rx.get(&link.ifindex).copied(),
+            queue_len: link.txqueuelen,
+            health: record.map(|r| VmHealth {
+                state: r.detector.state(),
+                backlog: r.detector.backlog(),
+                stalls_total: r.detector.stalls_total(),
+                stall_seconds: r.detector.stall_seconds(),
+            }),
+            dhcp: record.map(|r| DhcpView {
+                counters: r.dhcp.counters().clone(),
+                lease_remaining: r.dhcp.lease().map(|l| l.remaining(now)),
+                lease_address: r.dhcp.lease().map(|l| l.address.clone()),
+                last_verdict: r.dhcp.last_verdict(),
+            }),
+            departed: false,
+        }
     }
 
     /// A VM by tap name, VM name or UUID.
@@ -399,6 +416,9 @@ impl AgentState {
     }
 
     fn attach(&self, link: LinkInfo) {
+        // A departed VM's series under this name end now: the name's
+        // series are the new tap's from its first scrape.
+        lock(&self.departed).forget_name(&link.name);
         // Counters left by an earlier interface with this ifindex are not ours.
         if let Err(err) = lock(&self.maps).forget_interface(link.ifindex) {
             log::warn!("{}: clearing old counters: {err}", link.name);
@@ -432,6 +452,7 @@ impl AgentState {
     }
 
     fn forget(&self, ifindex: u32) {
+        self.keep_final_counters(ifindex);
         let name = lock(&self.probes).detach(ifindex);
         lock(&self.attached).remove(&ifindex);
         lock(&self.records).remove(&ifindex);
@@ -441,6 +462,29 @@ impl AgentState {
         if let Some(name) = name {
             log::info!("detached from {name} (ifindex {ifindex}): interface gone or renamed");
         }
+    }
+
+    /// Keeps a vanishing tap's final counters for the series grace period.
+    fn keep_final_counters(&self, ifindex: u32) {
+        if lock(&self.departed).grace().is_zero() {
+            return;
+        }
+        let Some(link) = lock(&self.attached).get(&ifindex).cloned() else {
+            return;
+        };
+        let snapshot = match lock(&self.maps).read() {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                log::warn!("{}: final counters not kept: {err}", link.name);
+                return;
+            }
+        };
+        let now = self.now();
+        let view = {
+            let records = lock(&self.records);
+            self.view(&link, &snapshot, records.get(&ifindex), now)
+        };
+        lock(&self.departed).keep(view, now);
     }
 
     /// One poll: counters -> per-VM state machines -> health for export.
@@ -453,6 +497,7 @@ impl AgentState {
             }
         };
         let now = self.now();
+        lock(&self.departed).prune(now);
         let attached = lock(&self.attached).clone();
         let mut published = Vec::new();
         let mut records = lock(&self.records);

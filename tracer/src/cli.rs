@@ -72,6 +72,9 @@ pub struct RunArgs {
     /// How long frames may wait undrained before a VM counts as RX-stalled [default: 3s].
     #[arg(long)]
     pub stall_after: Option<String>,
+    /// How long a removed tap's final counters stay exported (0s: drop at once) [default: 15s].
+    #[arg(long)]
+    pub series_grace: Option<String>,
     /// tc attach mechanism: auto (TCX on 6.6+, else netlink), tcx or netlink [default: auto].
     #[arg(long)]
     pub attach_mode: Option<String>,
@@ -93,6 +96,7 @@ impl RunArgs {
             interfaces: self.interfaces.clone(),
             poll_interval: self.poll_interval.clone(),
             stall_after: self.stall_after.clone(),
+            series_grace: self.series_grace.clone(),
             attach_mode: self.attach_mode.clone(),
             btf: self.btf.clone(),
             libvirt_run_dir: self.libvirt_run_dir.clone(),

@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    duration::{parse_duration, DurationError},
+    duration::{parse_duration, parse_duration_or_zero, DurationError},
     ifmatch::{InterfaceGlobError, InterfaceMatcher},
 };
 
@@ -19,6 +19,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9478";
 pub const DEFAULT_INTERFACES: &str = "tap*,vnet*";
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(3);
+/// A scrape interval (Prometheus' example config scrapes every 15 s): long
+/// enough for the last increments of a removed tap to be scraped.
+pub const DEFAULT_SERIES_GRACE: Duration = Duration::from_secs(15);
 pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub const DEFAULT_LIBVIRT_RUN_DIR: &str = "/run/libvirt/qemu";
 pub const DEFAULT_PROC_ROOT: &str = "/proc";
@@ -78,6 +81,7 @@ pub struct FileConfig {
     pub interfaces: Option<Vec<String>>,
     pub poll_interval: Option<String>,
     pub stall_after: Option<String>,
+    pub series_grace: Option<String>,
     pub attach_mode: Option<String>,
     pub btf: Option<PathBuf>,
     pub libvirt_run_dir: Option<PathBuf>,
@@ -109,6 +113,7 @@ pub struct FlagOverrides {
     pub interfaces: Option<String>,
     pub poll_interval: Option<String>,
     pub stall_after: Option<String>,
+    pub series_grace: Option<String>,
     pub attach_mode: Option<String>,
     pub btf: Option<PathBuf>,
     pub libvirt_run_dir: Option<PathBuf>,
@@ -122,6 +127,8 @@ pub struct Config {
     pub interfaces: InterfaceMatcher,
     pub poll_interval: Duration,
     pub stall_after: Duration,
+    /// How long a removed tap's final counters stay exported.
+    pub series_grace: Duration,
     pub attach_mode: AttachMode,
     pub btf: PathBuf,
     /// Where libvirt keeps running domains' status XML (identity source).
@@ -158,6 +165,15 @@ impl Config {
             flags.stall_after.or(file.stall_after),
             DEFAULT_STALL_AFTER,
         )?;
+        let series_grace = match flags.series_grace.or(file.series_grace) {
+            Some(text) => {
+                parse_duration_or_zero(&text).map_err(|source| ConfigError::Duration {
+                    key: "series_grace",
+                    source,
+                })?
+            }
+            None => DEFAULT_SERIES_GRACE,
+        };
         let attach_mode = flags
             .attach_mode
             .or(file.attach_mode)
@@ -184,6 +200,7 @@ impl Config {
             interfaces,
             poll_interval,
             stall_after,
+            series_grace,
             attach_mode,
             btf,
             libvirt_run_dir,
@@ -219,6 +236,7 @@ mod tests {
         assert_eq!(cfg.interfaces.globs(), ["tap*", "vnet*"]);
         assert_eq!(cfg.poll_interval, Duration::from_secs(1));
         assert_eq!(cfg.stall_after, Duration::from_secs(3));
+        assert_eq!(cfg.series_grace, Duration::from_secs(15));
         assert_eq!(cfg.attach_mode, AttachMode::Auto);
         assert!(!cfg.project_label);
     }
@@ -251,6 +269,7 @@ listen = "127.0.0.1:9999"
 interfaces = ["vm-*"]
 poll_interval = "250ms"
 stall_after = "5s"
+series_grace = "0s"
 attach_mode = "netlink"
 "#,
         )
@@ -266,6 +285,7 @@ attach_mode = "netlink"
         assert_eq!(cfg.poll_interval, Duration::from_millis(250));
         assert_eq!(cfg.stall_after, Duration::from_secs(2));
         assert_eq!(cfg.attach_mode, AttachMode::Netlink);
+        assert_eq!(cfg.series_grace, Duration::ZERO, "0s turns the grace off");
     }
 
     #[test]
@@ -297,6 +317,10 @@ attach_mode = "netlink"
         };
         assert!(Config::resolve(FileConfig::default(), bad_glob).is_err());
 
+        let bad_grace = file("series_grace = \"15\"").unwrap();
+        let err = Config::resolve(bad_grace, FlagOverrides::default()).unwrap_err();
+        assert!(err.to_string().contains("series_grace"), "{err}");
+
         let bad_mode = file("attach_mode = \"xdp\"").unwrap();
         let err = Config::resolve(bad_mode, FlagOverrides::default()).unwrap_err();
         assert!(err.to_string().contains("xdp"));
@@ -320,5 +344,6 @@ mod shipped_config {
         let cfg = Config::resolve(file, FlagOverrides::default()).unwrap();
         assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(cfg.stall_after, DEFAULT_STALL_AFTER);
+        assert_eq!(cfg.series_grace, DEFAULT_SERIES_GRACE);
     }
 }

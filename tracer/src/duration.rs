@@ -37,9 +37,29 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// Like [`parse_duration`], for settings where zero means "off".
+pub fn parse_duration_or_zero(text: &str) -> Result<Duration, DurationError> {
+    match parse_duration(text) {
+        Err(DurationError::Zero(_)) => Ok(Duration::ZERO),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_is_off_only_where_allowed() {
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_duration_or_zero("0s").unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_duration_or_zero("15s").unwrap(),
+            Duration::from_secs(15)
+        );
+        assert!(parse_duration_or_zero("15").is_err());
+        assert!(parse_duration_or_zero("-1s").is_err());
+    }
 
     #[test]
     fn parses_units() {

@@ -32,6 +32,13 @@ pub struct Exposition {
     pub project_label: bool,
 }
 
+impl Exposition {
+    /// Taps attached now (departed ones within their grace excluded).
+    pub fn attached_count(&self) -> usize {
+        self.vms.iter().filter(|vm| !vm.departed).count()
+    }
+}
+
 /// A VM's DHCP picture at scrape time.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DhcpView {
@@ -68,6 +75,9 @@ pub struct VmView {
     /// None until the first poll evaluated this VM.
     pub health: Option<VmHealth>,
     pub dhcp: Option<DhcpView>,
+    /// The tap is gone; its final counters are shown for the grace period
+    /// (gauges are not: they would describe a VM that no longer exists).
+    pub departed: bool,
 }
 
 /// Frames dropped on a VM's tap for one reason.
@@ -276,10 +286,21 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
                 .mut_metric()
                 .push(counter(&[("iface", iface)], calls as f64));
         }
-        queue_len
-            .mut_metric()
-            .push(gauge(&[("iface", iface)], f64::from(vm.queue_len)));
+        if !vm.departed {
+            queue_len
+                .mut_metric()
+                .push(gauge(&[("iface", iface)], f64::from(vm.queue_len)));
+        }
         let Some(health) = &vm.health else { continue };
+        stalls
+            .mut_metric()
+            .push(counter(&[("iface", iface)], health.stalls_total as f64));
+        stall_seconds
+            .mut_metric()
+            .push(counter(&[("iface", iface)], health.stall_seconds));
+        if vm.departed {
+            continue;
+        }
         backlog
             .mut_metric()
             .push(gauge(&[("iface", iface)], health.backlog as f64));
@@ -288,12 +309,6 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
             &[("iface", iface)],
             if is_stalled { 1.0 } else { 0.0 },
         ));
-        stalls
-            .mut_metric()
-            .push(counter(&[("iface", iface)], health.stalls_total as f64));
-        stall_seconds
-            .mut_metric()
-            .push(counter(&[("iface", iface)], health.stall_seconds));
         for state in VmState::ALL {
             let current = if state == health.state { 1.0 } else { 0.0 };
             vm_state.mut_metric().push(gauge(
@@ -363,7 +378,7 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         undelivered
             .mut_metric()
             .push(counter(&[("iface", iface)], c.replies_undelivered as f64));
-        if let Some(remaining) = dhcp.lease_remaining {
+        if let Some(remaining) = dhcp.lease_remaining.filter(|_| !vm.departed) {
             lease
                 .mut_metric()
                 .push(gauge(&[("iface", iface)], remaining));
@@ -394,7 +409,7 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
     );
     interfaces
         .mut_metric()
-        .push(gauge(&[], view.vms.len() as f64));
+        .push(gauge(&[], view.attached_count() as f64));
 
     let mut probes = family(
         "hvnet_agent_probe_attached",
@@ -525,6 +540,7 @@ pub struct VmJson {
     pub netdev_tx_packets: Option<u64>,
     pub health: Option<VmHealth>,
     pub dhcp: Option<DhcpView>,
+    pub departed: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -579,6 +595,7 @@ pub fn vms_json(view: &Exposition) -> Vec<VmJson> {
             netdev_tx_packets: vm.netdev_tx_packets,
             health: vm.health.clone(),
             dhcp: vm.dhcp.clone(),
+            departed: vm.departed,
         })
         .collect()
 }
@@ -635,6 +652,7 @@ mod tests {
                     lease_address: Some("10.250.0.150".into()),
                     last_verdict: None,
                 }),
+                departed: false,
             }],
             probes: vec![ProbeStatus {
                 probe: "tc_egress",
@@ -693,6 +711,30 @@ mod tests {
         assert!(text.contains("hvnet_agent_events_lost_total 2"));
         assert!(text.contains("hvnet_vm_queue_length_packets{iface=\"vnet0\"} 1000"));
         assert!(text.contains("hvnet_vm_vhost_rx_calls_total{iface=\"vnet0\"} 7"));
+    }
+
+    #[test]
+    fn a_departed_tap_keeps_its_counters_but_no_gauges() {
+        let mut view = sample();
+        view.vms[0].departed = true;
+        let text = render(&view).unwrap();
+        assert!(text.contains(
+            "hvnet_vm_packets_total{iface=\"vnet0\",direction=\"to_vm\",class=\"dhcp\"} 3\n"
+        ));
+        assert!(text.contains("hvnet_vm_dropped_packets_total{iface=\"vnet0\",direction=\"to_vm\",reason=\"full_ring\"} 412"));
+        assert!(text.contains("hvnet_vm_rx_stalls_total{iface=\"vnet0\"} 1"));
+        assert!(text.contains("hvnet_dhcp_replies_undelivered_total{iface=\"vnet0\"} 3"));
+        assert!(text.contains("hvnet_vm_info{iface=\"vnet0\""));
+        for gauge in [
+            "hvnet_vm_state{",
+            "hvnet_vm_rx_stalled{",
+            "hvnet_vm_rx_backlog_packets{",
+            "hvnet_vm_queue_length_packets{",
+            "hvnet_dhcp_lease_remaining_seconds{",
+        ] {
+            assert!(!text.contains(gauge), "{gauge} shown for a departed tap");
+        }
+        assert!(text.contains("hvnet_agent_interfaces 0\n"));
     }
 
     #[test]

@@ -56,7 +56,9 @@ async fn metrics(State(state): State<Arc<AgentState>>) -> Response {
 
 async fn healthz(State(state): State<Arc<AgentState>>) -> Response {
     match state.exposition() {
-        Ok(view) => format!("ok: {} interface(s) attached\n", view.vms.len()).into_response(),
+        Ok(view) => {
+            format!("ok: {} interface(s) attached\n", view.attached_count()).into_response()
+        }
         Err(err) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("unhealthy: {err}\n"),

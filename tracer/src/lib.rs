@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod collect;
 pub mod config;
+pub mod departed;
 pub mod dhcp;
 pub mod dhcp_wire;
 pub mod drops;
