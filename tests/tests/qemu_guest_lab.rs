@@ -182,6 +182,12 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
     assert_eq!(vm["vm_name"], spec.name.as_str());
     assert_eq!(vm["vm_uuid"], spec.uuid.as_str());
     assert_eq!(vm["mac"], spec.mac.as_str());
+    assert_eq!(
+        vm["identity"]["vmm_pid"].as_u64(),
+        Some(u64::from(guest.pid()))
+    );
+    // vhost=off (as on this machine, which has no /dev/vhost-net): no workers.
+    assert_eq!(vm["identity"]["vhost_workers"], serde_json::json!([]));
 
     // Exact counts: the guest's traffic both ways, compared with its own eth0 counters.
     guest.command(&format!("ping {PEER_ADDR}"))?;
@@ -277,6 +283,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
     let text = explain(&node)?;
     eprintln!("{text}");
     assert!(text.contains(&spec.name), "{text}");
+    assert!(text.contains(&format!("VMM pid {}", guest.pid())), "{text}");
     assert!(text.contains("while RX is stalled"), "{text}");
 
     guest.command("stop-ping")?;

@@ -124,11 +124,9 @@ impl AgentState {
         for (tap, identity) in &found {
             if known.get(tap) != Some(identity) {
                 log::info!(
-                    "{tap} is VM {:?} (uuid {:?}, mac {:?}, from {})",
+                    "{tap} is VM {:?} ({})",
                     identity.vm_name,
-                    identity.vm_uuid,
-                    identity.mac,
-                    identity.source
+                    identity.describe()
                 );
             }
         }
@@ -263,6 +261,7 @@ impl AgentState {
                 replies_undelivered: counters.replies_undelivered,
                 lease,
                 now_unix: wall_clock(now, now),
+                identity: &identity.describe(),
             },
             &record.timeline,
         ))

@@ -26,6 +26,34 @@ pub struct Identity {
     pub neutron_port: String,
     /// Which source named it: libvirt, qemu, neutron_name, tap.
     pub source: &'static str,
+    /// The VMM (QEMU) process: libvirt's status file or the tap's holder.
+    pub vmm_pid: Option<u32>,
+    /// Its vhost worker threads (tids): where to look (`/proc/<tid>/stack`)
+    /// when a VM with vhost-net stops draining its queue.
+    pub vhost_workers: Vec<u32>,
+}
+
+impl Identity {
+    /// The details an on-call engineer needs to find the VM and its VMM:
+    /// "uuid ..., mac ..., VMM pid N, vhost workers a b" (known parts only).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.vm_uuid.is_empty() {
+            parts.push(format!("uuid {}", self.vm_uuid));
+        }
+        if !self.mac.is_empty() {
+            parts.push(format!("mac {}", self.mac));
+        }
+        if let Some(pid) = self.vmm_pid {
+            parts.push(format!("VMM pid {pid}"));
+        }
+        if !self.vhost_workers.is_empty() {
+            let tids: Vec<String> = self.vhost_workers.iter().map(u32::to_string).collect();
+            parts.push(format!("vhost workers {}", tids.join(" ")));
+        }
+        parts.push(format!("named from {}", self.source));
+        parts.join(", ")
+    }
 }
 
 /// An interface libvirt lists for a domain but hvnet does not watch.
@@ -73,6 +101,10 @@ pub fn parse_libvirt_xml(path: &str, xml: &str) -> Result<DomainTaps, IdentityEr
             reason: "no <domain> element".into(),
         });
     };
+    let vmm_pid = (root.tag_name().name() == "domstatus")
+        .then(|| root.attribute("pid"))
+        .flatten()
+        .and_then(|p| p.parse().ok());
     let domain_name = text_of(child(domain, "name"));
     let uuid = text_of(child(domain, "uuid"));
     let nova = child(domain, "metadata").and_then(|m| child(m, "instance"));
@@ -128,6 +160,8 @@ pub fn parse_libvirt_xml(path: &str, xml: &str) -> Result<DomainTaps, IdentityEr
                 domain: domain_name.clone(),
                 neutron_port: neutron_port(dev).unwrap_or_default(),
                 source: "libvirt",
+                vmm_pid,
+                vhost_workers: Vec::new(),
             },
         ));
     }
@@ -284,12 +318,64 @@ impl IdentityResolver {
                             .collect()
                     })
                     .unwrap_or_default();
-                if let Some(identity) = parse_qemu_cmdline(&args, &fd) {
+                if let Some(mut identity) = parse_qemu_cmdline(&args, &fd) {
+                    identity.vmm_pid = pid_dir
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.parse().ok());
                     found.insert(tap.to_owned(), identity);
                 }
             }
         }
         found
+    }
+
+    /// vhost worker tids per owner pid. Since Linux 6.4 a worker is a
+    /// thread of the VMM named `vhost-<pid>`; before, a kernel thread of the
+    /// same name: look in both places.
+    fn vhost_workers(&self, owners: &[u32]) -> HashMap<u32, Vec<u32>> {
+        let mut workers: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut note = |tid: u32, comm: &str| {
+            let owner = comm
+                .trim()
+                .strip_prefix("vhost-")
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(owner) = owner.filter(|o| owners.contains(o)) {
+                let tids = workers.entry(owner).or_default();
+                if !tids.contains(&tid) {
+                    tids.push(tid);
+                }
+            }
+        };
+        let numbered = |dir: &Path| -> Vec<(u32, PathBuf)> {
+            std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .filter_map(|e| {
+                            let n = e.file_name().to_str()?.parse().ok()?;
+                            Some((n, e.path()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for owner in owners {
+            for (tid, task) in numbered(&self.proc_root.join(owner.to_string()).join("task")) {
+                if let Ok(comm) = std::fs::read_to_string(task.join("comm")) {
+                    note(tid, &comm);
+                }
+            }
+        }
+        for (pid, dir) in numbered(&self.proc_root) {
+            if let Ok(comm) = std::fs::read_to_string(dir.join("comm")) {
+                note(pid, &comm);
+            }
+        }
+        for tids in workers.values_mut() {
+            tids.sort_unstable();
+        }
+        workers
     }
 
     /// Identities for `taps`, best source first; every tap gets one.
@@ -324,6 +410,15 @@ impl IdentityResolver {
                     ..Default::default()
                 });
             out.insert((*tap).to_owned(), identity);
+        }
+        let owners: Vec<u32> = out.values().filter_map(|i| i.vmm_pid).collect();
+        if !owners.is_empty() {
+            let workers = self.vhost_workers(&owners);
+            for identity in out.values_mut() {
+                if let Some(tids) = identity.vmm_pid.and_then(|p| workers.get(&p)) {
+                    identity.vhost_workers = tids.clone();
+                }
+            }
         }
         (out, skipped)
     }
@@ -415,6 +510,24 @@ mod tests {
         assert!(parse_qemu_cmdline(&["bash".to_owned()], "3").is_none());
     }
 
+    /// A libvirt dir with the nova fixture (VMM pid 5151).
+    fn root_nova(root: &Path) -> PathBuf {
+        let dir = root.join("libvirt-nova");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("nova.xml"), fixture("nova.xml")).unwrap();
+        dir
+    }
+
+    /// A /proc where VMM 5151's vhost worker is kernel thread 77 (< 6.4).
+    fn proc_root_kthread(root: &Path) -> PathBuf {
+        let dir = root.join("proc-kthread");
+        std::fs::create_dir_all(dir.join("77")).unwrap();
+        std::fs::write(dir.join("77/comm"), "vhost-5151\n").unwrap();
+        std::fs::create_dir_all(dir.join("78")).unwrap();
+        std::fs::write(dir.join("78/comm"), "vhost-9999\n").unwrap();
+        dir
+    }
+
     #[test]
     fn resolver_prefers_libvirt_then_proc_then_naming_then_the_tap() {
         let root = std::env::temp_dir().join(format!("hvnet-identity-{}", std::process::id()));
@@ -432,9 +545,35 @@ mod tests {
             "qemu-system-x86_64\0-name\0guest=api-1\0-uuid\0aaaa-bbbb\0-netdev\0tap,fd=31,id=hostnet0\0-device\0virtio-net-pci,netdev=hostnet0,mac=52:54:00:00:00:31\0",
         )
         .unwrap();
+        // QEMU 4242's threads: a vCPU and a vhost worker (Linux >= 6.4);
+        // libvirt's VM (pid 4242 in plain.xml, too) shares it here. A
+        // kernel-thread worker (older kernels) of VMM 5151 elsewhere.
+        for (tid, comm) in [
+            ("4242", "qemu-system-x86\n"),
+            ("4250", "CPU 0/KVM\n"),
+            ("4251", "vhost-4242\n"),
+        ] {
+            let task = pid.join("task").join(tid);
+            std::fs::create_dir_all(&task).unwrap();
+            std::fs::write(task.join("comm"), comm).unwrap();
+        }
+        std::fs::write(pid.join("comm"), "qemu-system-x86\n").unwrap();
         let resolver = IdentityResolver::new(&libvirt, &proc_root);
         let (ids, _) = resolver.resolve(&["vnet0", "vnet1", "tap3f2a1c9d-1e", "tap9"]);
+        assert_eq!(ids["vnet0"].vmm_pid, Some(4242), "libvirt's domstatus pid");
+        assert_eq!(ids["vnet1"].vmm_pid, Some(4242), "the tap's holder");
+        assert_eq!(ids["vnet1"].vhost_workers, [4251]);
+        assert_eq!(ids["tap9"].vmm_pid, None);
+        let resolver = IdentityResolver::new(&root_nova(&root), &proc_root_kthread(&root));
+        let (nova, _) = resolver.resolve(&["tap7d2e9c4b-00"]);
         std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(nova["tap7d2e9c4b-00"].vmm_pid, Some(5151));
+        assert_eq!(
+            nova["tap7d2e9c4b-00"].vhost_workers,
+            [77],
+            "a kernel-thread worker"
+        );
+        assert!(ids["tap9"].vhost_workers.is_empty());
         assert_eq!(
             (ids["vnet0"].source, ids["vnet0"].vm_name.as_str()),
             ("libvirt", "web-1")

@@ -246,6 +246,9 @@ pub struct Explanation<'a> {
     pub replies_undelivered: u64,
     pub lease: Option<(String, f64, bool)>,
     pub now_unix: f64,
+    /// Who the VM is beyond its name (uuid, MAC, VMM pid, vhost workers),
+    /// printed under the headline when known.
+    pub identity: &'a str,
 }
 
 pub fn render_explanation(e: &Explanation<'_>, timeline: &Timeline) -> String {
@@ -276,6 +279,9 @@ pub fn render_explanation(e: &Explanation<'_>, timeline: &Timeline) -> String {
     }
     out.push_str(&headline);
     out.push('\n');
+    if !e.identity.is_empty() {
+        out.push_str(&format!("  ({})\n", e.identity));
+    }
     for entry in timeline.entries() {
         let repeats = if entry.repeats > 0 {
             format!(" (x{})", entry.repeats + 1)
@@ -349,6 +355,7 @@ mod tests {
                 replies_undelivered: 3,
                 lease: Some(("10.250.0.150".into(), 41.0, false)),
                 now_unix: 36_000.0 + 200.0,
+                identity: "uuid u-1, VMM pid 4242",
             },
             &t,
         );
@@ -357,6 +364,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("expires in 41 s"));
+        assert!(text.contains("\n  (uuid u-1, VMM pid 4242)\n"), "{text}");
         assert!(
             text.contains("10:04:01 lease on 10.250.0.150 expires - the VM will lose its address"),
             "{text}"
