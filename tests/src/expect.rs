@@ -105,6 +105,28 @@ pub fn eventually(
     .map_err(|err| anyhow::anyhow!("{err}:\n{}", agent.log_text()))
 }
 
+/// Polls /metrics every 100 ms until `check` holds (returns the seconds it
+/// took); fails at once if `forbidden` is ever seen on the way.
+pub fn watch(
+    agent: &Agent,
+    ns: &NetNs,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&[Sample]) -> bool,
+    forbidden: impl Fn(&[Sample]) -> bool,
+) -> anyhow::Result<f64> {
+    crate::testkit::poll_until(what, timeout, Duration::from_millis(100), || {
+        let samples = agent.scrape(ns)?;
+        anyhow::ensure!(
+            !forbidden(&samples),
+            "forbidden state seen while waiting for {what}"
+        );
+        Ok(check(&samples))
+    })
+    .map(|took| took.as_secs_f64())
+    .map_err(|err| anyhow::anyhow!("{err}:\n{}", agent.log_text()))
+}
+
 /// Names of the TCX programs attached to `iface` in `ns` (both directions).
 pub fn tcx_programs(ns: &NetNs, iface: &str) -> anyhow::Result<Vec<String>> {
     use aya::programs::{SchedClassifier, TcAttachType};

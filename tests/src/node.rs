@@ -29,17 +29,7 @@ esac
 exit 0
 "#;
 
-const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-# udhcpc hook for lab guests: apply what the DHCP server handed out.
-case "$1" in
-  deconfig) ip -4 addr flush dev "$interface" ;;
-  bound|renew)
-    ip -4 addr flush dev "$interface"
-    ip addr add "$ip/${mask:-24}" dev "$interface"
-    ;;
-esac
-exit 0
-"#;
+const UDHCPC_SCRIPT: &str = include_str!("scripts/udhcpc.sh");
 
 pub struct ComputeNode {
     pub ns: NetNs,

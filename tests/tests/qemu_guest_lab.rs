@@ -18,6 +18,7 @@ use std::{
 
 use hvnet_lab::{
     agent::{hvnet_bin, Agent},
+    expect::watch,
     guest::{
         image::{default_cache, GuestImage},
         qemu::{unavailable_reason, GuestCounters, GuestSpec, QemuGuest},
@@ -216,7 +217,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
     let stopped = Instant::now();
     let took = watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(20),
         "paused",
         |s| state_is(s, "paused"),
@@ -234,7 +235,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
     guest.qmp("cont")?;
     let took = watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(20),
         "ok after cont",
         |s| state_is(s, "ok"),
@@ -251,7 +252,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
     eprintln!("guest: {masked}");
     let took = watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(30),
         "rx_stalled",
         |s| state_is(s, "rx_stalled"),
@@ -262,7 +263,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
     let renewed = Instant::now();
     watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(40),
         "DHCP retries and undelivered ACKs during the stall",
         |s| {
@@ -294,7 +295,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
     );
     let took = watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(20),
         "recovery",
         |s| state_is(s, "ok"),
@@ -332,25 +333,4 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
         )?;
     }
     Ok(())
-}
-
-/// Polls /metrics every 100 ms until `check`; fails if `forbidden` is seen.
-fn watch(
-    agent: &Agent,
-    node: &ComputeNode,
-    timeout: Duration,
-    what: &str,
-    check: impl Fn(&[Sample]) -> bool,
-    forbidden: impl Fn(&[Sample]) -> bool,
-) -> anyhow::Result<f64> {
-    poll_until(what, timeout, Duration::from_millis(100), || {
-        let samples = agent.scrape(&node.ns)?;
-        anyhow::ensure!(
-            !forbidden(&samples),
-            "forbidden state seen while waiting for {what}"
-        );
-        Ok(check(&samples))
-    })
-    .map(|took| took.as_secs_f64())
-    .map_err(|err| anyhow::anyhow!("{err}:\n{}", agent.log_text()))
 }

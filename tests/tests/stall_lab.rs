@@ -5,10 +5,10 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 
 use hvnet_lab::{
     agent::Agent,
-    expect::eventually,
+    expect::{eventually, watch},
     metrics::{self, Sample},
     node::{ComputeNode, FakeVm},
-    testkit::{poll_until, require_root, Background},
+    testkit::{require_root, Background},
     unique_prefix,
     vmm::VmmMode,
     BRIDGE_ADDR,
@@ -66,27 +66,6 @@ fn busy_vm(node: &ComputeNode, vm: &FakeVm, ip: &str, pps: u32) -> anyhow::Resul
     Ok(Background(vec![ping, udp]))
 }
 
-/// Polls /metrics every 100 ms until `check`; fails if `forbidden` is ever seen.
-fn watch(
-    agent: &Agent,
-    node: &ComputeNode,
-    timeout: Duration,
-    what: &str,
-    check: impl Fn(&[Sample]) -> bool,
-    forbidden: impl Fn(&[Sample]) -> bool,
-) -> anyhow::Result<f64> {
-    poll_until(what, timeout, Duration::from_millis(100), || {
-        let samples = agent.scrape(&node.ns)?;
-        anyhow::ensure!(
-            !forbidden(&samples),
-            "forbidden state seen while waiting for {what}"
-        );
-        Ok(check(&samples))
-    })
-    .map(|took| took.as_secs_f64())
-    .map_err(|err| anyhow::anyhow!("{err}:\n{}", agent.log_text()))
-}
-
 #[test]
 fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() -> anyhow::Result<()>
 {
@@ -109,7 +88,7 @@ fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() ->
     // Healthy for a while under load first: no false alarm.
     assert!(watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(4),
         "4 s of healthy load",
         |_| false,
@@ -129,7 +108,7 @@ fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() ->
     vm.set_mode(VmmMode::RxStall)?;
     let detect = watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(10),
         "rx_stalled",
         never_stalled,
@@ -149,7 +128,7 @@ fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() ->
     // The queue fills to its length, then the tap drops for FULL_RING.
     watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(10),
         "backlog at 1000 and full_ring drops",
         |s| {
@@ -171,7 +150,7 @@ fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() ->
     vm.set_mode(VmmMode::Running)?;
     let recover = watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(5),
         "recovery",
         |s| gauge(s, "hvnet_vm_rx_stalled", "taps0") == 0.0 && state_is(s, "taps0", "ok"),
@@ -203,7 +182,7 @@ fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() ->
     vm.set_mode(VmmMode::RxStall)?;
     watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(10),
         "second stall",
         never_stalled,
@@ -212,7 +191,7 @@ fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() ->
     vm.set_mode(VmmMode::Running)?;
     watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(5),
         "second recovery",
         |s| state_is(s, "taps0", "ok"),
@@ -250,7 +229,7 @@ fn paused_and_vmm_less_vms_are_never_called_rx_stalled() -> anyhow::Result<()> {
     vm.set_mode(VmmMode::Paused)?;
     let paused = watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(10),
         "paused",
         |s| state_is(s, "tapp0", "paused"),
@@ -260,7 +239,7 @@ fn paused_and_vmm_less_vms_are_never_called_rx_stalled() -> anyhow::Result<()> {
     // ...and stays paused, not rx_stalled, with the ring full.
     assert!(watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(4),
         "staying paused",
         |_| false,
@@ -270,7 +249,7 @@ fn paused_and_vmm_less_vms_are_never_called_rx_stalled() -> anyhow::Result<()> {
     vm.set_mode(VmmMode::Running)?;
     watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(5),
         "ok after cont",
         |s| state_is(s, "tapp0", "ok"),
@@ -281,7 +260,7 @@ fn paused_and_vmm_less_vms_are_never_called_rx_stalled() -> anyhow::Result<()> {
     vm.kill_vmm()?;
     watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(5),
         "no_carrier",
         |s| state_is(s, "tapp0", "no_carrier"),
@@ -289,7 +268,7 @@ fn paused_and_vmm_less_vms_are_never_called_rx_stalled() -> anyhow::Result<()> {
     )?;
     assert!(watch(
         &agent,
-        &node,
+        &node.ns,
         Duration::from_secs(4),
         "staying no_carrier",
         |_| false,

@@ -49,8 +49,9 @@ pub struct DhcpView {
     pub last_verdict: Option<Verdict>,
 }
 
-/// One monitored tap and what crossed it.
-#[derive(Debug, Clone, Default)]
+/// One monitored tap and what crossed it (in /api/v1/vms as is, with the
+/// traffic counters laid out per direction by [`VmJson`]).
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct VmView {
     pub iface: String,
     pub ifindex: u32,
@@ -62,6 +63,7 @@ pub struct VmView {
     pub oper_state: String,
     pub vm_uuid: String,
     pub vm_name: String,
+    #[serde(skip)]
     pub traffic: TrafficCounters,
     pub drops: Vec<DropCount>,
     /// Frames the dequeue tracepoint saw the VMM read (None: probe unavailable).
@@ -522,25 +524,13 @@ fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
     metric
 }
 
-/// `/api/v1/vms` entry.
+/// `/api/v1/vms` entry: the view, with its traffic per direction.
 #[derive(Debug, Serialize)]
-pub struct VmJson {
-    pub iface: String,
-    pub ifindex: u32,
-    pub mac: String,
-    pub tap_mac: String,
-    pub identity: crate::identity::Identity,
-    pub oper_state: String,
-    pub vm_uuid: String,
-    pub vm_name: String,
+pub struct VmJson<'a> {
+    #[serde(flatten)]
+    pub view: &'a VmView,
     pub to_vm: DirectionJson,
     pub from_vm: DirectionJson,
-    pub drops: Vec<DropCount>,
-    pub dequeued: Option<u64>,
-    pub netdev_tx_packets: Option<u64>,
-    pub health: Option<VmHealth>,
-    pub dhcp: Option<DhcpView>,
-    pub departed: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -556,7 +546,7 @@ pub struct CounterValueJson {
     pub bytes: u64,
 }
 
-pub fn vms_json(view: &Exposition) -> Vec<VmJson> {
+pub fn vms_json(view: &Exposition) -> Vec<VmJson<'_>> {
     let direction_json = |vm: &VmView, dir: u8| {
         let by_class = CLASSES
             .iter()
@@ -580,22 +570,9 @@ pub fn vms_json(view: &Exposition) -> Vec<VmJson> {
     view.vms
         .iter()
         .map(|vm| VmJson {
-            iface: vm.iface.clone(),
-            ifindex: vm.ifindex,
-            mac: vm.mac.clone(),
-            tap_mac: vm.tap_mac.clone(),
-            identity: vm.identity.clone(),
-            oper_state: vm.oper_state.clone(),
-            vm_uuid: vm.vm_uuid.clone(),
-            vm_name: vm.vm_name.clone(),
+            view: vm,
             to_vm: direction_json(vm, direction::TO_VM),
             from_vm: direction_json(vm, direction::FROM_VM),
-            drops: vm.drops.clone(),
-            dequeued: vm.dequeued,
-            netdev_tx_packets: vm.netdev_tx_packets,
-            health: vm.health.clone(),
-            dhcp: vm.dhcp.clone(),
-            departed: vm.departed,
         })
         .collect()
 }
@@ -778,9 +755,16 @@ mod tests {
 
     #[test]
     fn json_totals_add_up() {
-        let vms = vms_json(&sample());
+        let view = sample();
+        let vms = vms_json(&view);
         assert_eq!(vms[0].to_vm.packets, 3);
         assert_eq!(vms[0].to_vm.bytes, 1026);
         assert_eq!(vms[0].from_vm.by_class["arp"].packets, 2);
+        // The view's own fields sit beside the per-direction traffic.
+        let json = serde_json::to_value(&vms).unwrap();
+        assert_eq!(json[0]["iface"], "vnet0");
+        assert_eq!(json[0]["health"]["state"], "rx_stalled");
+        assert_eq!(json[0]["departed"], false);
+        assert!(json[0].get("traffic").is_none());
     }
 }

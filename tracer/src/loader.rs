@@ -356,11 +356,17 @@ fn resolve_mechanism(mode: AttachMode) -> Result<TcMechanism, LoaderError> {
     }
 }
 
-fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, LoaderError> {
-    let program = ebpf.program_mut(name).ok_or_else(|| LoaderError::Program {
+fn missing_program(name: &str) -> LoaderError {
+    LoaderError::Program {
         program: name.to_owned(),
         reason: "missing from the eBPF object".into(),
-    })?;
+    }
+}
+
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, LoaderError> {
+    let program = ebpf
+        .program_mut(name)
+        .ok_or_else(|| missing_program(name))?;
     program
         .try_into()
         .map_err(|err: ProgramError| program_error(name, &err))
@@ -400,10 +406,7 @@ pub fn load_for_bench() -> Result<Ebpf, LoaderError> {
 }
 
 pub fn bench_program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a SchedClassifier, LoaderError> {
-    let program = ebpf.program(name).ok_or_else(|| LoaderError::Program {
-        program: name.to_owned(),
-        reason: "missing from the eBPF object".into(),
-    })?;
+    let program = ebpf.program(name).ok_or_else(|| missing_program(name))?;
     program
         .try_into()
         .map_err(|err: ProgramError| program_error(name, &err))

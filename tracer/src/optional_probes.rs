@@ -34,34 +34,33 @@ fn describe(err: ProgramError) -> String {
     describe_program_error(&err)
 }
 
-fn raw_tracepoint(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), String> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| format!("{program} missing from the object"))?
+/// The object's program `name` as the kind `T` the caller attaches.
+fn typed<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("{name} missing from the object"))?
         .try_into()
-        .map_err(describe)?;
+        .map_err(describe)
+}
+
+fn raw_tracepoint(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), String> {
+    let prog: &mut RawTracePoint = typed(ebpf, program)?;
     prog.load().map_err(describe)?;
     prog.attach(tracepoint).map_err(describe)?;
     Ok(())
 }
 
 fn kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), String> {
-    let prog: &mut KProbe = ebpf
-        .program_mut(program)
-        .ok_or_else(|| format!("{program} missing from the object"))?
-        .try_into()
-        .map_err(describe)?;
+    let prog: &mut KProbe = typed(ebpf, program)?;
     prog.load().map_err(describe)?;
     prog.attach(function, 0).map_err(describe)?;
     Ok(())
 }
 
 fn fentry(ebpf: &mut Ebpf, btf: &Btf, program: &str, function: &str) -> Result<(), String> {
-    let prog: &mut FEntry = ebpf
-        .program_mut(program)
-        .ok_or_else(|| format!("{program} missing from the object"))?
-        .try_into()
-        .map_err(describe)?;
+    let prog: &mut FEntry = typed(ebpf, program)?;
     prog.load(function, btf).map_err(describe)?;
     prog.attach().map_err(describe)?;
     Ok(())

@@ -12,7 +12,7 @@ use anyhow::{bail, Context as _};
 use super::cpio::NewcWriter;
 
 const INIT: &str = include_str!("init.sh");
-const UDHCPC_SCRIPT: &str = include_str!("udhcpc.sh");
+const UDHCPC_SCRIPT: &str = include_str!("../scripts/udhcpc.sh");
 /// The modules the guest loads; their dependencies are found from each
 /// module's own `depends=` record.
 const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_net"];

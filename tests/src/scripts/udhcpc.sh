@@ -1,5 +1,6 @@
 #!/bin/sh
-# udhcpc hook in the QEMU guest: apply the lease, drop it on deconfig.
+# udhcpc hook for lab guests (netns and QEMU alike): apply what the DHCP
+# server handed out, drop it on deconfig.
 case "$1" in
   deconfig) ip -4 addr flush dev "$interface" ;;
   bound|renew)
