@@ -13,6 +13,8 @@ use std::{
 
 use serde::Serialize;
 
+use crate::qemu_cmdline::{parse_qemu_cmdline, TapHandle};
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Identity {
     pub vm_name: String,
@@ -191,55 +193,6 @@ pub fn fdinfo_tap(fdinfo: &str) -> Option<&str> {
         .filter(|s| !s.is_empty())
 }
 
-/// What a QEMU command line says about the VM and the NIC using tap fd `fd`.
-pub fn parse_qemu_cmdline(args: &[String], fd: &str) -> Option<Identity> {
-    let value_after = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-    };
-    let name = value_after("-name").map(|v| {
-        v.split(',')
-            .find_map(|p| p.strip_prefix("guest="))
-            .unwrap_or_else(|| v.split(',').next().unwrap_or(""))
-            .to_owned()
-    })?;
-    let uuid = value_after("-uuid").cloned().unwrap_or_default();
-    // -netdev tap,fd=N,id=hostnet0  ...  -device virtio-net-pci,netdev=hostnet0,mac=...
-    let options = |arg: &str| -> HashMap<String, String> {
-        arg.split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
-    };
-    let netdev_id = args
-        .windows(2)
-        .filter(|w| w[0] == "-netdev")
-        .map(|w| options(&w[1]))
-        .find(|o| {
-            o.get("fd").map(String::as_str) == Some(fd)
-                || o.get("fds").is_some_and(|f| f.split(':').any(|x| x == fd))
-        })
-        .and_then(|o| o.get("id").cloned());
-    let mac = netdev_id
-        .and_then(|id| {
-            args.windows(2)
-                .filter(|w| w[0] == "-device")
-                .map(|w| options(&w[1]))
-                .find(|o| o.get("netdev") == Some(&id))
-                .and_then(|o| o.get("mac").cloned())
-        })
-        .unwrap_or_default()
-        .to_lowercase();
-    Some(Identity {
-        vm_name: name,
-        vm_uuid: uuid,
-        mac,
-        source: "qemu",
-        ..Default::default()
-    })
-}
-
 /// Reads the identity sources from a libvirt run directory and a /proc.
 pub struct IdentityResolver {
     libvirt_dir: PathBuf,
@@ -318,11 +271,22 @@ impl IdentityResolver {
                             .collect()
                     })
                     .unwrap_or_default();
-                if let Some(mut identity) = parse_qemu_cmdline(&args, &fd) {
-                    identity.vmm_pid = pid_dir
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .and_then(|n| n.parse().ok());
+                let handle = TapHandle {
+                    fd: &fd,
+                    ifname: tap,
+                };
+                if let Some(nic) = parse_qemu_cmdline(&args, handle) {
+                    let identity = Identity {
+                        vm_name: nic.vm_name,
+                        vm_uuid: nic.vm_uuid,
+                        mac: nic.mac,
+                        source: "qemu",
+                        vmm_pid: pid_dir
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .and_then(|n| n.parse().ok()),
+                        ..Default::default()
+                    };
                     found.insert(tap.to_owned(), identity);
                 }
             }
@@ -409,6 +373,12 @@ impl IdentityResolver {
                     source: "tap",
                     ..Default::default()
                 });
+            let mut identity = identity;
+            // A QEMU started without -name still gives its pid and MAC;
+            // the tap names the VM then.
+            if identity.vm_name.is_empty() {
+                identity.vm_name = (*tap).to_owned();
+            }
             out.insert((*tap).to_owned(), identity);
         }
         let owners: Vec<u32> = out.values().filter_map(|i| i.vmm_pid).collect();
@@ -492,22 +462,6 @@ mod tests {
             Some("vnet3")
         );
         assert_eq!(fdinfo_tap("pos:\t0\n"), None);
-    }
-
-    #[test]
-    fn qemu_command_lines_name_the_vm_and_the_nic_mac() {
-        let args: Vec<String> = "qemu-system-x86_64 -name guest=web-2,debug-threads=on -uuid 1111-2222 -netdev tap,fd=31,id=hostnet0,vhost=on,vhostfd=32 -device virtio-net-pci,netdev=hostnet0,id=net0,mac=52:54:00:AB:CD:EF,bus=pci.0"
-            .split(' ')
-            .map(str::to_owned)
-            .collect();
-        let id = parse_qemu_cmdline(&args, "31").unwrap();
-        assert_eq!(
-            (id.vm_name.as_str(), id.vm_uuid.as_str(), id.mac.as_str()),
-            ("web-2", "1111-2222", "52:54:00:ab:cd:ef")
-        );
-        let other_fd = parse_qemu_cmdline(&args, "40").unwrap();
-        assert_eq!(other_fd.mac, "");
-        assert!(parse_qemu_cmdline(&["bash".to_owned()], "3").is_none());
     }
 
     /// A libvirt dir with the nova fixture (VMM pid 5151).

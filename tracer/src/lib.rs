@@ -24,6 +24,7 @@ pub mod links;
 pub mod loader;
 pub mod optional_probes;
 pub mod privileges;
+pub mod qemu_cmdline;
 pub mod stall;
 pub mod timeline;
 pub mod vm;

@@ -1,6 +1,6 @@
 //! A real guest: QEMU (TCG) booting the Debian kernel and the generated
-//! initramfs, its virtio-net NIC on a lab tap passed as `-netdev
-//! tap,fd=N,vhost=off` the way libvirt does it. The test talks to the guest
+//! initramfs, its virtio-net NIC on a lab tap passed by fd (`-netdev
+//! {"type":"tap","fd":"N","vhost":false}`) the way libvirt does it. The test talks to the guest
 //! over the serial console and to QEMU over QMP.
 
 use std::{
@@ -107,10 +107,14 @@ impl QemuGuest {
                 &format!("guest={},debug-threads=on", spec.name),
                 "-uuid",
                 &spec.uuid,
+                // JSON, as libvirt (>= 7) writes -netdev and -device.
                 "-netdev",
-                &format!("tap,fd={TAP_FD},id=hostnet0,vhost=off"),
+                &format!(r#"{{"type":"tap","fd":"{TAP_FD}","vhost":false,"id":"hostnet0"}}"#),
                 "-device",
-                &format!("virtio-net-pci,netdev=hostnet0,id=net0,mac={}", spec.mac),
+                &format!(
+                    r#"{{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"{}"}}"#,
+                    spec.mac
+                ),
                 "-qmp",
                 &format!("unix:{},server=on,wait=off", qmp_path.display()),
             ])
