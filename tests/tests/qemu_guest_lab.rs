@@ -112,6 +112,17 @@ fn counts_match_guest(
     anyhow::bail!("hvnet's counts never matched the guest's: {last}")
 }
 
+/// 100 UDP frames/s from the node toward the guest, until dropped.
+fn flood(node: &ComputeNode, address: &str) -> anyhow::Result<Background> {
+    Ok(Background(vec![node
+        .ns
+        .command(env!("CARGO_BIN_EXE_hvnet-lab"))
+        .args(["udp-send", "--to", &format!("{address}:9"), "--pps", "100"])
+        .args(["--seconds", "600"])
+        .stdout(Stdio::null())
+        .spawn()?]))
+}
+
 fn skip_reason() -> Option<String> {
     let image = GuestImage::locate(&default_cache());
     let reason = unavailable_reason(&image)?;
@@ -202,15 +213,8 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
         serde_json::to_string_pretty(&vm)?
     );
 
-    // Traffic toward the VM from the node for the rest of the test: what
-    // backs up when the VM stops draining its RX queue.
-    let toward_vm = Background(vec![node
-        .ns
-        .command(env!("CARGO_BIN_EXE_hvnet-lab"))
-        .args(["udp-send", "--to", &format!("{address}:9"), "--pps", "100"])
-        .args(["--seconds", "600"])
-        .stdout(Stdio::null())
-        .spawn()?]);
+    // Traffic toward the VM from the node: what backs up while it is paused.
+    let toward_vm = flood(&node, &address)?;
 
     // QMP stop: both directions freeze. That is a paused VM, never rx_stalled.
     guest.qmp("stop")?;
@@ -243,13 +247,32 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
     )?;
     eprintln!("QMP cont -> ok after {took:.2} s");
     assert_eq!(guest.qmp("query-status")?["status"], "running");
+    drop(toward_vm);
 
-    // The incident: the guest masks its RX queue's MSI-X vector and keeps
-    // sending; its renewal's ACK cannot reach it.
+    // The incident, first minutes: the guest masks its RX queue's MSI-X
+    // vector and keeps sending. QEMU still copies frames into the guest's
+    // ring (about 256 buffers), so nothing backs up on the tap yet; but the
+    // guest never processes them, and its client asks again for the ACK
+    // the VMM handed over.
     guest.command(&format!("ping {PEER_ADDR}"))?;
     let masked = guest.command("mask")?;
     let fault_at = Instant::now();
     eprintln!("guest: {masked}");
+    guest.command("renew")?;
+    let took = watch(
+        &agent,
+        &node.ns,
+        Duration::from_secs(20),
+        "an ACK dequeued but asked for again",
+        |s| value(s, "hvnet_dhcp_replies_unprocessed_total", &[]) >= 1.0,
+        |s| state_is(s, "rx_stalled") || state_is(s, "paused"),
+    )?;
+    eprintln!("renewal in the masked guest -> ACK dequeued but unprocessed after {took:.2} s (tap not backed up yet)");
+    let text = explain(&node)?;
+    assert!(text.contains("the guest never processed it"), "{text}");
+
+    // Then load fills the guest's ring and the tap queue: rx_stalled.
+    let toward_vm = flood(&node, &address)?;
     let took = watch(
         &agent,
         &node.ns,
@@ -258,8 +281,12 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
         |s| state_is(s, "rx_stalled"),
         |s| state_is(s, "paused"),
     )?;
-    eprintln!("RX vector masked -> rx_stalled after {took:.2} s");
-    guest.command("renew")?;
+    eprintln!(
+        "load toward the masked guest -> rx_stalled after {took:.2} s ({:.1} s after the mask)",
+        fault_at.elapsed().as_secs_f64()
+    );
+    // udhcpc keeps retrying the renewal (a second SIGUSR1 would make it
+    // start over with a DISCOVER).
     let renewed = Instant::now();
     watch(
         &agent,
@@ -278,7 +305,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
         |s| !state_is(s, "rx_stalled"),
     )?;
     eprintln!(
-        "renewal -> retries and undelivered ACKs attributed after {:.1} s",
+        "retries and undelivered ACKs attributed {:.1} s into the stall",
         renewed.elapsed().as_secs_f64()
     );
     let text = explain(&node)?;
@@ -310,13 +337,35 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
         Duration::from_millis(500),
         || Ok(guest.address()?.as_deref() == Some(address.as_str())),
     )?;
+    // A renewal now is answered, delivered and taken in (not asked again).
+    let delivered = |s: &[Sample]| {
+        value(
+            s,
+            "hvnet_dhcp_transactions_total",
+            &[("verdict", "delivered")],
+        )
+    };
+    let s = agent.scrape(&node.ns)?;
+    let (delivered_before, unprocessed_before) = (
+        delivered(&s),
+        value(&s, "hvnet_dhcp_replies_unprocessed_total", &[]),
+    );
     guest.command("renew")?;
-    poll_until(
-        "an ACK delivered after recovery",
+    watch(
+        &agent,
+        &node.ns,
         Duration::from_secs(20),
-        Duration::from_millis(500),
-        || Ok(explain(&node)?.contains("reached the VM")),
+        "a renewal delivered after recovery",
+        |s| delivered(s) > delivered_before,
+        |_| false,
     )?;
+    std::thread::sleep(Duration::from_secs(5));
+    let s = agent.scrape(&node.ns)?;
+    assert_eq!(
+        value(&s, "hvnet_dhcp_replies_unprocessed_total", &[]),
+        unprocessed_before,
+        "the recovered guest took its ACK in"
+    );
 
     // Every frame hvnet saw toward the VM either reached the guest or was
     // dropped in the full tap queue, and hvnet counted which.

@@ -259,6 +259,7 @@ impl AgentState {
                 stuck_since,
                 retries_during_stall: counters.retries_during_stall,
                 replies_undelivered: counters.replies_undelivered,
+                replies_unprocessed: counters.replies_unprocessed,
                 lease,
                 now_unix: wall_clock(now, now),
                 identity: &identity.describe(),

@@ -22,6 +22,10 @@ const TRANSACTION_IDLE: f64 = 15.0;
 const PENDING_TTL: f64 = 120.0;
 /// Repeats further apart than this are a new attempt, not a retry.
 const RETRY_WINDOW: f64 = 300.0;
+/// A client asking again this soon after its ACK was dequeued never took
+/// the ACK in (clients retransmit every few seconds; the next renewal of a
+/// granted lease comes at T1, half the lease, minutes later).
+const REASK_WINDOW: f64 = 30.0;
 /// Replies waiting for a dequeue/drop verdict, per VM (a flood cannot grow it).
 const MAX_PENDING_REPLIES: usize = 32;
 
@@ -239,6 +243,12 @@ pub enum DhcpNote {
         reason: String,
         vm_state: VmState,
     },
+    /// The VMM dequeued the ACK, yet the client asked again: the guest
+    /// never processed it (its RX ring is not being drained inside the VM).
+    ReplyUnprocessed {
+        xid: u32,
+        after_secs: f64,
+    },
     TransactionDone {
         id: u64,
         xid: u32,
@@ -289,8 +299,20 @@ struct Transaction {
 #[derive(Debug, Clone, Copy)]
 struct LastClientMessage {
     message: MessageType,
+    state: Option<ClientState>,
     at: f64,
     answered: bool,
+}
+
+/// The last ACK the VMM dequeued, and the lease the VM held before it (the
+/// one it still holds if it turns out never to have processed the ACK).
+#[derive(Debug, Clone)]
+struct DequeuedAck {
+    xid: u32,
+    at: f64,
+    /// The client state of the request it answered.
+    answered: Option<ClientState>,
+    lease_before: Option<Lease>,
 }
 
 /// The lease as the VM knows it: from the last ACK that reached it.
@@ -317,6 +339,8 @@ pub struct DhcpCounters {
     pub retries: [u64; 5],
     pub retries_during_stall: u64,
     pub replies_undelivered: u64,
+    /// ACKs the VMM dequeued that the client then asked for again.
+    pub replies_unprocessed: u64,
     pub transactions: [u64; 5],
     pub malformed: u64,
 }
@@ -329,6 +353,7 @@ pub struct DhcpTracker {
     last_client: Option<LastClientMessage>,
     retry_streak: u32,
     lease: Option<Lease>,
+    last_ack: Option<DequeuedAck>,
     last_verdict: Option<Verdict>,
     counters: DhcpCounters,
 }
@@ -347,6 +372,7 @@ impl DhcpTracker {
             last_client: None,
             retry_streak: 0,
             lease: None,
+            last_ack: None,
             last_verdict: None,
             counters: DhcpCounters::default(),
         }
@@ -401,11 +427,13 @@ impl DhcpTracker {
             self.counters.packets[1][i] += 1;
         }
         let state = client_state(m);
-        let is_retry = self.last_client.is_some_and(|last| {
-            // Renewing -> rebinding (unicast gave up, now broadcast) is the
-            // same request retried; a DISCOVER after that is a new start.
-            !last.answered && last.message == message && now - last.at < RETRY_WINDOW
-        });
+        let unprocessed = self.reask_after_dequeued_ack(message, state, m.xid, now, notes);
+        let is_retry = unprocessed
+            || self.last_client.is_some_and(|last| {
+                // Renewing -> rebinding (unicast gave up, now broadcast) is the
+                // same request retried; a DISCOVER after that is a new start.
+                !last.answered && last.message == message && now - last.at < RETRY_WINDOW
+            });
         let during_stall = vm_state == VmState::RxStalled;
         if is_retry {
             self.retry_streak += 1;
@@ -420,6 +448,7 @@ impl DhcpTracker {
         }
         self.last_client = Some(LastClientMessage {
             message,
+            state,
             at: now,
             answered: false,
         });
@@ -461,6 +490,56 @@ impl DhcpTracker {
             retry: if is_retry { self.retry_streak } else { 0 },
             during_stall,
         });
+    }
+
+    /// A REQUEST soon after the VMM dequeued the ACK to the last one: the
+    /// ACK reached the VM's virtio ring but the guest never processed it.
+    /// The lease it would have granted is taken back.
+    fn reask_after_dequeued_ack(
+        &mut self,
+        message: MessageType,
+        state: Option<ClientState>,
+        xid: u32,
+        now: f64,
+        notes: &mut Vec<DhcpNote>,
+    ) -> bool {
+        if message != MessageType::Request {
+            // A DISCOVER, DECLINE or RELEASE after an ACK is the client's choice.
+            self.last_ack = None;
+            return false;
+        }
+        let Some(ack) = self.last_ack.take() else {
+            return false;
+        };
+        // Retransmissions keep the xid (udhcpc always, dhclient within a
+        // state); a restarted client starts a new one: that is no re-ask.
+        let granted = self.lease.as_ref().map_or(0.0, |l| f64::from(l.secs));
+        let window = REASK_WINDOW.min(granted / 4.0);
+        if ack.xid != xid || now - ack.at >= window {
+            return false;
+        }
+        // Only a client that is still where it was can have missed the ACK.
+        // One that went on to renew took it in and is bound; a unicast
+        // renewal right after a renewal is an operator forcing one (udhcpc
+        // SIGUSR1), not a retransmission: never page on that.
+        use ClientState::{Rebinding, Rebooting, Renewing, Requesting};
+        let still_asking = matches!(
+            (ack.answered, state),
+            (Some(Requesting), Some(Requesting))
+                | (Some(Rebooting), Some(Rebooting))
+                | (Some(Renewing), Some(Rebinding))
+                | (Some(Rebinding), Some(Rebinding))
+        );
+        if !still_asking {
+            return false;
+        }
+        self.counters.replies_unprocessed += 1;
+        self.lease = ack.lease_before;
+        notes.push(DhcpNote::ReplyUnprocessed {
+            xid: ack.xid,
+            after_secs: now - ack.at,
+        });
+        true
     }
 
     fn server_reply(&mut self, m: &DhcpMessage, now: f64, notes: &mut Vec<DhcpNote>) {
@@ -515,6 +594,12 @@ impl DhcpTracker {
                     last.answered = true;
                 }
                 self.retry_streak = 0;
+                self.last_ack = (reply.message == MessageType::Ack).then(|| DequeuedAck {
+                    xid: reply.xid,
+                    at: now,
+                    answered: self.last_client.and_then(|c| c.state),
+                    lease_before: self.lease.clone(),
+                });
                 if reply.message == MessageType::Ack
                     && reply.lease_secs > 0
                     && !is_zero(reply.yiaddr)
@@ -806,6 +891,64 @@ mod tests {
         // Silence ends the transaction as reply_undelivered.
         t.tick(200.0, VmState::RxStalled);
         assert_eq!(t.last_verdict(), Some(Verdict::ReplyUndelivered));
+    }
+
+    #[test]
+    fn a_request_again_right_after_a_dequeued_ack_means_the_guest_never_took_it_in() {
+        // The fault's first minutes: the VMM still fills the guest's RX ring,
+        // so every ACK is dequeued, but the guest never processes any.
+        let mut t = DhcpTracker::new(3.0);
+        bind(&mut t, 0x77, 0.0);
+        let bound_until = t.lease().unwrap().remaining(0.0);
+        let mut notes = Vec::new();
+        for (i, at) in [60.0, 62.0, 64.0].into_iter().enumerate() {
+            let mut m = renew(0x77);
+            if i > 0 {
+                m.dst_ip = [255; 4];
+            }
+            notes.extend(t.observe(&m, at, VmState::Ok));
+            let ack = reply(MessageType::Ack, 0x77);
+            notes.extend(t.observe(&ack, at + 0.01, VmState::Ok));
+            notes.extend(t.observe(&seen_as(ack, Seen::Dequeued), at + 0.02, VmState::Ok));
+        }
+        let c = t.counters();
+        assert_eq!(c.replies_unprocessed, 2, "{notes:?}");
+        assert_eq!(c.retries.iter().sum::<u64>(), 2);
+        assert!(notes
+            .iter()
+            .any(|n| matches!(n, DhcpNote::ReplyUnprocessed { xid: 0x77, .. })));
+        // The lease is still the one granted at bind time, except for the
+        // last ACK, which the guest may yet take in.
+        let before_last = t.lease().unwrap().granted_at;
+        assert!(before_last > 60.0, "the last ACK stands until re-asked");
+        let mut again = renew(0x77);
+        again.dst_ip = [255; 4];
+        t.observe(&again, 66.0, VmState::Ok);
+        assert!((t.lease().unwrap().remaining(0.0) - bound_until).abs() < 0.1);
+
+        // A renewal at the next T1 (minutes later) is not a re-ask, nor is a
+        // restarted client's REQUEST (a new xid) seconds after its ACK.
+        let mut t = DhcpTracker::new(3.0);
+        bind(&mut t, 0x78, 0.0);
+        t.observe(&renew(0x78), 60.0, VmState::Ok);
+        assert_eq!(t.counters().replies_unprocessed, 0);
+        let mut t = DhcpTracker::new(3.0);
+        bind(&mut t, 0x79, 0.0);
+        t.observe(&renew(0x80), 5.0, VmState::Ok);
+        assert_eq!(t.counters().replies_unprocessed, 0);
+        assert_eq!(t.counters().retries.iter().sum::<u64>(), 0);
+
+        // Renewals forced seconds apart (udhcpc SIGUSR1), each delivered and
+        // taken in: a bound client renewing is no re-ask, ever.
+        let mut t = DhcpTracker::new(3.0);
+        bind(&mut t, 0x81, 0.0);
+        for at in [5.0, 10.0, 15.0] {
+            t.observe(&renew(0x81), at, VmState::Ok);
+            let ack = reply(MessageType::Ack, 0x81);
+            t.observe(&ack, at + 0.01, VmState::Ok);
+            t.observe(&seen_as(ack, Seen::Dequeued), at + 0.02, VmState::Ok);
+        }
+        assert_eq!(t.counters().replies_unprocessed, 0);
     }
 
     #[test]

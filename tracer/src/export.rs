@@ -118,6 +118,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "hvnet_dhcp_retries_total",
     "hvnet_dhcp_retries_during_stall_total",
     "hvnet_dhcp_replies_undelivered_total",
+    "hvnet_dhcp_replies_unprocessed_total",
     "hvnet_dhcp_lease_remaining_seconds",
     "hvnet_dhcp_transactions_total",
     "hvnet_dhcp_malformed_total",
@@ -340,6 +341,13 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         "DHCP replies to the VM that the VMM did not dequeue in time or that were dropped on the tap.",
         MetricType::COUNTER,
     );
+    let mut unprocessed = family(
+        "hvnet_dhcp_replies_unprocessed_total",
+        "DHCP ACKs the VMM dequeued after which the VM asked again within seconds (same xid): they \
+         reached the guest's RX ring but the guest never processed them (an RX path stuck inside \
+         the VM, before the tap queue backs up).",
+        MetricType::COUNTER,
+    );
     let mut lease = family(
         "hvnet_dhcp_lease_remaining_seconds",
         "Seconds left on the lease the VM holds, from the last ACK that actually reached it (0: expired).",
@@ -380,6 +388,9 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         undelivered
             .mut_metric()
             .push(counter(&[("iface", iface)], c.replies_undelivered as f64));
+        unprocessed
+            .mut_metric()
+            .push(counter(&[("iface", iface)], c.replies_unprocessed as f64));
         if let Some(remaining) = dhcp.lease_remaining.filter(|_| !vm.departed) {
             lease
                 .mut_metric()
@@ -474,6 +485,7 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         retries,
         retries_stall,
         undelivered,
+        unprocessed,
         lease,
         transactions,
         malformed,
@@ -677,6 +689,7 @@ mod tests {
         assert_eq!(text.matches("hvnet_vm_state{").count(), 5);
         assert!(text.contains("hvnet_dhcp_retries_during_stall_total{iface=\"vnet0\"} 3"));
         assert!(text.contains("hvnet_dhcp_replies_undelivered_total{iface=\"vnet0\"} 3"));
+        assert!(text.contains("hvnet_dhcp_replies_unprocessed_total{iface=\"vnet0\"} 0"));
         assert!(text.contains("hvnet_dhcp_lease_remaining_seconds{iface=\"vnet0\"} 41"));
         assert!(text.contains(
             "hvnet_dhcp_packets_total{iface=\"vnet0\",direction=\"to_vm\",type=\"ack\"} 0"

@@ -196,6 +196,11 @@ pub fn describe_note(note: &DhcpNote) -> String {
             hex(*xid),
             vm_state.as_str()
         ),
+        DhcpNote::ReplyUnprocessed { xid, after_secs } => format!(
+            "the VM asked again {after_secs:.0} s after the VMM dequeued ACK xid {}: the guest never \
+             processed it (its RX ring is not being drained inside the VM)",
+            hex(*xid)
+        ),
         DhcpNote::TransactionDone {
             xid,
             verdict,
@@ -229,6 +234,7 @@ pub fn note_kind(note: &DhcpNote) -> &'static str {
         DhcpNote::ReplyDelivered { .. } => "dhcp_reply_delivered",
         DhcpNote::ReplyUndelivered { .. } => "dhcp_reply_undelivered",
         DhcpNote::ReplyDropped { .. } => "dhcp_reply_dropped",
+        DhcpNote::ReplyUnprocessed { .. } => "dhcp_reply_unprocessed",
         DhcpNote::TransactionDone { .. } => "dhcp_verdict",
         DhcpNote::LeaseGranted { .. } => "dhcp_lease",
         DhcpNote::LeaseExpired { .. } => "dhcp_lease_expired",
@@ -244,6 +250,7 @@ pub struct Explanation<'a> {
     pub stuck_since: Option<f64>,
     pub retries_during_stall: u64,
     pub replies_undelivered: u64,
+    pub replies_unprocessed: u64,
     pub lease: Option<(String, f64, bool)>,
     pub now_unix: f64,
     /// Who the VM is beyond its name (uuid, MAC, VMM pid, vhost workers),
@@ -262,6 +269,12 @@ pub fn render_explanation(e: &Explanation<'_>, timeline: &Timeline) -> String {
         headline.push_str(&format!(
             "; {} DHCP retries during RX stalls, {} replies never delivered",
             e.retries_during_stall, e.replies_undelivered
+        ));
+    }
+    if e.replies_unprocessed > 0 {
+        headline.push_str(&format!(
+            "; {} ACKs handed to the VM were asked for again (the guest is not processing its RX ring)",
+            e.replies_unprocessed
         ));
     }
     let lease_gone = e
@@ -353,6 +366,7 @@ mod tests {
                 stuck_since: Some(36_000.0 + 133.0),
                 retries_during_stall: 3,
                 replies_undelivered: 3,
+                replies_unprocessed: 0,
                 lease: Some(("10.250.0.150".into(), 41.0, false)),
                 now_unix: 36_000.0 + 200.0,
                 identity: "uuid u-1, VMM pid 4242",
