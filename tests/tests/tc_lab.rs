@@ -131,6 +131,25 @@ fn taps_created_after_start_are_attached_and_removed_ones_disappear() -> anyhow:
         |s| interfaces(s) == Some(2.0),
     )?;
 
+    // No identity source knows these VMs (the fake VMM is no QEMU): the
+    // tap's own MAC, from netlink, is the mac label.
+    let link = node.ns.ip(&["-o", "link", "show", "taph1"])?;
+    let tap_mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let s = agent.scrape(&node.ns)?;
+    assert!(
+        metrics::value(
+            &s,
+            "hvnet_vm_info",
+            &[("iface", "taph1"), ("vm_name", "taph1"), ("mac", &tap_mac)]
+        ) == Some(1.0),
+        "hvnet_vm_info for taph1 should carry the tap's MAC {tap_mac}"
+    );
+
     let base0 = vm0.stats()?;
     vm0.guest
         .ip(&["addr", "add", "10.250.0.50/24", "dev", "eth0"])?;

@@ -184,10 +184,17 @@ impl AgentState {
         now: f64,
     ) -> VmView {
         let identity = self.identity(&link.name);
+        // Without an identity source, the tap's own MAC (from netlink) is
+        // the best handle left: libvirt's is the guest's with fe: in front.
+        let mac = if identity.mac.is_empty() {
+            link.mac_string()
+        } else {
+            identity.mac.clone()
+        };
         VmView {
             iface: link.name.clone(),
             ifindex: link.ifindex,
-            mac: identity.mac.clone(),
+            mac,
             tap_mac: link.mac_string(),
             oper_state: link.oper_state.clone(),
             vm_uuid: identity.vm_uuid.clone(),

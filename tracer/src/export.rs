@@ -55,7 +55,7 @@ pub struct DhcpView {
 pub struct VmView {
     pub iface: String,
     pub ifindex: u32,
-    /// The guest NIC's MAC, where an identity source knows it.
+    /// The guest NIC's MAC where an identity source knows it, else the tap's.
     pub mac: String,
     /// The tap's own MAC (libvirt: the guest's with fe: in front).
     pub tap_mac: String,
@@ -178,7 +178,8 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
     let mut info = family(
         "hvnet_vm_info",
         "Identity of the VM behind each monitored tap (join on iface): from libvirt's status XML, \
-         else the QEMU process holding the tap, else the tap name. mac is the guest NIC's.",
+         else the QEMU process holding the tap, else the tap name. mac is the guest NIC's where a \
+         source knows it, else the tap's own.",
         MetricType::GAUGE,
     );
     for vm in &view.vms {
