@@ -129,7 +129,12 @@ pub fn parse_libvirt_xml(path: &str, xml: &str) -> Result<DomainTaps, IdentityEr
         .children()
         .filter(|c| c.is_element() && c.tag_name().name() == "interface")
     {
-        let kind = iface.attribute("type").unwrap_or("");
+        // A libvirt network says in <actual> what it really created (a
+        // macvtap "network" has no tap either).
+        let kind = child(iface, "actual")
+            .and_then(|a| a.attribute("type"))
+            .or_else(|| iface.attribute("type"))
+            .unwrap_or("");
         let Some(dev) = child(iface, "target").and_then(|t| t.attribute("dev")) else {
             continue;
         };
@@ -442,6 +447,22 @@ mod tests {
         assert_eq!(skipped.len(), 1);
         assert_eq!(skipped[0].device, "macvtap0");
         assert!(skipped[0].reason.contains("direct"));
+    }
+
+    #[test]
+    fn libvirt_networks_follow_what_libvirt_actually_created() {
+        let (taps, skipped) =
+            parse_libvirt_xml("networks.xml", &fixture("networks.xml")).unwrap();
+        assert_eq!(taps.len(), 1, "{taps:?}");
+        let (dev, id) = &taps[0];
+        assert_eq!(dev, "vnet7");
+        assert_eq!(
+            (id.vm_name.as_str(), id.mac.as_str(), id.vmm_pid),
+            ("batch-7", "52:54:00:07:00:01", Some(6161))
+        );
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].device, "macvtap7");
+        assert!(skipped[0].reason.contains("direct"), "{:?}", skipped[0]);
     }
 
     #[test]
