@@ -29,8 +29,20 @@ impl Agent {
     /// Starts `hvnet run` in `ns` listening on 127.0.0.1:`port` there, and
     /// waits until /healthz answers.
     pub fn start(ns: &NetNs, port: u16, extra: &[&str], log: &Path) -> anyhow::Result<Self> {
+        Self::start_wrapped(ns, port, &[], extra, log)
+    }
+
+    /// Like [`Agent::start`], run through `wrapper` (e.g. `setpriv ...` to
+    /// run it as an unprivileged user with chosen capabilities).
+    pub fn start_wrapped(
+        ns: &NetNs,
+        port: u16,
+        wrapper: &[&str],
+        extra: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-        let child = Self::spawn(ns, addr, extra, log)?;
+        let child = Self::spawn(ns, addr, wrapper, extra, log)?;
         let mut agent = Self {
             child: Some(child),
             addr,
@@ -41,15 +53,24 @@ impl Agent {
         Ok(agent)
     }
 
-    pub fn spawn(
+    fn spawn(
         ns: &NetNs,
         addr: SocketAddr,
+        wrapper: &[&str],
         extra: &[&str],
         log: &Path,
     ) -> anyhow::Result<Child> {
         let log_file = std::fs::File::create(log)?;
-        ns.command(&hvnet_bin().display().to_string())
-            .args(["run", "--listen", &addr.to_string()])
+        let bin = hvnet_bin().display().to_string();
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = ns.command(program);
+                cmd.args(rest).arg(&bin);
+                cmd
+            }
+            None => ns.command(&bin),
+        };
+        cmd.args(["run", "--listen", &addr.to_string()])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -89,7 +110,8 @@ impl Agent {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        // `ip netns exec` execs hvnet in place, so the child's pid is hvnet's.
+        // `ip netns exec` (and setpriv) exec hvnet in place, so the child's
+        // pid is hvnet's.
         self.child.as_ref().map(Child::id)
     }
 

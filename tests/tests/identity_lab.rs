@@ -353,3 +353,79 @@ fn a_reused_ifindex_or_name_never_inherits_another_vms_counts() -> anyhow::Resul
     )?;
     Ok(())
 }
+
+/// The systemd unit's user: nobody, with exactly `caps` (setpriv names).
+fn as_nobody_with(caps: &str) -> Vec<String> {
+    [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        &format!("--inh-caps=-all,{caps}"),
+        &format!("--ambient-caps=-all,{caps}"),
+        &format!("--bounding-set=-all,{caps}"),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+#[test]
+fn without_read_rights_vms_are_named_by_tap_and_the_log_says_which_capability_fixes_it(
+) -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("p"))?;
+    let vm = node.add_vm("tapp0", 0, &fake_vmm())?;
+    // libvirt keeps its status files root-only.
+    let libvirt = node.dir.join("libvirt-qemu");
+    std::fs::create_dir_all(&libvirt)?;
+    std::fs::write(
+        libvirt.join("db-9.xml"),
+        format!(
+            "<domstatus state='running' pid='1'><domain type='kvm'><name>db-9</name><uuid>9d9d</uuid>\
+             <devices><interface type='bridge'><mac address='{}'/><target dev='tapp0'/></interface>\
+             </devices></domain></domstatus>",
+            vm.guest_mac
+        ),
+    )?;
+    std::process::Command::new("chmod")
+        .arg("700")
+        .arg(&libvirt)
+        .status()?;
+    let libvirt_arg = libvirt.display().to_string();
+    let args = ["--interfaces", "tapp*", "--libvirt-run-dir", &libvirt_arg];
+    let named = |agent: &Agent, vm_name: &str| {
+        eventually(agent, &node.ns, Duration::from_secs(5), vm_name, |s| {
+            metrics::value(
+                s,
+                "hvnet_vm_info",
+                &[("iface", "tapp0"), ("vm_name", vm_name)],
+            ) == Some(1.0)
+        })
+    };
+
+    // What the agent cannot do without: it runs, counts, names by tap...
+    let minimal = as_nobody_with("+bpf,+perfmon,+net_admin");
+    let wrapper: Vec<&str> = minimal.iter().map(String::as_str).collect();
+    let log = node.dir.join("hvnet-minimal.log");
+    let mut agent = Agent::start_wrapped(&node.ns, 9478, &wrapper, &args, &log)?;
+    named(&agent, "tapp0")?;
+    agent.terminate(Duration::from_secs(5))?;
+    // ...and says once per source what is missing.
+    let text = agent.log_text();
+    for needle in ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"] {
+        assert_eq!(text.matches(needle).count(), 1, "{needle} once in:\n{text}");
+    }
+
+    // With the two read-only capabilities the unit grants, libvirt names it.
+    let full = as_nobody_with("+bpf,+perfmon,+net_admin,+dac_read_search,+sys_ptrace");
+    let wrapper: Vec<&str> = full.iter().map(String::as_str).collect();
+    let log = node.dir.join("hvnet-unit.log");
+    let agent = Agent::start_wrapped(&node.ns, 9478, &wrapper, &args, &log)?;
+    named(&agent, "db-9")?;
+    assert!(
+        !agent.log_text().contains("permission denied"),
+        "{}",
+        agent.log_text()
+    );
+    Ok(())
+}

@@ -9,6 +9,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use serde::Serialize;
@@ -202,6 +203,13 @@ pub fn fdinfo_tap(fdinfo: &str) -> Option<&str> {
 pub struct IdentityResolver {
     libvirt_dir: PathBuf,
     proc_root: PathBuf,
+    /// "Permission denied" is said once per source, not at every refresh.
+    denied_libvirt: AtomicBool,
+    denied_proc: AtomicBool,
+}
+
+fn is_denied(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::PermissionDenied
 }
 
 impl IdentityResolver {
@@ -209,21 +217,48 @@ impl IdentityResolver {
         Self {
             libvirt_dir: libvirt_dir.to_owned(),
             proc_root: proc_root.to_owned(),
+            denied_libvirt: AtomicBool::new(false),
+            denied_proc: AtomicBool::new(false),
+        }
+    }
+
+    /// Identity sources are optional, but an unreadable one silently turns
+    /// VM names into tap names: say so once, with the fix.
+    fn warn_denied(&self, flag: &AtomicBool, what: &str, fix: &str) {
+        if !flag.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "cannot read {what}: permission denied; VMs there are named by their taps ({fix})"
+            );
         }
     }
 
     fn read_libvirt(&self) -> (HashMap<String, Identity>, Vec<Skipped>) {
         let mut taps = HashMap::new();
         let mut skipped = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&self.libvirt_dir) else {
-            return (taps, skipped);
+        let libvirt_fix = "libvirt's status files are root-only: give hvnet CAP_DAC_READ_SEARCH";
+        let entries = match std::fs::read_dir(&self.libvirt_dir) {
+            Ok(entries) => entries,
+            Err(err) => {
+                if is_denied(&err) {
+                    let what = self.libvirt_dir.display().to_string();
+                    self.warn_denied(&self.denied_libvirt, &what, libvirt_fix);
+                }
+                return (taps, skipped);
+            }
         };
         for path in entries.filter_map(Result::ok).map(|e| e.path()) {
             if path.extension().is_none_or(|e| e != "xml") {
                 continue;
             }
-            let Ok(text) = std::fs::read_to_string(&path) else {
-                continue;
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(err) => {
+                    if is_denied(&err) {
+                        let what = path.display().to_string();
+                        self.warn_denied(&self.denied_libvirt, &what, libvirt_fix);
+                    }
+                    continue;
+                }
             };
             match parse_libvirt_xml(&path.display().to_string(), &text) {
                 Ok((found, skip)) => {
@@ -250,8 +285,18 @@ impl IdentityResolver {
             if !is_pid {
                 continue;
             }
-            let Ok(fds) = std::fs::read_dir(pid_dir.join("fdinfo")) else {
-                continue;
+            let fds = match std::fs::read_dir(pid_dir.join("fdinfo")) {
+                Ok(fds) => fds,
+                Err(err) => {
+                    if is_denied(&err) {
+                        self.warn_denied(
+                            &self.denied_proc,
+                            "other users' /proc/<pid>/fdinfo (the VMMs holding the taps)",
+                            "give hvnet CAP_SYS_PTRACE, which it uses only to read /proc",
+                        );
+                    }
+                    continue;
+                }
             };
             for fd_path in fds.filter_map(Result::ok).map(|e| e.path()) {
                 let Ok(info) = std::fs::read_to_string(&fd_path) else {
@@ -451,8 +496,7 @@ mod tests {
 
     #[test]
     fn libvirt_networks_follow_what_libvirt_actually_created() {
-        let (taps, skipped) =
-            parse_libvirt_xml("networks.xml", &fixture("networks.xml")).unwrap();
+        let (taps, skipped) = parse_libvirt_xml("networks.xml", &fixture("networks.xml")).unwrap();
         assert_eq!(taps.len(), 1, "{taps:?}");
         let (dev, id) = &taps[0];
         assert_eq!(dev, "vnet7");
