@@ -391,6 +391,10 @@ fn without_read_rights_vms_are_named_by_tap_and_the_log_says_which_capability_fi
         .arg("700")
         .arg(&libvirt)
         .status()?;
+    // A root-owned QEMU-looking process, whose fds nobody else may read.
+    let _vmm_like = hvnet_lab::testkit::Background(vec![std::process::Command::new("bash")
+        .args(["-c", "exec -a qemu-system-x86_64 sleep 60"])
+        .spawn()?]);
     let libvirt_arg = libvirt.display().to_string();
     let args = ["--interfaces", "tapp*", "--libvirt-run-dir", &libvirt_arg];
     let named = |agent: &Agent, vm_name: &str| {

@@ -14,7 +14,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::qemu_cmdline::{parse_qemu_cmdline, TapHandle};
+use crate::qemu_cmdline::{looks_like_vmm, parse_qemu_cmdline, TapHandle};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Identity {
@@ -208,6 +208,18 @@ pub struct IdentityResolver {
     denied_proc: AtomicBool,
 }
 
+/// A process's argv (empty for kernel threads and vanished processes).
+fn read_cmdline(pid_dir: &Path) -> Vec<String> {
+    std::fs::read(pid_dir.join("cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn is_denied(err: &std::io::Error) -> bool {
     err.kind() == std::io::ErrorKind::PermissionDenied
 }
@@ -285,6 +297,12 @@ impl IdentityResolver {
             if !is_pid {
                 continue;
             }
+            // Only VMMs' fds are worth reading: one cmdline read per process
+            // instead of one fdinfo read per fd of every process on the node.
+            let args = read_cmdline(&pid_dir);
+            if !looks_like_vmm(&args) {
+                continue;
+            }
             let fds = match std::fs::read_dir(pid_dir.join("fdinfo")) {
                 Ok(fds) => fds,
                 Err(err) => {
@@ -313,14 +331,6 @@ impl IdentityResolver {
                     .and_then(|n| n.to_str())
                     .unwrap_or("")
                     .to_owned();
-                let args: Vec<String> = std::fs::read(pid_dir.join("cmdline"))
-                    .map(|raw| {
-                        raw.split(|b| *b == 0)
-                            .filter(|a| !a.is_empty())
-                            .map(|a| String::from_utf8_lossy(a).into_owned())
-                            .collect()
-                    })
-                    .unwrap_or_default();
                 let handle = TapHandle {
                     fd: &fd,
                     ifname: tap,

@@ -79,22 +79,30 @@ fn holds_tap(o: &HashMap<String, String>, tap: TapHandle<'_>) -> bool {
         || o.get("ifname").is_some_and(|n| n == tap.ifname)
 }
 
-/// `None` when the process is not a QEMU (neither named like one nor
-/// carrying `-name`/`-uuid`).
+/// A QEMU: named like one, or carrying `-name`/`-uuid`.
+pub fn looks_like_vmm(args: &[String]) -> bool {
+    let Some(program) = args.first() else {
+        return false;
+    };
+    let named_like_qemu = program
+        .rsplit('/')
+        .next()
+        .is_some_and(|p| p.contains("qemu") || p.contains("kvm"));
+    named_like_qemu
+        || values(args, "name").next().is_some()
+        || values(args, "uuid").next().is_some()
+}
+
+/// `None` when the process is not a QEMU (see [`looks_like_vmm`]).
 pub fn parse_qemu_cmdline(args: &[String], tap: TapHandle<'_>) -> Option<QemuNic> {
-    let program = args.first()?;
+    if !looks_like_vmm(args) {
+        return None;
+    }
     let name = values(args, "name").next().map(|v| {
         let o = options(v, "guest");
         o.get("guest").cloned().unwrap_or_default()
     });
     let uuid = values(args, "uuid").next().map(str::to_owned);
-    let looks_like_qemu = program
-        .rsplit('/')
-        .next()
-        .is_some_and(|p| p.contains("qemu") || p.contains("kvm"));
-    if !looks_like_qemu && name.is_none() && uuid.is_none() {
-        return None;
-    }
     let via_netdev = || {
         let id = values(args, "netdev")
             .map(|v| options(v, "type"))
