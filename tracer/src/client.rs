@@ -113,17 +113,40 @@ pub fn render_top(now: &serde_json::Value, before: Option<(&serde_json::Value, f
         let lease = vm["dhcp"]["lease_remaining"]
             .as_f64()
             .map_or_else(|| "-".into(), |s| format!("{s:.0} s"));
+        // ACKs handed over but asked for again since the last refresh say
+        // more than the verdict of the last exchange ("delivered").
+        let unprocessed =
+            |v: &serde_json::Value| v["dhcp"]["counters"]["replies_unprocessed"].as_u64();
+        let newly_unprocessed = before
+            .and_then(|(prev, _)| {
+                prev.as_array()?
+                    .iter()
+                    .find(|p| p["iface"] == vm["iface"])
+                    .cloned()
+            })
+            .and_then(|old| Some(unprocessed(vm)? > unprocessed(&old)?))
+            .unwrap_or(false);
+        let last_dhcp = if newly_unprocessed {
+            "reply_unprocessed"
+        } else {
+            vm["dhcp"]["last_verdict"].as_str().unwrap_or("-")
+        };
+        let state = if vm["departed"] == true {
+            "gone"
+        } else {
+            vm["health"]["state"].as_str().unwrap_or("-")
+        };
         out.push_str(&format!(
             "{:<16} {:<11} {:>9} {:>9} {:>8} {:>10} {:<18} {:>10}\n",
             iface,
-            vm["health"]["state"].as_str().unwrap_or("-"),
+            state,
             rate("to_vm"),
             rate("from_vm"),
             vm["health"]["backlog"]
                 .as_u64()
                 .map_or_else(|| "-".into(), |b| b.to_string()),
             drops,
-            vm["dhcp"]["last_verdict"].as_str().unwrap_or("-"),
+            last_dhcp,
             lease
         ));
     }
@@ -155,6 +178,28 @@ mod tests {
                 && row.contains("reply_undelivered")
                 && row.contains("41 s"),
             "{row}"
+        );
+    }
+
+    #[test]
+    fn top_flags_unprocessed_acks_and_departed_taps() {
+        let before = serde_json::json!([{"iface": "tap0", "dhcp": {"counters": {"replies_unprocessed": 1}}}]);
+        let now = serde_json::json!([
+            {"iface": "tap0", "health": {"state": "ok"},
+             "dhcp": {"last_verdict": "delivered", "counters": {"replies_unprocessed": 2}}},
+            {"iface": "tap1", "departed": true, "health": {"state": "rx_stalled"}}
+        ]);
+        let table = render_top(&now, Some((&before, 1.0)));
+        let rows: Vec<&str> = table.lines().skip(1).collect();
+        assert!(rows[0].contains("reply_unprocessed"), "{table}");
+        assert!(
+            rows[1].contains("gone") && !rows[1].contains("rx_stalled"),
+            "{table}"
+        );
+        let steady = render_top(&now, Some((&now, 1.0)));
+        assert!(
+            steady.lines().nth(1).unwrap().contains("delivered"),
+            "{steady}"
         );
     }
 }
