@@ -433,3 +433,69 @@ fn without_read_rights_vms_are_named_by_tap_and_the_log_says_which_capability_fi
     );
     Ok(())
 }
+
+#[test]
+fn a_proc_tree_given_with_proc_root_names_the_vm_from_its_qemu_command_line() -> anyhow::Result<()>
+{
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("pr"))?;
+    let _vm = node.add_vm("tapf0", 0, &fake_vmm())?;
+    // A host's /proc as a container would see it mounted elsewhere: the
+    // QEMU holding tapf0 on fd 27 (libvirt's JSON syntax), and a vhost worker.
+    let proc_root = node.dir.join("host-proc");
+    let qemu = proc_root.join("7001");
+    std::fs::create_dir_all(qemu.join("fdinfo"))?;
+    std::fs::write(
+        qemu.join("fdinfo/27"),
+        "pos:\t0\nflags:\t0104002\nmnt_id:\t15\niff:\ttapf0\n",
+    )?;
+    let argv = [
+        "/usr/bin/qemu-system-x86_64",
+        "-name",
+        "guest=instance-0000beef,debug-threads=on",
+        "-uuid",
+        "5e1f7a2b-0c3d-4e5f-8a9b-0c1d2e3f4a5b",
+        "-netdev",
+        r#"{"type":"tap","fd":"27","vhost":true,"vhostfd":"29","id":"hostnet0"}"#,
+        "-device",
+        r#"{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","mac":"fa:16:3e:be:ef:01"}"#,
+    ];
+    std::fs::write(qemu.join("cmdline"), argv.join("\0") + "\0")?;
+    let worker = qemu.join("task/7009");
+    std::fs::create_dir_all(&worker)?;
+    std::fs::write(worker.join("comm"), "vhost-7001\n")?;
+    let proc_arg = proc_root.display().to_string();
+    let agent = Agent::start(
+        &node.ns,
+        9478,
+        &["--interfaces", "tapf*", "--proc-root", &proc_arg],
+        &node.dir.join("hvnet.log"),
+    )?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "named from the fake /proc",
+        |s| {
+            metrics::value(
+                s,
+                "hvnet_vm_info",
+                &[
+                    ("iface", "tapf0"),
+                    ("vm_name", "instance-0000beef"),
+                    ("vm_uuid", "5e1f7a2b-0c3d-4e5f-8a9b-0c1d2e3f4a5b"),
+                    ("mac", "fa:16:3e:be:ef:01"),
+                ],
+            ) == Some(1.0)
+        },
+    )?;
+    let text = node.ns.exec_ok(&[
+        &hvnet_bin().display().to_string(),
+        "explain",
+        "instance-0000beef",
+        "--agent",
+        "127.0.0.1:9478",
+    ])?;
+    assert!(text.contains("VMM pid 7001, vhost workers 7009"), "{text}");
+    Ok(())
+}

@@ -84,6 +84,9 @@ pub struct RunArgs {
     /// libvirt's directory of running domains' status XML [default: /run/libvirt/qemu].
     #[arg(long)]
     pub libvirt_run_dir: Option<PathBuf>,
+    /// The /proc to find the process holding each tap in (a host's /proc mounted elsewhere, e.g. in a container) [default: /proc].
+    #[arg(long)]
+    pub proc_root: Option<PathBuf>,
     /// Add the VM's project (nova metadata) to hvnet_vm_info; more series, so off by default.
     #[arg(long)]
     pub project_label: bool,
@@ -100,6 +103,7 @@ impl RunArgs {
             attach_mode: self.attach_mode.clone(),
             btf: self.btf.clone(),
             libvirt_run_dir: self.libvirt_run_dir.clone(),
+            proc_root: self.proc_root.clone(),
             project_label: self.project_label,
         }
     }

@@ -117,6 +117,7 @@ pub struct FlagOverrides {
     pub attach_mode: Option<String>,
     pub btf: Option<PathBuf>,
     pub libvirt_run_dir: Option<PathBuf>,
+    pub proc_root: Option<PathBuf>,
     pub project_label: bool,
 }
 
@@ -189,8 +190,9 @@ impl Config {
             .libvirt_run_dir
             .or(file.libvirt_run_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_LIBVIRT_RUN_DIR));
-        let proc_root = file
+        let proc_root = flags
             .proc_root
+            .or(file.proc_root)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PROC_ROOT));
 
         let project_label = flags.project_label || file.project_label.unwrap_or(false);
