@@ -97,6 +97,17 @@ impl Agent {
         bail!("hvnet did not become healthy:\n{}", self.log_text())
     }
 
+    /// `hvnet explain <name>` against this agent, run inside `ns`.
+    pub fn explain(&self, ns: &NetNs, name: &str) -> anyhow::Result<String> {
+        ns.exec_ok(&[
+            &hvnet_bin().display().to_string(),
+            "explain",
+            name,
+            "--agent",
+            &self.addr.to_string(),
+        ])
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

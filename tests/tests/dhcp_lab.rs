@@ -11,7 +11,7 @@ use hvnet_lab::{
     agent::hvnet_bin,
     expect::eventually,
     metrics::{self, Sample},
-    node::{ComputeNode, FakeVm},
+    node::FakeVm,
     testkit::{lab_with_one_vm, require_root, Background},
     vmm::VmmMode,
     BRIDGE_ADDR, PEER_ADDR,
@@ -54,16 +54,6 @@ fn keep_sending(vm: &FakeVm) -> anyhow::Result<Child> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?)
-}
-
-fn explain(node: &ComputeNode, iface: &str) -> anyhow::Result<String> {
-    node.ns.exec_ok(&[
-        &hvnet_bin().display().to_string(),
-        "explain",
-        iface,
-        "--agent",
-        "127.0.0.1:9478",
-    ])
 }
 
 #[test]
@@ -145,7 +135,7 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
             &[("direction", "to_vm"), ("type", "ack")]
         ) >= 2.0
     );
-    let text = explain(&node, "tapu0")?;
+    let text = agent.explain(&node.ns, "tapu0")?;
     eprintln!("--- hvnet explain tapu0 ---\n{text}---");
     assert!(
         text.starts_with("VM tapu0 (tapu0): rx_stalled since"),
@@ -194,7 +184,7 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
             ) > delivered_before
         },
     )?;
-    let text = explain(&node, "tapu0")?;
+    let text = agent.explain(&node.ns, "tapu0")?;
     assert!(text.contains("RX recovered"), "{text}");
     assert!(text.contains("reached the VM"), "{text}");
     let stream = std::fs::read_to_string(&events_log)?;
@@ -267,7 +257,7 @@ fn a_stopped_server_is_no_reply_not_blamed_on_the_vm() -> anyhow::Result<()> {
     if verdict.is_err() {
         eprintln!(
             "--- hvnet explain tapr0 ---\n{}---",
-            explain(&node, "tapr0")?
+            agent.explain(&node.ns, "tapr0")?
         );
     }
     verdict?;
@@ -290,7 +280,7 @@ fn a_stopped_server_is_no_reply_not_blamed_on_the_vm() -> anyhow::Result<()> {
         0.0
     );
     assert_eq!(value(&s, "hvnet_vm_rx_stalls_total", "tapr0", &[]), 0.0);
-    let text = explain(&node, "tapr0")?;
+    let text = agent.explain(&node.ns, "tapr0")?;
     assert!(text.contains("ended: no_reply"), "{text}");
     Ok(())
 }
@@ -334,11 +324,11 @@ fn dhclient_loses_its_lease_during_a_long_stall_and_the_timeline_says_so() -> an
     )?;
     eprintln!("lease expired {:?} after it was granted", granted.elapsed());
     // The expiry line lands on the agent's next poll.
-    let mut text = explain(&node, "tapx0")?;
+    let mut text = agent.explain(&node.ns, "tapx0")?;
     let deadline = Instant::now() + Duration::from_secs(3);
     while !text.contains("expired: the VM has lost its address") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        text = explain(&node, "tapx0")?;
+        text = agent.explain(&node.ns, "tapx0")?;
     }
     eprintln!("--- hvnet explain tapx0 ---\n{text}---");
     let s = agent.scrape(&node.ns)?;

@@ -68,13 +68,7 @@ fn a_libvirt_status_file_names_the_vm_in_metrics_and_explain() -> anyhow::Result
             ) == Some(1.0)
         },
     )?;
-    let text = node.ns.exec_ok(&[
-        &hvnet_bin().display().to_string(),
-        "explain",
-        "web-1",
-        "--agent",
-        "127.0.0.1:9478",
-    ])?;
+    let text = agent.explain(&node.ns, "web-1")?;
     assert!(text.starts_with("VM web-1 (tapi0):"), "{text}");
     let missing = node
         .ns
@@ -489,13 +483,7 @@ fn a_proc_tree_given_with_proc_root_names_the_vm_from_its_qemu_command_line() ->
             ) == Some(1.0)
         },
     )?;
-    let text = node.ns.exec_ok(&[
-        &hvnet_bin().display().to_string(),
-        "explain",
-        "instance-0000beef",
-        "--agent",
-        "127.0.0.1:9478",
-    ])?;
+    let text = agent.explain(&node.ns, "instance-0000beef")?;
     assert!(text.contains("VMM pid 7001, vhost workers 7009"), "{text}");
     Ok(())
 }

@@ -73,6 +73,9 @@ pub struct AgentState {
 /// How often identities are re-read without a tap change (a VM renamed,
 /// libvirt restarted).
 const IDENTITY_REFRESH_SECS: f64 = 30.0;
+/// ...and while some tap is known only by name: a VM that is starting has
+/// its tap before its QEMU process and its libvirt status file.
+const WEAK_IDENTITY_REFRESH_SECS: f64 = 3.0;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock leaves plain data behind; keep serving.
@@ -408,7 +411,13 @@ impl AgentState {
         for link in plan.attach {
             self.attach(link);
         }
-        if changed || self.now() - *lock(&self.identity_refreshed) >= IDENTITY_REFRESH_SECS {
+        let any_weak = lock(&self.identities).values().any(Identity::is_weak);
+        let every = if any_weak {
+            WEAK_IDENTITY_REFRESH_SECS
+        } else {
+            IDENTITY_REFRESH_SECS
+        };
+        if changed || self.now() - *lock(&self.identity_refreshed) >= every {
             self.refresh_identities();
         }
         // Keep oper state, stats and MAC current for interfaces that stay.

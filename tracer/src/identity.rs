@@ -37,6 +37,12 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Named only by the tap (or its Neutron naming): worth looking again
+    /// soon, a VM's status file or its QEMU may just be appearing.
+    pub fn is_weak(&self) -> bool {
+        matches!(self.source, "tap" | "neutron_name")
+    }
+
     /// The details an on-call engineer needs to find the VM and its VMM:
     /// "uuid ..., mac ..., VMM pid N, vhost workers a b" (known parts only).
     pub fn describe(&self) -> String {
@@ -323,7 +329,10 @@ impl IdentityResolver {
                 let Some(tap) = fdinfo_tap(&info) else {
                     continue;
                 };
-                if !wanted.contains(&tap) || found.contains_key(tap) {
+                // Several processes may hold one tap (a VMM while it starts
+                // up, multiqueue fds): a named VM beats an unnamed holder.
+                let named = |i: &Identity| !i.vm_uuid.is_empty() || !i.vm_name.is_empty();
+                if !wanted.contains(&tap) || found.get(tap).is_some_and(named) {
                     continue;
                 }
                 let fd = fd_path

@@ -79,15 +79,15 @@ fn holds_tap(o: &HashMap<String, String>, tap: TapHandle<'_>) -> bool {
         || o.get("ifname").is_some_and(|n| n == tap.ifname)
 }
 
-/// A QEMU: named like one, or carrying `-name`/`-uuid`.
+/// A QEMU: its program is `qemu-system-*`, `qemu-kvm` or `kvm`, or it
+/// carries `-name`/`-uuid`. Not merely "qemu" somewhere in the name: libvirt's
+/// `virtqemud` holds each tap for a moment before handing it to QEMU.
 pub fn looks_like_vmm(args: &[String]) -> bool {
     let Some(program) = args.first() else {
         return false;
     };
-    let named_like_qemu = program
-        .rsplit('/')
-        .next()
-        .is_some_and(|p| p.contains("qemu") || p.contains("kvm"));
+    let base = program.rsplit('/').next().unwrap_or(program);
+    let named_like_qemu = base.starts_with("qemu-system-") || base == "qemu-kvm" || base == "kvm";
     named_like_qemu
         || values(args, "name").next().is_some()
         || values(args, "uuid").next().is_some()
@@ -198,6 +198,11 @@ mod tests {
     #[test]
     fn not_a_vmm_or_garbage_is_none_or_empty_not_a_panic() {
         assert!(parse_qemu_cmdline(&argv("bash -c true"), TAP31).is_none());
+        // libvirt's daemon holds the tap between creating it and exec'ing QEMU.
+        assert!(!looks_like_vmm(&argv("/usr/sbin/virtqemud --timeout 120")));
+        assert!(!looks_like_vmm(&argv("/usr/sbin/libvirtd")));
+        assert!(looks_like_vmm(&argv("/usr/libexec/qemu-kvm -S")));
+        assert!(looks_like_vmm(&argv("/usr/bin/qemu-system-aarch64")));
         assert!(parse_qemu_cmdline(&[], TAP31).is_none());
         let broken = argv("qemu-kvm -name -netdev {\"type\":\"tap\" -device ,,,= -uuid");
         let nic = parse_qemu_cmdline(&broken, TAP31).unwrap();

@@ -198,7 +198,7 @@ pub fn describe_note(note: &DhcpNote) -> String {
         ),
         DhcpNote::ReplyUnprocessed { xid, after_secs } => format!(
             "the VM asked again {after_secs:.0} s after the VMM dequeued ACK xid {}: the guest never \
-             processed it (its RX ring is not being drained inside the VM)",
+             took it in (its RX ring is not being processed; once, it may be a guest that dropped it)",
             hex(*xid)
         ),
         DhcpNote::TransactionDone {
