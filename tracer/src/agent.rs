@@ -405,6 +405,7 @@ impl AgentState {
             &lock(&self.failed),
         );
         let changed = !plan.attach.is_empty() || !plan.detach.is_empty();
+        self.keep_final_counters(&plan.detach);
         for ifindex in plan.detach {
             self.forget(ifindex);
         }
@@ -468,7 +469,6 @@ impl AgentState {
     }
 
     fn forget(&self, ifindex: u32) {
-        self.keep_final_counters(ifindex);
         let name = lock(&self.probes).detach(ifindex);
         lock(&self.attached).remove(&ifindex);
         lock(&self.records).remove(&ifindex);
@@ -480,27 +480,39 @@ impl AgentState {
         }
     }
 
-    /// Keeps a vanishing tap's final counters for the series grace period.
-    fn keep_final_counters(&self, ifindex: u32) {
-        if lock(&self.departed).grace().is_zero() {
+    /// Keeps vanishing taps' final counters for the series grace period,
+    /// from one read of the maps however many go at once (an evacuated
+    /// host loses hundreds of taps in one burst).
+    fn keep_final_counters(&self, ifindexes: &[u32]) {
+        if ifindexes.is_empty() || lock(&self.departed).grace().is_zero() {
             return;
         }
-        let Some(link) = lock(&self.attached).get(&ifindex).cloned() else {
-            return;
-        };
         let snapshot = match lock(&self.maps).read() {
             Ok(snapshot) => snapshot,
             Err(err) => {
-                log::warn!("{}: final counters not kept: {err}", link.name);
+                log::warn!("final counters of removed taps not kept: {err}");
                 return;
             }
         };
         let now = self.now();
-        let view = {
-            let records = lock(&self.records);
-            self.view(&link, &snapshot, records.get(&ifindex), now)
+        let links: Vec<LinkInfo> = {
+            let attached = lock(&self.attached);
+            ifindexes
+                .iter()
+                .filter_map(|ifindex| attached.get(ifindex).cloned())
+                .collect()
         };
-        lock(&self.departed).keep(view, now);
+        let views: Vec<VmView> = {
+            let records = lock(&self.records);
+            links
+                .iter()
+                .map(|link| self.view(link, &snapshot, records.get(&link.ifindex), now))
+                .collect()
+        };
+        let mut departed = lock(&self.departed);
+        for view in views {
+            departed.keep(view, now);
+        }
     }
 
     /// One poll: counters -> per-VM state machines -> health for export.

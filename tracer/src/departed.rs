@@ -58,7 +58,9 @@ impl DepartedSeries {
         self.entries.retain(|(_, until)| *until > now);
     }
 
-    /// Views still within their grace, except names in use again.
+    /// Views still within their grace, except names in use again. `attached`
+    /// also covers the moment a removed tap is kept here but not yet
+    /// detached: a scrape then must not show it twice.
     pub fn visible(&self, now: f64, attached: &[&str]) -> Vec<VmView> {
         self.entries
             .iter()
