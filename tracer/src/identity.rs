@@ -214,6 +214,32 @@ pub struct IdentityResolver {
     denied_proc: AtomicBool,
 }
 
+/// What one walk of /proc found.
+#[derive(Default)]
+struct ProcScan {
+    /// Wanted taps and the VMM holding each.
+    holders: HashMap<String, Identity>,
+    /// vhost kernel threads (Linux < 6.4) by the VMM pid they serve.
+    kthread_workers: HashMap<u32, Vec<u32>>,
+}
+
+/// The numerically named entries of a directory (/proc's pids, a task dir's tids).
+fn numbered_entries(dir: &Path) -> Vec<(u32, PathBuf)> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The VMM pid a `vhost-<pid>` worker serves.
+fn vhost_owner(comm: &str) -> Option<u32> {
+    comm.trim().strip_prefix("vhost-")?.parse().ok()
+}
+
 /// A process's argv (empty for kernel threads and vanished processes).
 fn read_cmdline(pid_dir: &Path) -> Vec<String> {
     std::fs::read(pid_dir.join("cmdline"))
@@ -290,123 +316,106 @@ impl IdentityResolver {
         (taps, skipped)
     }
 
-    fn read_proc(&self, wanted: &[&str]) -> HashMap<String, Identity> {
-        let mut found = HashMap::new();
-        let Ok(pids) = std::fs::read_dir(&self.proc_root) else {
-            return found;
-        };
-        for pid_dir in pids.filter_map(Result::ok).map(|e| e.path()) {
-            let is_pid = pid_dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()));
-            if !is_pid {
-                continue;
-            }
-            // Only VMMs' fds are worth reading: one cmdline read per process
-            // instead of one fdinfo read per fd of every process on the node.
+    /// One walk of /proc: the VMMs holding the `wanted` taps, and the vhost
+    /// kernel threads. Only VMMs' fds are read (one cmdline read per process
+    /// instead of one fdinfo read per fd of every process on the node), and
+    /// only kernel threads' names.
+    fn scan_proc(&self, wanted: &[&str]) -> ProcScan {
+        let mut scan = ProcScan::default();
+        for (pid, pid_dir) in numbered_entries(&self.proc_root) {
             let args = read_cmdline(&pid_dir);
-            if !looks_like_vmm(&args) {
-                continue;
-            }
-            let fds = match std::fs::read_dir(pid_dir.join("fdinfo")) {
-                Ok(fds) => fds,
-                Err(err) => {
-                    if is_denied(&err) {
-                        self.warn_denied(
-                            &self.denied_proc,
-                            "other users' /proc/<pid>/fdinfo (the VMMs holding the taps)",
-                            "give hvnet CAP_SYS_PTRACE, which it uses only to read /proc",
-                        );
-                    }
-                    continue;
+            if args.is_empty() {
+                let comm = std::fs::read_to_string(pid_dir.join("comm")).unwrap_or_default();
+                if let Some(owner) = vhost_owner(&comm) {
+                    scan.kthread_workers.entry(owner).or_default().push(pid);
                 }
-            };
-            for fd_path in fds.filter_map(Result::ok).map(|e| e.path()) {
-                let Ok(info) = std::fs::read_to_string(&fd_path) else {
-                    continue;
-                };
-                let Some(tap) = fdinfo_tap(&info) else {
-                    continue;
-                };
-                // Several processes may hold one tap (a VMM while it starts
-                // up, multiqueue fds): a named VM beats an unnamed holder.
-                let named = |i: &Identity| !i.vm_uuid.is_empty() || !i.vm_name.is_empty();
-                if !wanted.contains(&tap) || found.get(tap).is_some_and(named) {
-                    continue;
-                }
-                let fd = fd_path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or("")
-                    .to_owned();
-                let handle = TapHandle {
-                    fd: &fd,
-                    ifname: tap,
-                };
-                if let Some(nic) = parse_qemu_cmdline(&args, handle) {
-                    let identity = Identity {
-                        vm_name: nic.vm_name,
-                        vm_uuid: nic.vm_uuid,
-                        mac: nic.mac,
-                        source: "qemu",
-                        vmm_pid: pid_dir
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .and_then(|n| n.parse().ok()),
-                        ..Default::default()
-                    };
-                    found.insert(tap.to_owned(), identity);
-                }
+            } else if !wanted.is_empty() && looks_like_vmm(&args) {
+                self.read_vmm_fds(pid, &pid_dir, &args, wanted, &mut scan.holders);
             }
         }
-        found
+        scan
+    }
+
+    /// The `wanted` taps VMM `pid` holds, named from its command line.
+    fn read_vmm_fds(
+        &self,
+        pid: u32,
+        pid_dir: &Path,
+        args: &[String],
+        wanted: &[&str],
+        holders: &mut HashMap<String, Identity>,
+    ) {
+        let fds = match std::fs::read_dir(pid_dir.join("fdinfo")) {
+            Ok(fds) => fds,
+            Err(err) => {
+                if is_denied(&err) {
+                    self.warn_denied(
+                        &self.denied_proc,
+                        "other users' /proc/<pid>/fdinfo (the VMMs holding the taps)",
+                        "give hvnet CAP_SYS_PTRACE, which it uses only to read /proc",
+                    );
+                }
+                return;
+            }
+        };
+        for fd_path in fds.filter_map(Result::ok).map(|e| e.path()) {
+            let Ok(info) = std::fs::read_to_string(&fd_path) else {
+                continue;
+            };
+            let Some(tap) = fdinfo_tap(&info) else {
+                continue;
+            };
+            // Several processes may hold one tap (a VMM while it starts
+            // up, multiqueue fds): a named VM beats an unnamed holder.
+            let named = |i: &Identity| !i.vm_uuid.is_empty() || !i.vm_name.is_empty();
+            if !wanted.contains(&tap) || holders.get(tap).is_some_and(named) {
+                continue;
+            }
+            let fd = fd_path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_owned();
+            let handle = TapHandle {
+                fd: &fd,
+                ifname: tap,
+            };
+            if let Some(nic) = parse_qemu_cmdline(args, handle) {
+                let identity = Identity {
+                    vm_name: nic.vm_name,
+                    vm_uuid: nic.vm_uuid,
+                    mac: nic.mac,
+                    source: "qemu",
+                    vmm_pid: Some(pid),
+                    ..Default::default()
+                };
+                holders.insert(tap.to_owned(), identity);
+            }
+        }
     }
 
     /// vhost worker tids per owner pid. Since Linux 6.4 a worker is a
     /// thread of the VMM named `vhost-<pid>`; before, a kernel thread of the
-    /// same name: look in both places.
-    fn vhost_workers(&self, owners: &[u32]) -> HashMap<u32, Vec<u32>> {
+    /// same name (found by [`Self::scan_proc`]): look in both places.
+    fn vhost_workers(
+        &self,
+        owners: &[u32],
+        kthread_workers: &HashMap<u32, Vec<u32>>,
+    ) -> HashMap<u32, Vec<u32>> {
         let mut workers: HashMap<u32, Vec<u32>> = HashMap::new();
-        let mut note = |tid: u32, comm: &str| {
-            let owner = comm
-                .trim()
-                .strip_prefix("vhost-")
-                .and_then(|p| p.parse::<u32>().ok());
-            if let Some(owner) = owner.filter(|o| owners.contains(o)) {
-                let tids = workers.entry(owner).or_default();
-                if !tids.contains(&tid) {
-                    tids.push(tid);
-                }
-            }
-        };
-        let numbered = |dir: &Path| -> Vec<(u32, PathBuf)> {
-            std::fs::read_dir(dir)
-                .map(|entries| {
-                    entries
-                        .filter_map(Result::ok)
-                        .filter_map(|e| {
-                            let n = e.file_name().to_str()?.parse().ok()?;
-                            Some((n, e.path()))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
         for owner in owners {
-            for (tid, task) in numbered(&self.proc_root.join(owner.to_string()).join("task")) {
-                if let Ok(comm) = std::fs::read_to_string(task.join("comm")) {
-                    note(tid, &comm);
-                }
-            }
-        }
-        for (pid, dir) in numbered(&self.proc_root) {
-            if let Ok(comm) = std::fs::read_to_string(dir.join("comm")) {
-                note(pid, &comm);
-            }
-        }
-        for tids in workers.values_mut() {
+            let task_dir = self.proc_root.join(owner.to_string()).join("task");
+            let threads = numbered_entries(&task_dir).into_iter().filter(|(_, task)| {
+                let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+                vhost_owner(&comm) == Some(*owner)
+            });
+            let mut tids: Vec<u32> = threads.map(|(tid, _)| tid).collect();
+            tids.extend(kthread_workers.get(owner).into_iter().flatten());
             tids.sort_unstable();
+            tids.dedup();
+            if !tids.is_empty() {
+                workers.insert(*owner, tids);
+            }
         }
         workers
     }
@@ -419,16 +428,16 @@ impl IdentityResolver {
             .copied()
             .filter(|t| !libvirt.contains_key(*t))
             .collect();
-        let mut qemu = if missing.is_empty() {
-            HashMap::new()
+        let mut scan = if taps.is_empty() {
+            ProcScan::default()
         } else {
-            self.read_proc(&missing)
+            self.scan_proc(&missing)
         };
         let mut out = HashMap::new();
         for tap in taps {
             let identity = libvirt
                 .remove(*tap)
-                .or_else(|| qemu.remove(*tap))
+                .or_else(|| scan.holders.remove(*tap))
                 .or_else(|| {
                     neutron_port(tap).map(|port| Identity {
                         vm_name: (*tap).to_owned(),
@@ -452,7 +461,7 @@ impl IdentityResolver {
         }
         let owners: Vec<u32> = out.values().filter_map(|i| i.vmm_pid).collect();
         if !owners.is_empty() {
-            let workers = self.vhost_workers(&owners);
+            let workers = self.vhost_workers(&owners, &scan.kthread_workers);
             for identity in out.values_mut() {
                 if let Some(tids) = identity.vmm_pid.and_then(|p| workers.get(&p)) {
                     identity.vhost_workers = tids.clone();
