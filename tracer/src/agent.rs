@@ -28,12 +28,12 @@ use crate::{
     drops::{drop_direction, reason_name},
     events::{interpret, EventReader, Observed},
     export::{DhcpView, DropCount, Exposition, VmHealth, VmView},
-    http,
     identity::{Identity, IdentityResolver},
     links::{self, LinkInfo, LinkWatcher},
     loader::{monotonic_now, ProbeStatus, TcProbes},
     optional_probes::{DEQUEUE_PROBE, DROP_PROBE},
     privileges,
+    serve::{self, ActiveWebConfig, WebState},
     stall::{Observation, VmState},
     timeline::{render_explanation, wall_clock, Entry, Explanation},
     vm::VmRecord,
@@ -45,6 +45,18 @@ const EVENT_STREAM_BACKLOG: usize = 1024;
 /// Link events come in bursts (create, set master, set up): wait this long
 /// after the first one and handle the burst once.
 const EVENT_SETTLE: Duration = Duration::from_millis(20);
+
+/// Why a VM name given to explain/timeline matched no single VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("no monitored VM or interface named {0:?}")]
+    NotFound(String),
+    #[error("{name:?} names more than one monitored interface: {}", candidates.join(", "))]
+    Ambiguous {
+        name: String,
+        candidates: Vec<String>,
+    },
+}
 
 /// State shared by the poll loop and the HTTP handlers. Locks are held
 /// only for map reads and attach calls, never across an await.
@@ -232,25 +244,39 @@ impl AgentState {
     }
 
     /// A VM by tap name, VM name or UUID.
+    /// The record a name means: a tap name first, else a VM name or UUID.
+    /// A VM with several NICs has several taps: its name is then ambiguous.
     fn find_record<'a>(
         &self,
         records: &'a BTreeMap<u32, VmRecord>,
         name: &str,
-    ) -> Option<&'a VmRecord> {
-        records.values().find(|r| r.iface == name).or_else(|| {
-            let identities = lock(&self.identities);
-            let tap = identities
-                .iter()
-                .find(|(_, id)| {
-                    id.vm_name == name || (!id.vm_uuid.is_empty() && id.vm_uuid == name)
-                })
-                .map(|(tap, _)| tap.clone())?;
-            records.values().find(|r| r.iface == tap)
-        })
+    ) -> Result<&'a VmRecord, LookupError> {
+        if let Some(record) = records.values().find(|r| r.iface == name) {
+            return Ok(record);
+        }
+        let identities = lock(&self.identities);
+        let mut taps: Vec<&str> = identities
+            .iter()
+            .filter(|(_, id)| id.vm_name == name || (!id.vm_uuid.is_empty() && id.vm_uuid == name))
+            .map(|(tap, _)| tap.as_str())
+            .filter(|tap| records.values().any(|r| r.iface == *tap))
+            .collect();
+        taps.sort_unstable();
+        match taps.as_slice() {
+            [] => Err(LookupError::NotFound(name.to_owned())),
+            [tap] => records
+                .values()
+                .find(|r| r.iface == *tap)
+                .ok_or_else(|| LookupError::NotFound(name.to_owned())),
+            several => Err(LookupError::Ambiguous {
+                name: name.to_owned(),
+                candidates: several.iter().map(|t| (*t).to_owned()).collect(),
+            }),
+        }
     }
 
     /// `hvnet explain` text for a VM (by iface; identity names come later).
-    pub fn explain(&self, name: &str) -> Option<String> {
+    pub fn explain(&self, name: &str) -> Result<String, LookupError> {
         let now = self.now();
         let records = lock(&self.records);
         let record = self.find_record(&records, name)?;
@@ -261,7 +287,7 @@ impl AgentState {
             .dhcp
             .lease()
             .map(|l| (l.address.clone(), l.remaining(now), l.expired));
-        Some(render_explanation(
+        Ok(render_explanation(
             &Explanation {
                 iface: &record.iface,
                 vm_name: &identity.vm_name,
@@ -278,7 +304,7 @@ impl AgentState {
         ))
     }
 
-    pub fn timeline(&self, name: &str) -> Option<Vec<Entry>> {
+    pub fn timeline(&self, name: &str) -> Result<Vec<Entry>, LookupError> {
         let records = lock(&self.records);
         self.find_record(&records, name)
             .map(|r| r.timeline.entries().cloned().collect())
@@ -606,6 +632,8 @@ impl AgentState {
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // A broken web config must stop the start before anything is attached.
+    let web_config = ActiveWebConfig::load(config.web_config_file.as_deref())?;
     privileges::check()?;
     let listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
@@ -636,7 +664,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     state.reconcile(&present, &config);
     state.evaluate();
     log::info!(
-        "hvnet {} watching {} ({} attached, poll {:?}, stall after {:?}), serving http://{}/metrics",
+        "hvnet {} watching {} ({} attached, poll {:?}, stall after {:?}), listening on {}",
         env!("CARGO_PKG_VERSION"),
         config.interfaces.globs().join(","),
         state.interface_count(),
@@ -645,8 +673,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.listen
     );
 
+    if serve::exposed_without_protection(&config.listen, &web_config) {
+        log::warn!(
+            "serving {} on non-loopback {} with {}: anyone who reaches it reads VM names, UUIDs, MACs and lease addresses; set --web.config.file with tls_server_config and basic_auth_users",
+            "/metrics and /api/v1",
+            config.listen,
+            web_config.describe()
+        );
+    }
+    let scheme = if web_config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    log::info!(
+        "serving {scheme}://{}/ ({})",
+        config.listen,
+        web_config.describe()
+    );
+    let web = Arc::new(WebState::new(config.web_config_file.clone(), web_config));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let server = tokio::spawn(http::serve(listener, state.clone(), shutdown_rx));
+    let server = tokio::spawn(serve::run(listener, state.clone(), web, shutdown_rx));
 
     let outcome = poll_loop(&state, &config, &mut watcher).await;
 
@@ -655,9 +702,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     log::info!("detached from {detached} interface(s); exiting");
     let _ = shutdown_tx.send(true);
     match tokio::time::timeout(Duration::from_secs(2), server).await {
-        Ok(Ok(Err(err))) => log::warn!("http server: {err}"),
         Ok(Err(err)) => log::warn!("http server task: {err}"),
-        Ok(Ok(Ok(()))) | Err(_) => {}
+        Ok(Ok(())) | Err(_) => {}
     }
     outcome
 }

@@ -1,10 +1,10 @@
 //! Command-line interface.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::FlagOverrides;
+use crate::{client::AgentOptions, config::FlagOverrides};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,9 +33,54 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// The agent's HTTP address.
-    #[arg(long, default_value = "127.0.0.1:9478")]
-    pub agent: std::net::SocketAddr,
+    /// The agent: a URL (http://host:port, https://host:port) or ADDR:PORT. Default: the `listen` address in --config, else http://127.0.0.1:9478.
+    #[arg(long, env = "HVNET_AGENT", value_name = "URL")]
+    pub agent: Option<String>,
+    /// The agent's own config file (e.g. /etc/hvnet/hvnet.toml): its listen address, and https when its web config serves TLS.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to verify the agent's TLS certificate with, besides the system's.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for agents that require one.
+    #[arg(long, value_name = "FILE", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// Basic-auth user; the password comes from --password-file or HVNET_PASSWORD.
+    #[arg(long, env = "HVNET_USER", value_name = "NAME")]
+    pub user: Option<String>,
+    /// File holding the basic-auth password (first line).
+    #[arg(long, value_name = "FILE", requires = "user")]
+    pub password_file: Option<PathBuf>,
+    /// How long to wait for the TCP connection.
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pub connect_timeout: Duration,
+    /// How long a request may take in all (event streams: the connection only).
+    #[arg(long, default_value = "30s", value_parser = parse_positive_duration)]
+    pub timeout: Duration,
+}
+
+impl AgentArgs {
+    pub fn options(&self) -> AgentOptions {
+        AgentOptions {
+            agent: self.agent.clone(),
+            config: self.config.clone(),
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            user: self.user.clone(),
+            password_file: self.password_file.clone(),
+            password_env: std::env::var("HVNET_PASSWORD").ok(),
+            connect_timeout: self.connect_timeout,
+            timeout: self.timeout,
+        }
+    }
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    crate::duration::parse_duration(text).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -45,12 +90,18 @@ pub struct TopArgs {
     /// Print one table (two samples a second apart) and exit.
     #[arg(long)]
     pub once: bool,
+    /// With --once: the rows as JSON, for scripts.
+    #[arg(long, requires = "once")]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
-    /// The VM: its tap name (e.g. tap3f2a1c9d-1e, vnet0).
+    /// The VM: its tap name (e.g. tap3f2a1c9d-1e, vnet0), VM name or UUID.
     pub vm: String,
+    /// The explanation and its timeline as JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub agent: AgentArgs,
 }
@@ -90,6 +141,9 @@ pub struct RunArgs {
     /// Add the VM's project (nova metadata) to hvnet_vm_info; more series, so off by default.
     #[arg(long)]
     pub project_label: bool,
+    /// Prometheus exporter-toolkit web config (TLS, client certificates, basic auth, headers); re-read on change and on SIGHUP.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub web_config_file: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -105,6 +159,7 @@ impl RunArgs {
             libvirt_run_dir: self.libvirt_run_dir.clone(),
             proc_root: self.proc_root.clone(),
             project_label: self.project_label,
+            web_config_file: self.web_config_file.clone(),
         }
     }
 }

@@ -87,6 +87,8 @@ pub struct FileConfig {
     pub libvirt_run_dir: Option<PathBuf>,
     pub proc_root: Option<PathBuf>,
     pub project_label: Option<bool>,
+    /// exporter-toolkit web config (TLS, basic auth, headers).
+    pub web_config_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -119,6 +121,7 @@ pub struct FlagOverrides {
     pub libvirt_run_dir: Option<PathBuf>,
     pub proc_root: Option<PathBuf>,
     pub project_label: bool,
+    pub web_config_file: Option<PathBuf>,
 }
 
 /// The resolved configuration the agent runs with.
@@ -138,6 +141,8 @@ pub struct Config {
     pub proc_root: PathBuf,
     /// Add the VM's project to hvnet_vm_info (more series: off by default).
     pub project_label: bool,
+    /// exporter-toolkit web config file; None: plain HTTP, no auth.
+    pub web_config_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -196,6 +201,7 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PROC_ROOT));
 
         let project_label = flags.project_label || file.project_label.unwrap_or(false);
+        let web_config_file = flags.web_config_file.or(file.web_config_file);
 
         Ok(Self {
             listen,
@@ -208,6 +214,7 @@ impl Config {
             libvirt_run_dir,
             proc_root,
             project_label,
+            web_config_file,
         })
     }
 }

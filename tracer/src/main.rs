@@ -4,7 +4,7 @@ use clap::Parser as _;
 use hvnet::{
     agent, bench,
     cli::{Cli, Command},
-    client,
+    client::{self, AgentClient},
     config::{Config, FileConfig},
     privileges,
 };
@@ -37,19 +37,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Events(args) => {
-            runtime()?.block_on(client::follow_events(args.agent))?;
+            let client = AgentClient::new(&args.options())?;
+            runtime()?.block_on(client.follow_events())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Explain(args) => {
-            let path = format!("/api/v1/vms/{}/explain", args.vm);
-            print!(
-                "{}",
-                runtime()?.block_on(client::get_text(args.agent.agent, &path))?
-            );
+            let client = AgentClient::new(&args.agent.options())?;
+            let runtime = runtime()?;
+            if args.json {
+                let explained = runtime.block_on(client.explain_json(&args.vm))?;
+                println!("{}", serde_json::to_string_pretty(&explained)?);
+            } else {
+                print!("{}", runtime.block_on(client.explain(&args.vm))?);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Top(args) => {
-            runtime()?.block_on(top(args.agent.agent, args.once))?;
+            let client = AgentClient::new(&args.agent.options())?;
+            runtime()?.block_on(top(&client, args.once, args.json))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(args) => {
@@ -71,19 +76,23 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-async fn top(agent: std::net::SocketAddr, once: bool) -> anyhow::Result<()> {
-    let mut before = client::get_json(agent, "/api/v1/vms").await?;
+async fn top(client: &AgentClient, once: bool, json: bool) -> anyhow::Result<()> {
+    let mut before = client.vms().await?;
     let mut at = std::time::Instant::now();
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        let now = client::get_json(agent, "/api/v1/vms").await?;
-        let table = client::render_top(&now, Some((&before, at.elapsed().as_secs_f64())));
+        let now = client.vms().await?;
+        let rows = client::top_rows(&now, Some((&before, at.elapsed().as_secs_f64())));
         if once {
-            print!("{table}");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", client::render_top(&rows));
+            }
             return Ok(());
         }
         // Clear the screen and redraw, like top(1).
-        print!("\x1b[2J\x1b[H{table}");
+        print!("\x1b[2J\x1b[H{}", client::render_top(&rows));
         before = now;
         at = std::time::Instant::now();
     }
