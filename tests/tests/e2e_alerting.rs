@@ -208,7 +208,7 @@ fn a_stall_with_dhcp_retries_pages_with_vm_labels_resolves_and_every_dashboard_q
     // Nothing about this healthy-otherwise VM may page but the two above.
     let pages: Vec<String> = received(&stack)
         .into_iter()
-        .filter(|(_, _, labels)| labels["severity"] == "page")
+        .filter(|(_, _, labels)| labels["severity"] == "critical")
         .map(|(alert, _, _)| alert)
         .filter(|a| {
             a != "HvnetVMRxStalled"

@@ -270,7 +270,10 @@ fn demo(
                 let before = previous
                     .as_ref()
                     .map(|(at, v)| (v, at.elapsed().as_secs_f64()));
-                println!("{}", hvnet::client::render_top(&hvnet::client::top_rows(&vms, before)));
+                println!(
+                    "{}",
+                    hvnet::client::render_top(&hvnet::client::top_rows(&vms, before))
+                );
                 previous = Some((now, vms));
             }
             Err(err) => println!("agent not answering: {err:#}"),
