@@ -53,6 +53,45 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Starts `hvnet run --listen addr` in `ns` and waits until `healthy`
+    /// says yes (for agents behind TLS or auth, checked with curl).
+    pub fn start_checked(
+        ns: &NetNs,
+        addr: SocketAddr,
+        extra: &[&str],
+        log: &Path,
+        healthy: impl Fn() -> bool,
+    ) -> anyhow::Result<Self> {
+        let child = Self::spawn(ns, addr, &[], extra, log)?;
+        let mut agent = Self {
+            child: Some(child),
+            addr,
+            log: log.to_owned(),
+            ns_path: ns.path(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(child) = agent.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("hvnet exited at start ({status}):\n{}", agent.log_text());
+                }
+            }
+            if healthy() {
+                return Ok(agent);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("hvnet did not become healthy:\n{}", agent.log_text())
+    }
+
+    /// Sends `signal` to the agent (e.g. SIGHUP to re-read its web config).
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = self.child.as_ref() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
     fn spawn(
         ns: &NetNs,
         addr: SocketAddr,

@@ -22,6 +22,7 @@ pub mod http;
 pub mod metrics;
 pub mod netns;
 pub mod node;
+pub mod pki;
 pub mod promstack;
 pub mod tap;
 pub mod testkit;

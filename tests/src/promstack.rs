@@ -50,6 +50,13 @@ fn spawn_logged(ns: &NetNs, program: &str, args: &[String], log: &Path) -> anyho
 /// Starts the webhook receiver, Alertmanager and Prometheus (scraping
 /// `agent` with job="hvnet", evaluating `rules`).
 pub fn start(ns: &NetNs, dir: &Path, agent: SocketAddr, rules: &Path) -> anyhow::Result<Stack> {
+    let job = format!("  - job_name: hvnet\n    static_configs:\n      - targets: ['{agent}']\n");
+    start_with_jobs(ns, dir, &job, rules)
+}
+
+/// Like [`start`], with the given `scrape_configs` entries (YAML, indented
+/// as list items), e.g. https targets with a CA and basic auth.
+pub fn start_with_jobs(ns: &NetNs, dir: &Path, jobs: &str, rules: &Path) -> anyhow::Result<Stack> {
     let notifications = Arc::new(Mutex::new(Vec::new()));
     let listener = ns.enter(|| Ok(TcpListener::bind(WEBHOOK)?))?;
     {
@@ -78,7 +85,7 @@ pub fn start(ns: &NetNs, dir: &Path, agent: SocketAddr, rules: &Path) -> anyhow:
     std::fs::write(
         &prom_config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nalerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{ALERTMANAGER}']\nscrape_configs:\n  - job_name: hvnet\n    static_configs:\n      - targets: ['{agent}']\n",
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nalerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{ALERTMANAGER}']\nscrape_configs:\n{jobs}",
             rules.display()
         ),
     )?;

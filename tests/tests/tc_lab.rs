@@ -435,6 +435,18 @@ fn bad_input_is_one_clear_error_line_and_attaches_nothing() -> anyhow::Result<()
     one_line(&err, "listn");
     let err = failing_run(&node, &[], &["--poll-interval", "1"])?;
     one_line(&err, "poll_interval");
+    // Web config (exporter-toolkit format): a missing certificate, a typo.
+    let web = node.dir.join("web.yml");
+    std::fs::write(
+        &web,
+        "tls_server_config:\n  cert_file: /nonexistent/node.crt\n  key_file: /nonexistent/node.key\n",
+    )?;
+    let web_arg = web.display().to_string();
+    let err = failing_run(&node, &[], &["--web.config.file", &web_arg])?;
+    one_line(&err, "/nonexistent/node.crt");
+    std::fs::write(&web, "basic_auth_user:\n  prom: x\n")?;
+    let err = failing_run(&node, &[], &["--web.config.file", &web_arg])?;
+    one_line(&err, "basic_auth_user");
 
     // No capabilities: an unprivileged user.
     let err = failing_run(
