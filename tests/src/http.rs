@@ -48,3 +48,39 @@ pub fn get_here(addr: SocketAddr, path: &str) -> anyhow::Result<Response> {
         body: body.to_owned(),
     })
 }
+
+/// Sends `request` as is from the calling thread's namespace and returns
+/// whatever comes back until the server closes or `timeout` passes.
+pub fn raw_here(addr: SocketAddr, request: &[u8], timeout: Duration) -> anyhow::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    // The server may close while we still write (e.g. huge headers).
+    let _ = stream.write_all(request);
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                break
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(raw)
+}
+
+/// The status code of a raw HTTP reply (None: no HTTP answer).
+pub fn status_of(reply: &[u8]) -> Option<u16> {
+    let text = String::from_utf8_lossy(reply);
+    let first = text.lines().next()?;
+    if !first.starts_with("HTTP/") {
+        return None;
+    }
+    first.split_whitespace().nth(1)?.parse().ok()
+}

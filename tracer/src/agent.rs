@@ -635,6 +635,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // A broken web config must stop the start before anything is attached.
     let web_config = ActiveWebConfig::load(config.web_config_file.as_deref())?;
     privileges::check()?;
+    match crate::fd_limit::raise_to_hard_limit() {
+        Ok((before, after)) if after > before => {
+            log::info!("open-file limit raised from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(err) => log::warn!("cannot raise the open-file limit: {err}"),
+    }
     let listener = TcpListener::bind(config.listen).await.with_context(|| {
         format!(
             "cannot listen on {}: is another hvnet or exporter using it? choose another with --listen",

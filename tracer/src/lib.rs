@@ -16,6 +16,7 @@ pub mod drops;
 pub mod duration;
 pub mod events;
 pub mod export;
+pub mod fd_limit;
 pub mod frames;
 pub mod identity;
 pub mod ifmatch;

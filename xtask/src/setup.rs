@@ -21,6 +21,11 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",              // promtool, and the end-to-end test's server
     "prometheus-alertmanager", // the end-to-end test routes alerts through it
     "qemu-system-x86",         // the real-guest test (TCG; no KVM needed)
+    "openssl",                 // the secured-agent tests' CA and certificates
+    "apache2-utils",           // htpasswd: bcrypt hashes as operators make them
+    "chromium",                // the landing page, checked in a real browser
+    "fonts-dejavu-core",       // so the browser draws text
+    "systemd",                 // systemd-analyze verify of the shipped unit
 ];
 /// Packages unpacked (not installed) as the real-guest test's boot files:
 /// the meta-package's current kernel, and a static busybox for its initramfs.

@@ -45,15 +45,27 @@ pub fn parse_header(value: &str) -> Option<Credentials> {
 }
 
 impl Authenticator {
+    /// The remembered answer for `credentials`, if any (cheap: no bcrypt).
+    pub fn cached(
+        &self,
+        users: &BTreeMap<String, String>,
+        credentials: &Credentials,
+    ) -> Option<bool> {
+        let known = users.get(&credentials.user);
+        let hash = known.map(String::as_str).unwrap_or(DECOY_HASH);
+        let ok = *self.lock().get(&cache_key(hash, credentials))?;
+        Some(ok && known.is_some())
+    }
+
     /// True when `credentials` match `users` (user -> bcrypt hash). Blocks
     /// for a bcrypt check on a cache miss: call it off the async workers.
     pub fn check(&self, users: &BTreeMap<String, String>, credentials: &Credentials) -> bool {
+        if let Some(ok) = self.cached(users, credentials) {
+            return ok;
+        }
         let known = users.get(&credentials.user);
         let hash = known.map(String::as_str).unwrap_or(DECOY_HASH);
         let key = cache_key(hash, credentials);
-        if let Some(&ok) = self.lock().get(&key) {
-            return ok && known.is_some();
-        }
         let ok = bcrypt::verify(&credentials.password, hash).unwrap_or(false) && known.is_some();
         let mut cache = self.lock();
         if cache.len() >= CACHE_LIMIT {
@@ -101,6 +113,24 @@ mod tests {
         assert!(!auth.check(&users, &creds("bob", "s3cret")));
         // A user removed from the file no longer passes, cache or not.
         assert!(!auth.check(&BTreeMap::new(), &creds("alice", "s3cret")));
+    }
+
+    #[test]
+    fn hashes_made_by_htpasswd_are_accepted() {
+        // htpasswd -nbBC 10 prom s3cret ($2y$, as exporter-toolkit documents)
+        let users = BTreeMap::from([(
+            "prom".to_owned(),
+            "$2y$10$zOuA791b8xjqYYidLM7qHuankPkUJVvRkefL/WqMkAqDeYwTdauLi".to_owned(),
+        )]);
+        let auth = Authenticator::default();
+        let creds = |password: &str| Credentials {
+            user: "prom".into(),
+            password: password.into(),
+        };
+        assert!(auth.check(&users, &creds("s3cret")));
+        assert!(!auth.check(&users, &creds("s3cret ")));
+        assert_eq!(auth.cached(&users, &creds("s3cret")), Some(true));
+        assert_eq!(auth.cached(&users, &creds("never tried")), None);
     }
 
     #[test]

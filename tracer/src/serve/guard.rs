@@ -92,8 +92,19 @@ fn authorized(
         let Some(credentials) = credentials else {
             return false;
         };
-        // bcrypt takes tens of milliseconds: never on the async workers.
-        tokio::task::spawn_blocking(move || web.authenticator.check(&users, &credentials))
+        // A client already checked (Prometheus, every scrape) is answered
+        // from the cache; only new credentials cost a bcrypt check.
+        if let Some(ok) = web.authenticator.cached(&users, &credentials) {
+            return ok;
+        }
+        // bcrypt takes tens of milliseconds: never on the async workers,
+        // and only a few at a time, so a client guessing passwords cannot
+        // take the node's CPUs.
+        let Ok(_permit) = web.bcrypt_slots.acquire().await else {
+            return false;
+        };
+        let checker = web.clone();
+        tokio::task::spawn_blocking(move || checker.authenticator.check(&users, &credentials))
             .await
             .unwrap_or(false)
     }

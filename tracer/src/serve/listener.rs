@@ -34,7 +34,7 @@ impl Default for ConnectionLimits {
             read_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
-            max_connections: 256,
+            max_connections: 512,
         }
     }
 }

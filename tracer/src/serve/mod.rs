@@ -29,6 +29,8 @@ use web_config::{WebConfig, WebConfigError};
 /// At most this many `/api/v1/events` streams at once (each holds a
 /// connection open for as long as the client wants).
 pub const MAX_EVENT_STREAMS: usize = 16;
+/// bcrypt checks of new credentials at once.
+const BCRYPT_CONCURRENCY: usize = 2;
 /// How often the web config file (and the certificates it names) is
 /// checked for changes.
 const RELOAD_CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -107,6 +109,8 @@ pub struct WebState {
     path: Option<PathBuf>,
     current: RwLock<Arc<ActiveWebConfig>>,
     pub authenticator: basic_auth::Authenticator,
+    /// bcrypt checks running at once (each takes a CPU for tens of ms).
+    pub bcrypt_slots: Semaphore,
 }
 
 impl WebState {
@@ -115,6 +119,7 @@ impl WebState {
             path,
             current: RwLock::new(Arc::new(initial)),
             authenticator: basic_auth::Authenticator::default(),
+            bcrypt_slots: Semaphore::new(BCRYPT_CONCURRENCY),
         }
     }
 
