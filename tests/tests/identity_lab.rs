@@ -78,6 +78,46 @@ fn a_libvirt_status_file_names_the_vm_in_metrics_and_explain() -> anyhow::Result
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr)
         .contains("no monitored VM or interface named \"nope\""));
+
+    // A second NIC of the same domain: its name now means two taps, and
+    // explain says which ones instead of picking one.
+    std::fs::write(
+        libvirt.join("instance-00000001.xml"),
+        format!(
+            "<domstatus state='running' pid='1'><domain type='kvm' id='1'><name>instance-00000001</name>\
+             <uuid>6f1c2a9e-5b7d-4c1e-9a3f-2b8d7e6c5a41</uuid><metadata>\
+             <nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'><nova:name>web-1</nova:name>\
+             </nova:instance></metadata><devices><interface type='bridge'><mac address='{}'/><source bridge='br0'/>\
+             <target dev='tapi0'/></interface><interface type='bridge'><mac address='52:54:00:12:34:99'/>\
+             <source bridge='br0'/><target dev='tapi1'/></interface></devices></domain></domstatus>",
+            vm.guest_mac
+        ),
+    )?;
+    node.create_tap("tapi1", "fe:54:00:12:34:99")?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(10),
+        "the second NIC named",
+        |s| {
+            metrics::value(
+                s,
+                "hvnet_vm_info",
+                &[("iface", "tapi1"), ("vm_name", "web-1")],
+            ) == Some(1.0)
+        },
+    )?;
+    let ambiguous = node
+        .ns
+        .command(&hvnet_bin().display().to_string())
+        .args(["explain", "web-1", "--agent", "http://127.0.0.1:9478"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&ambiguous.stderr);
+    assert_eq!(ambiguous.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tapi0, tapi1"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let text = agent.explain(&node.ns, "tapi1")?;
+    assert!(text.starts_with("VM web-1 (tapi1):"), "{text}");
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! command does the set-up it needs first, idempotently, so a fresh machine
 //! needs nothing by hand.
 
+mod dist;
 mod setup;
 
 use std::{
@@ -49,6 +50,8 @@ enum Task {
     },
     /// Benchmark the tc programs against an empty program (BPF_PROG_TEST_RUN).
     Bench,
+    /// Release artifacts in target/dist: a tarball, a .deb, and a static musl binary where possible.
+    Dist,
     /// rustfmt and clippy.
     Lint,
 }
@@ -105,6 +108,22 @@ fn main() -> anyhow::Result<()> {
             setup::all(&root)?;
             build(&root)?;
             run(Command::new(root.join("target/release/hvnet")).arg("bench"))
+        }
+        Task::Dist => {
+            setup::all(&root)?;
+            build(&root)?;
+            let artifacts = dist::build(&root, env!("CARGO_PKG_VERSION"))?;
+            for path in [
+                Some(&artifacts.deb),
+                Some(&artifacts.tarball),
+                artifacts.musl.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                println!("{}", path.display());
+            }
+            Ok(())
         }
         Task::Lint => {
             run(cargo(&root).args(["fmt", "--all", "--check"]))?;
@@ -168,9 +187,16 @@ fn test(root: &Path, unit_only: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     build(root)?;
+    // The package test installs the .deb this builds.
+    let artifacts = dist::build(root, env!("CARGO_PKG_VERSION"))?;
     // Privileged tier: real netns, taps, dnsmasq, QEMU and the agent; they
     // share kernel state (tc, netns names), so one at a time.
-    run(lab_tests(root).args(["--no-fail-fast", "--tests", "--", "--test-threads=1"]))
+    run(lab_tests(root).env("HVNET_DEB", &artifacts.deb).args([
+        "--no-fail-fast",
+        "--tests",
+        "--",
+        "--test-threads=1",
+    ]))
 }
 
 /// `cargo test` for the lab crate with what its tests need to know: the
@@ -185,14 +211,14 @@ fn lab_tests(root: &Path) -> Command {
     cmd
 }
 
-fn cargo(root: &Path) -> Command {
+pub(crate) fn cargo(root: &Path) -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root);
     cmd.env("PATH", setup::path_with_cargo_bin());
     cmd
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;

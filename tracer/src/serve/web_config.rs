@@ -521,3 +521,17 @@ basic_auth_users:
         }
     }
 }
+
+#[cfg(test)]
+mod shipped_example {
+    use super::*;
+
+    /// The example shipped for operators is valid as written.
+    #[test]
+    fn the_example_web_config_parses() {
+        let text = include_str!("../../deploy/web-config.yml");
+        let cfg = WebConfig::parse(Path::new("/etc/hvnet/web-config.yml"), text).unwrap();
+        assert!(cfg.tls.is_some() && cfg.requires_auth());
+        assert_eq!(cfg.headers.len(), 3);
+    }
+}
