@@ -708,9 +708,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let detached = state.detach_everything();
     log::info!("detached from {detached} interface(s); exiting");
     let _ = shutdown_tx.send(true);
-    match tokio::time::timeout(Duration::from_secs(2), server).await {
-        Ok(Err(err)) => log::warn!("http server task: {err}"),
-        Ok(Ok(())) | Err(_) => {}
+    if let Ok(Err(err)) = tokio::time::timeout(Duration::from_secs(2), server).await {
+        log::warn!("http server task: {err}");
     }
     outcome
 }

@@ -35,9 +35,9 @@ pub fn render(view: &Exposition, node: &str) -> String {
             .and_then(|d| d.lease_remaining)
             .map_or_else(|| "-".to_owned(), |s| format!("{s:.0} s"));
         let link = format!("/api/v1/vms/{}/explain", percent_encode(&vm.iface));
-        let _ = write!(
+        let _ = writeln!(
             rows,
-            "<tr class=\"state-{state_class}\"><td><a href=\"{link}\">{iface}</a></td><td>{name}</td><td>{uuid}</td><td>{mac}</td><td>{state}</td><td>{backlog}</td><td>{verdict}</td><td>{lease}</td><td><a href=\"{link}\">explain</a> · <a href=\"/api/v1/vms/{enc}/timeline\">timeline</a></td></tr>\n",
+            "<tr class=\"state-{state_class}\"><td><a href=\"{link}\">{iface}</a></td><td>{name}</td><td>{uuid}</td><td>{mac}</td><td>{state}</td><td>{backlog}</td><td>{verdict}</td><td>{lease}</td><td><a href=\"{link}\">explain</a> · <a href=\"/api/v1/vms/{enc}/timeline\">timeline</a></td></tr>",
             state_class = escape(&state),
             link = escape(&link),
             enc = escape(&percent_encode(&vm.iface)),
