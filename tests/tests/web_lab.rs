@@ -261,6 +261,30 @@ fn a_secured_agent_checks_certificates_and_passwords_and_reloads_its_web_config(
         Duration::from_millis(100),
         || Ok(quick(&second)? == 200),
     )?;
+
+    // exporter-toolkit's rate_limit: one token bucket for the endpoint.
+    write_web_config(
+        &web,
+        &server,
+        None,
+        &[("second", &htpasswd_hash("second", "two")?)],
+    )?;
+    let mut text = std::fs::read_to_string(&web)?;
+    text.push_str("rate_limit:\n  interval: 1m\n  burst: 3\n");
+    std::fs::write(&web, text)?;
+    poll_until(
+        "429 once the burst is spent",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let reply = second.get(&node.ns, &url("/api/v1/vms"))?;
+            if reply.status == 429 {
+                let error: hvnet::serve::routes::ApiError = serde_json::from_str(&reply.body)?;
+                assert_eq!(error.status, 429);
+            }
+            Ok(reply.status == 429)
+        },
+    )?;
     assert!(
         !agent.log_text().contains("panicked"),
         "{}",

@@ -24,7 +24,13 @@ pub async fn authenticate_and_decorate(
 ) -> Response {
     let config = web.current();
     let api = request.uri().path().starts_with("/api/");
-    let mut response = if let Some(refusal) = refuse(&request, api) {
+    let limited = config
+        .limiter
+        .as_ref()
+        .is_some_and(|bucket| !bucket.allow(std::time::Instant::now()));
+    let mut response = if limited {
+        too_many(api)
+    } else if let Some(refusal) = refuse(&request, api) {
         refusal
     } else if config.web.requires_auth() && !authorized(&web, &config.web, &request).await {
         unauthorized(api)
@@ -107,6 +113,18 @@ fn authorized(
         tokio::task::spawn_blocking(move || checker.authenticator.check(&users, &credentials))
             .await
             .unwrap_or(false)
+    }
+}
+
+/// exporter-toolkit's `rate_limit` answer.
+fn too_many(api: bool) -> Response {
+    if api {
+        api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many requests (rate_limit)",
+        )
+    } else {
+        (StatusCode::TOO_MANY_REQUESTS, "Too many requests\n").into_response()
     }
 }
 

@@ -6,6 +6,7 @@ pub mod basic_auth;
 pub mod guard;
 pub mod landing;
 pub mod listener;
+pub mod rate_limit;
 pub mod routes;
 pub mod tls;
 pub mod web_config;
@@ -51,6 +52,8 @@ pub enum ServeError {
 pub struct ActiveWebConfig {
     pub web: WebConfig,
     pub tls: Option<Arc<ServerConfig>>,
+    /// `rate_limit`, when set (a reload starts a fresh bucket).
+    pub limiter: Option<rate_limit::TokenBucket>,
     /// Digest of every file it was built from, to notice changes.
     fingerprint: Vec<u8>,
 }
@@ -62,6 +65,7 @@ impl ActiveWebConfig {
             return Ok(Self {
                 web: WebConfig::open(),
                 tls: None,
+                limiter: None,
                 fingerprint: Vec::new(),
             });
         };
@@ -79,9 +83,13 @@ impl ActiveWebConfig {
             None => None,
         };
         let fingerprint = fingerprint(&web.watched_files());
+        let limiter = web.rate_limit.map(|(interval, burst)| {
+            rate_limit::TokenBucket::new(interval, burst, std::time::Instant::now())
+        });
         Ok(Self {
             web,
             tls,
+            limiter,
             fingerprint,
         })
     }
@@ -161,6 +169,9 @@ impl WebState {
                 *kept = Arc::new(ActiveWebConfig {
                     web: old.web.clone(),
                     tls: old.tls.clone(),
+                    limiter: old.web.rate_limit.map(|(interval, burst)| {
+                        rate_limit::TokenBucket::new(interval, burst, std::time::Instant::now())
+                    }),
                     fingerprint: fingerprint(&old.web.watched_files()),
                 });
             }

@@ -38,6 +38,19 @@ pub struct WebConfigFile {
     pub http_server_config: Option<HttpServerConfig>,
     #[serde(default)]
     pub basic_auth_users: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// exporter-toolkit's token bucket for the whole endpoint.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// A Go duration ("1s"); a bare number is nanoseconds, as Go reads it.
+    #[serde(default)]
+    pub interval: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, PartialEq)]
@@ -155,6 +168,8 @@ pub struct WebConfig {
     /// user -> bcrypt hash
     pub users: BTreeMap<String, String>,
     pub headers: Vec<(String, String)>,
+    /// (interval, burst): one request per interval, bursts up to `burst`.
+    pub rate_limit: Option<(std::time::Duration, u32)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +217,7 @@ impl WebConfig {
             tls: None,
             users: BTreeMap::new(),
             headers: Vec::new(),
+            rate_limit: None,
         }
     }
 
@@ -251,11 +267,18 @@ impl WebConfig {
             .and_then(|h| h.headers)
             .unwrap_or_default();
         let headers = validate_headers(headers).map_err(invalid)?;
+        let rate_limit = file
+            .rate_limit
+            .map(rate_limit)
+            .transpose()
+            .map_err(invalid)?
+            .flatten();
         Ok(Self {
             source: Some(path.to_owned()),
             tls,
             users,
             headers,
+            rate_limit,
         })
     }
 
@@ -369,6 +392,26 @@ fn tls_settings(t: TlsServerConfig, base: &Path) -> Result<TlsSettings, String> 
     })
 }
 
+fn rate_limit(config: RateLimitConfig) -> Result<Option<(std::time::Duration, u32)>, String> {
+    let interval = match &config.interval {
+        None => std::time::Duration::ZERO,
+        Some(serde_yaml_ng::Value::String(text)) => super::rate_limit::parse_go_duration(text)
+            .ok_or_else(|| {
+                format!("rate_limit: invalid interval {text:?}: use a duration such as 1s or 250ms")
+            })?,
+        Some(serde_yaml_ng::Value::Number(n)) => n
+            .as_u64()
+            .map(std::time::Duration::from_nanos)
+            .ok_or_else(|| format!("rate_limit: invalid interval {n}"))?,
+        Some(other) => return Err(format!("rate_limit: invalid interval {other:?}")),
+    };
+    // As exporter-toolkit: an interval of 0 turns the limiter off.
+    if interval.is_zero() {
+        return Ok(None);
+    }
+    Ok(Some((interval, config.burst.unwrap_or(0))))
+}
+
 fn validate_headers(headers: BTreeMap<String, String>) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for (name, value) in headers {
@@ -474,6 +517,21 @@ basic_auth_users:
             ]
         );
         assert_eq!(cfg.watched_files().len(), 4);
+    }
+
+    #[test]
+    fn the_rate_limit_reads_go_durations_and_zero_is_off() {
+        let cfg = parse("rate_limit:\n  interval: 1s\n  burst: 20\n").unwrap();
+        assert_eq!(
+            cfg.rate_limit,
+            Some((std::time::Duration::from_secs(1), 20))
+        );
+        let cfg = parse("rate_limit:\n  interval: \"0\"\n  burst: 20\n").unwrap();
+        assert_eq!(cfg.rate_limit, None);
+        let err = parse("rate_limit:\n  interval: soon\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("interval"), "{err}");
     }
 
     #[test]
