@@ -197,8 +197,12 @@ fn a_secured_agent_checks_certificates_and_passwords_and_reloads_its_web_config(
     );
 
     // The event streams are capped: beyond the cap, 503 with a JSON body.
+    // Open the cap's worth of streams and wait until each has its 200, so
+    // the probe below is really the one beyond the cap.
     let mut streams = Background(Vec::new());
-    for _ in 0..hvnet::serve::MAX_EVENT_STREAMS {
+    let mut header_files = Vec::new();
+    for n in 0..hvnet::serve::MAX_EVENT_STREAMS {
+        let headers = node.dir.join(format!("stream-{n}.headers"));
         streams.0.push(
             node.ns
                 .command("curl")
@@ -208,13 +212,26 @@ fn a_secured_agent_checks_certificates_and_passwords_and_reloads_its_web_config(
                     &pki.ca_cert.display().to_string(),
                     "-u",
                     "second:two",
+                    "-D",
+                    &headers.display().to_string(),
                 ])
                 .arg(url("/api/v1/events"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?,
         );
+        header_files.push(headers);
     }
+    poll_until(
+        "every stream open",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            Ok(header_files
+                .iter()
+                .all(|f| std::fs::read_to_string(f).is_ok_and(|h| h.starts_with("HTTP/1.1 200"))))
+        },
+    )?;
     let quick = |curl: &Curl| -> anyhow::Result<u16> {
         let out = node
             .ns
@@ -248,11 +265,7 @@ fn a_secured_agent_checks_certificates_and_passwords_and_reloads_its_web_config(
         "a 503 beyond the stream cap",
         Duration::from_secs(30),
         Duration::from_millis(100),
-        || {
-            let code = quick(&second)?;
-            eprintln!("beyond the cap: {code}");
-            Ok(code == 503)
-        },
+        || Ok(quick(&second)? == 503),
     )?;
     drop(streams);
     poll_until(

@@ -65,6 +65,8 @@ pub struct AgentState {
     maps: Mutex<KernelMaps>,
     attached: Mutex<BTreeMap<u32, LinkInfo>>,
     failed: Mutex<BTreeMap<u32, String>>,
+    /// Taps waiting for file descriptors (retried every poll).
+    waiting_for_fds: Mutex<BTreeMap<u32, String>>,
     records: Mutex<BTreeMap<u32, VmRecord>>,
     stream: broadcast::Sender<String>,
     attach_failures: AtomicU64,
@@ -109,6 +111,7 @@ impl AgentState {
             maps: Mutex::new(maps),
             attached: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeMap::new()),
+            waiting_for_fds: Mutex::new(BTreeMap::new()),
             records: Mutex::new(BTreeMap::new()),
             stream: broadcast::channel(EVENT_STREAM_BACKLOG).0,
             attach_failures: AtomicU64::new(0),
@@ -168,7 +171,10 @@ impl AgentState {
     /// One consistent view for a scrape or an API call.
     pub fn exposition(&self) -> Result<Exposition, CollectError> {
         let attached = lock(&self.attached).clone();
-        let snapshot = lock(&self.maps).read()?;
+        let snapshot = lock(&self.maps).read();
+        for (map, reason) in &snapshot.unreadable {
+            log::debug!("scrape: map {map} unreadable ({reason}); its series are left out");
+        }
         let now = self.now();
         let records = lock(&self.records);
         let mut vms: Vec<VmView> = attached
@@ -187,6 +193,11 @@ impl AgentState {
             attach_mechanism: self.mechanism.to_owned(),
             events_lost: snapshot.events_lost,
             project_label: self.project_label,
+            waiting_for_fds: lock(&self.waiting_for_fds).len(),
+            map_reads: crate::collect::SNAPSHOT_MAPS
+                .iter()
+                .map(|map| (*map, snapshot.readable(map)))
+                .collect(),
         })
     }
 
@@ -435,9 +446,7 @@ impl AgentState {
         for ifindex in plan.detach {
             self.forget(ifindex);
         }
-        for link in plan.attach {
-            self.attach(link);
-        }
+        self.attach_within_fd_budget(plan.attach);
         let any_weak = lock(&self.identities).values().any(Identity::is_weak);
         let every = if any_weak {
             WEAK_IDENTITY_REFRESH_SECS
@@ -458,7 +467,45 @@ impl AgentState {
         }
     }
 
-    fn attach(&self, link: LinkInfo) {
+    /// Attaches what the open-file limit allows; the rest waits (and is
+    /// retried every poll) instead of failing, and every tap already
+    /// attached keeps being read: running out of descriptors mid-attach
+    /// would also break the polls of all of them.
+    fn attach_within_fd_budget(&self, links: Vec<LinkInfo>) {
+        if links.is_empty() {
+            lock(&self.waiting_for_fds).clear();
+            return;
+        }
+        let (budget, open, limit) = match crate::fd_limit::attach_budget() {
+            Ok(found) => found,
+            // Cannot tell: try them all, as before.
+            Err(_) => (u64::MAX, 0, 0),
+        };
+        let mut waiting = BTreeMap::new();
+        for (n, link) in links.into_iter().enumerate() {
+            if n as u64 >= budget {
+                waiting.insert(link.ifindex, link.name);
+                continue;
+            }
+            if let Some(name) = self.attach(link.clone()) {
+                waiting.insert(link.ifindex, name);
+            }
+        }
+        let mut known = lock(&self.waiting_for_fds);
+        if !waiting.is_empty() && waiting.keys().ne(known.keys()) {
+            log::warn!(
+                "{} interface(s) wait for file descriptors: the open-file limit is reached ({open} of {limit} in use, {} kept for polling); raise LimitNOFILE (about {} per tap); retrying every poll",
+                waiting.len(),
+                crate::fd_limit::FD_RESERVE,
+                crate::fd_limit::FDS_PER_ATTACH
+            );
+        }
+        *known = waiting;
+    }
+
+    /// Attaches one tap; Some(name) when it ran out of file descriptors
+    /// (to be retried), None otherwise.
+    fn attach(&self, link: LinkInfo) -> Option<String> {
         // A departed VM's series under this name end now: the name's
         // series are the new tap's from its first scrape.
         lock(&self.departed).forget_name(&link.name);
@@ -485,11 +532,17 @@ impl AgentState {
                 lock(&self.records)
                     .insert(link.ifindex, VmRecord::new(&link.name, self.stall_after));
                 lock(&self.attached).insert(link.ifindex, link);
+                None
+            }
+            Err(err) if crate::fd_limit::is_fd_exhaustion(&format!("{err:#}")) => {
+                log::warn!("{err}: out of file descriptors; retrying next poll");
+                Some(link.name)
             }
             Err(err) => {
                 log::warn!("{err}; hvnet will not retry this interface until it is recreated");
                 self.attach_failures.fetch_add(1, Ordering::Relaxed);
                 lock(&self.failed).insert(link.ifindex, link.name);
+                None
             }
         }
     }
@@ -513,13 +566,11 @@ impl AgentState {
         if ifindexes.is_empty() || lock(&self.departed).grace().is_zero() {
             return;
         }
-        let snapshot = match lock(&self.maps).read() {
-            Ok(snapshot) => snapshot,
-            Err(err) => {
-                log::warn!("final counters of removed taps not kept: {err}");
-                return;
-            }
-        };
+        let snapshot = lock(&self.maps).read();
+        if !snapshot.readable("VM_COUNTERS") {
+            log::warn!("final counters of removed taps not kept: VM_COUNTERS unreadable");
+            return;
+        }
         let now = self.now();
         let links: Vec<LinkInfo> = {
             let attached = lock(&self.attached);
@@ -543,13 +594,15 @@ impl AgentState {
 
     /// One poll: counters -> per-VM state machines -> health for export.
     fn evaluate(&self) {
-        let snapshot = match lock(&self.maps).read() {
-            Ok(snapshot) => snapshot,
-            Err(err) => {
-                log::warn!("reading kernel maps: {err}");
-                return;
-            }
-        };
+        let snapshot = lock(&self.maps).read();
+        for (map, reason) in &snapshot.unreadable {
+            log::warn!("reading map {map}: {reason}");
+        }
+        // Judging stalls on a partial picture would read as counters
+        // going back to zero: wait for the next poll instead.
+        if !snapshot.readable("VM_COUNTERS") || !snapshot.readable("DROPS") {
+            return;
+        }
         let now = self.now();
         lock(&self.departed).prune(now);
         let attached = lock(&self.attached).clone();

@@ -89,6 +89,24 @@ pub struct KernelSnapshot {
     pub vhost_rx: BTreeMap<u32, u64>,
     /// Events the ring buffer had no room for.
     pub events_lost: u64,
+    /// Maps that could not be read this time, with why: their part of the
+    /// snapshot is empty and must not be shown as zero.
+    pub unreadable: Vec<(&'static str, String)>,
+}
+
+/// The maps a snapshot is read from (for per-map read status).
+pub const SNAPSHOT_MAPS: [&str; 5] = [
+    "VM_COUNTERS",
+    "DEQUEUED",
+    "DROPS",
+    "VHOST_RX",
+    "EVENTS_LOST",
+];
+
+impl KernelSnapshot {
+    pub fn readable(&self, map: &str) -> bool {
+        !self.unreadable.iter().any(|(name, _)| *name == map)
+    }
 }
 
 /// hvnet's maps, owned by the agent.
@@ -171,30 +189,46 @@ impl KernelMaps {
             .map_err(|e| CollectError::Monitor(e.to_string()))
     }
 
-    pub fn read(&self) -> Result<KernelSnapshot, CollectError> {
+    /// Reads every map; a map that cannot be read is listed in
+    /// `unreadable` and the rest is still returned (one bad read must not
+    /// blank a whole scrape).
+    pub fn read(&self) -> KernelSnapshot {
+        let mut unreadable = Vec::new();
+        let mut note = |err: CollectError| {
+            if let CollectError::Read { map, reason } = err {
+                unreadable.push((map, reason));
+            }
+        };
         let mut entries = Vec::new();
         for item in self.counters.iter() {
             match item {
                 Ok((key, per_cpu)) => entries.push((key, sum_cpus(&per_cpu))),
                 Err(MapError::KeyNotFound) => continue,
                 Err(err) => {
-                    return Err(CollectError::Read {
+                    note(CollectError::Read {
                         map: "VM_COUNTERS",
                         reason: err.to_string(),
-                    })
+                    });
+                    entries.clear();
+                    break;
                 }
             }
         }
         let ours = |dev: &DevKey| dev.netns == self.netns;
         let mut drops: BTreeMap<u32, BTreeMap<u32, u64>> = BTreeMap::new();
-        for (key, count) in read_u64_map(&self.drops, "DROPS")? {
-            if ours(&key.dev) {
-                *drops
-                    .entry(key.dev.ifindex)
-                    .or_default()
-                    .entry(key.reason)
-                    .or_default() += count;
+        match read_u64_map(&self.drops, "DROPS") {
+            Ok(pairs) => {
+                for (key, count) in pairs {
+                    if ours(&key.dev) {
+                        *drops
+                            .entry(key.dev.ifindex)
+                            .or_default()
+                            .entry(key.reason)
+                            .or_default() += count;
+                    }
+                }
             }
+            Err(err) => note(err),
         }
         let by_ifindex = |pairs: Vec<(DevKey, u64)>| {
             pairs
@@ -203,20 +237,37 @@ impl KernelMaps {
                 .map(|(dev, count)| (dev.ifindex, count))
                 .collect()
         };
-        Ok(KernelSnapshot {
-            traffic: fold_entries(entries),
-            dequeued: by_ifindex(read_u64_map(&self.dequeued, "DEQUEUED")?),
-            drops,
-            vhost_rx: by_ifindex(read_u64_map(&self.vhost_rx, "VHOST_RX")?),
-            events_lost: self
-                .events_lost
-                .get(&0, 0)
-                .map(|per_cpu| sum_u64(&per_cpu))
-                .map_err(|e| CollectError::Read {
+        let dequeued = read_u64_map(&self.dequeued, "DEQUEUED")
+            .map(by_ifindex)
+            .unwrap_or_else(|err| {
+                note(err);
+                BTreeMap::new()
+            });
+        let vhost_rx = read_u64_map(&self.vhost_rx, "VHOST_RX")
+            .map(by_ifindex)
+            .unwrap_or_else(|err| {
+                note(err);
+                BTreeMap::new()
+            });
+        let events_lost = self
+            .events_lost
+            .get(&0, 0)
+            .map(|per_cpu| sum_u64(&per_cpu))
+            .unwrap_or_else(|e| {
+                note(CollectError::Read {
                     map: "EVENTS_LOST",
                     reason: e.to_string(),
-                })?,
-        })
+                });
+                0
+            });
+        KernelSnapshot {
+            traffic: fold_entries(entries),
+            dequeued,
+            drops,
+            vhost_rx,
+            events_lost,
+            unreadable,
+        }
     }
 
     /// Stops counting an interface and drops all its counters, so that a

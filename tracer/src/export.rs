@@ -30,6 +30,17 @@ pub struct Exposition {
     pub events_lost: u64,
     /// Whether hvnet_vm_info carries the VM's project (config `project_label`).
     pub project_label: bool,
+    /// Each kernel map this scrape read, and whether the read worked. The
+    /// series of an unreadable map are left out, never shown as zero.
+    pub map_reads: Vec<(&'static str, bool)>,
+    /// Matching interfaces not attached because the open-file limit is reached.
+    pub waiting_for_fds: usize,
+}
+
+impl Exposition {
+    fn map_readable(&self, map: &str) -> bool {
+        !self.map_reads.iter().any(|(name, ok)| *name == map && !ok)
+    }
 }
 
 impl Exposition {
@@ -127,6 +138,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "hvnet_agent_probe_attached",
     "hvnet_agent_attach_failures_total",
     "hvnet_agent_link_events_total",
+    "hvnet_agent_map_read_success",
+    "hvnet_agent_interfaces_waiting",
     "hvnet_build_info",
 ];
 
@@ -456,6 +469,29 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         .mut_metric()
         .push(counter(&[], view.link_events as f64));
 
+    let mut map_reads = family(
+        "hvnet_agent_map_read_success",
+        "1 if this scrape read the kernel map, 0 if the read failed (the map's series are left \
+         out of this scrape, never shown as zero; the log says why).",
+        MetricType::GAUGE,
+    );
+    for (map, ok) in &view.map_reads {
+        map_reads
+            .mut_metric()
+            .push(gauge(&[("map", map)], if *ok { 1.0 } else { 0.0 }));
+    }
+
+    let mut waiting = family(
+        "hvnet_agent_interfaces_waiting",
+        "Interfaces matching the globs that wait to be attached, by reason (fd_limit: the \
+         open-file limit is reached; raise LimitNOFILE). Retried every poll.",
+        MetricType::GAUGE,
+    );
+    waiting.mut_metric().push(gauge(
+        &[("reason", "fd_limit")],
+        view.waiting_for_fds as f64,
+    ));
+
     let mut build = family(
         "hvnet_build_info",
         "hvnet's version and the tc attach mechanism in use.",
@@ -469,7 +505,7 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         1.0,
     ));
 
-    vec![
+    let all = vec![
         packets,
         bytes,
         info,
@@ -496,7 +532,40 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         failures,
         events,
         build,
-    ]
+        map_reads,
+        waiting,
+    ];
+    // A map this scrape could not read: its series are left out rather
+    // than shown as zero (a counter dropping to zero reads as a reset).
+    let hidden: &[(&str, &str)] = &[
+        ("VM_COUNTERS", "hvnet_vm_packets_total"),
+        ("VM_COUNTERS", "hvnet_vm_bytes_total"),
+        ("DROPS", "hvnet_vm_dropped_packets_total"),
+        ("VHOST_RX", "hvnet_vm_vhost_rx_calls_total"),
+        ("EVENTS_LOST", "hvnet_agent_events_lost_total"),
+    ];
+    all.into_iter()
+        .filter(|f| {
+            !hidden
+                .iter()
+                .any(|(map, name)| f.name() == *name && !view.map_readable(map))
+        })
+        .map(|mut f| {
+            if f.name() == "hvnet_vm_dequeued_packets_total" && !view.map_readable("DEQUEUED") {
+                let kept: Vec<Metric> = f
+                    .take_metric()
+                    .into_iter()
+                    .filter(|m| {
+                        !m.get_label()
+                            .iter()
+                            .any(|l| l.name() == "source" && l.value() == "tracepoint")
+                    })
+                    .collect();
+                f.set_metric(kept.into());
+            }
+            f
+        })
+        .collect()
 }
 
 fn family(name: &str, help: &str, kind: MetricType) -> MetricFamily {
@@ -656,7 +725,40 @@ mod tests {
             attach_mechanism: "tcx".into(),
             events_lost: 2,
             project_label: false,
+            map_reads: crate::collect::SNAPSHOT_MAPS
+                .iter()
+                .map(|m| (*m, true))
+                .collect(),
+            waiting_for_fds: 0,
         }
+    }
+
+    #[test]
+    fn an_unreadable_map_leaves_out_its_series_and_nothing_else() {
+        let mut view = sample();
+        for (map, ok) in &mut view.map_reads {
+            if *map == "VM_COUNTERS" || *map == "DEQUEUED" {
+                *ok = false;
+            }
+        }
+        let text = render(&view).unwrap();
+        // Not zero: absent (a counter that drops to zero reads as a reset).
+        assert!(!text.contains("hvnet_vm_packets_total{"), "{text}");
+        assert!(!text.contains("hvnet_vm_bytes_total{"), "{text}");
+        assert!(!text.contains("source=\"tracepoint\""), "{text}");
+        assert!(text.contains("source=\"netdev\""), "{text}");
+        // Everything else is still there, and the failure is said.
+        for kept in [
+            "hvnet_vm_info{",
+            "hvnet_vm_rx_stalled{",
+            "hvnet_vm_dropped_packets_total{",
+            "hvnet_dhcp_lease_remaining_seconds{",
+            "hvnet_agent_events_lost_total 2",
+        ] {
+            assert!(text.contains(kept), "{kept} missing:\n{text}");
+        }
+        assert!(text.contains("hvnet_agent_map_read_success{map=\"VM_COUNTERS\"} 0"));
+        assert!(text.contains("hvnet_agent_map_read_success{map=\"DROPS\"} 1"));
     }
 
     #[test]

@@ -138,16 +138,20 @@ impl WebState {
             .clone()
     }
 
+    /// Whether the file, or a certificate it names, changed since it was
+    /// loaded (reads a few small files).
+    pub fn changed(&self) -> bool {
+        let current = self.current();
+        self.path.is_some() && fingerprint(&current.web.watched_files()) != current.fingerprint
+    }
+
     /// Re-reads the file; a broken new file keeps the old configuration.
-    /// `forced`: reload even if no file changed (SIGHUP).
-    pub fn reload(&self, forced: bool) {
+    pub fn reload(&self) {
         let Some(path) = &self.path else {
+            log::info!("SIGHUP: no --web.config.file to re-read");
             return;
         };
         let old = self.current();
-        if !forced && fingerprint(&old.web.watched_files()) == old.fingerprint {
-            return;
-        }
         match ActiveWebConfig::load(Some(path)) {
             Ok(new) => {
                 log::info!("web config {} reloaded: {}", path.display(), new.describe());
@@ -236,9 +240,13 @@ async fn reload_loop(web: Arc<WebState>, mut shutdown: watch::Receiver<bool>) {
             _ = tick.tick() => false,
             Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
         };
-        let web = web.clone();
-        // File reads and certificate parsing: off the async workers.
-        let _ = tokio::task::spawn_blocking(move || web.reload(forced)).await;
+        // The change check reads a few small files in place (a blocking-pool
+        // thread every two seconds would cost more than it saves); the
+        // reload itself parses certificates: off the async workers.
+        if forced || web.changed() {
+            let web = web.clone();
+            let _ = tokio::task::spawn_blocking(move || web.reload()).await;
+        }
     }
 }
 

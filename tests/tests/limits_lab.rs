@@ -1,0 +1,129 @@
+//! Running out of file descriptors (systemd's default soft limit is 1024;
+//! a dense node has thousands of taps): hvnet attaches what the limit
+//! allows, keeps reading and exporting every tap it has, says why the
+//! others wait (log and metric), and attaches them once descriptors free.
+
+use std::time::Duration;
+
+use hvnet_lab::{
+    agent::Agent,
+    expect::eventually,
+    metrics::{self, Sample},
+    node::ComputeNode,
+    testkit::require_root,
+    unique_prefix,
+};
+
+const TAPS: usize = 40;
+/// A hard open-file limit far below what 40 taps need (about 4 each on
+/// top of ~30 at start and the 64 hvnet keeps for polling).
+const NOFILE: u32 = 140;
+
+fn waiting(s: &[Sample]) -> Option<f64> {
+    metrics::value(
+        s,
+        "hvnet_agent_interfaces_waiting",
+        &[("reason", "fd_limit")],
+    )
+}
+
+fn attached(s: &[Sample]) -> Option<f64> {
+    metrics::value(s, "hvnet_agent_interfaces", &[])
+}
+
+#[test]
+fn at_the_open_file_limit_attached_taps_stay_watched_and_the_rest_wait_and_attach_later(
+) -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("l"))?;
+    for i in 0..TAPS {
+        node.ns
+            .ip(&["tuntap", "add", "dev", &format!("tapl{i}"), "mode", "tap"])?;
+        node.ns.ip(&["link", "set", &format!("tapl{i}"), "up"])?;
+    }
+    let agent = Agent::start_wrapped(
+        &node.ns,
+        9478,
+        &["prlimit", &format!("--nofile={NOFILE}:{NOFILE}")],
+        &["--interfaces", "tapl*"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(10),
+        "some taps waiting",
+        |s| waiting(s).is_some_and(|w| w > 0.0) && attached(s).is_some_and(|a| a > 0.0),
+    )?;
+    let samples = agent.scrape(&node.ns)?;
+    let (now_attached, now_waiting) = (
+        attached(&samples).unwrap_or(0.0),
+        waiting(&samples).unwrap_or(0.0),
+    );
+    eprintln!("nofile {NOFILE}: {now_attached} taps attached, {now_waiting} waiting");
+    assert_eq!(now_attached + now_waiting, TAPS as f64);
+    let log = agent.log_text();
+    assert!(log.contains("open-file limit is reached"), "{log}");
+    assert!(log.contains("raise LimitNOFILE"), "{log}");
+
+    // The attached taps keep being polled and exported; no map read fails.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1100));
+        let samples = agent.scrape(&node.ns)?;
+        let failed: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.name == "hvnet_agent_map_read_success" && s.value != 1.0)
+            .collect();
+        assert!(failed.is_empty(), "map reads failed: {failed:?}");
+        // (More may attach as the exact count of open descriptors allows.)
+        let (a, w) = (
+            attached(&samples).unwrap_or(-1.0),
+            waiting(&samples).unwrap_or(-1.0),
+        );
+        assert_eq!(a + w, TAPS as f64);
+        let states = samples
+            .iter()
+            .filter(|s| s.name == "hvnet_vm_state" && s.value == 1.0)
+            .count();
+        assert_eq!(states as f64, a, "every attached tap is evaluated");
+        let info = samples.iter().filter(|s| s.name == "hvnet_vm_info").count();
+        assert_eq!(info as f64, a);
+    }
+    assert!(
+        !agent.log_text().contains("reading map"),
+        "{}",
+        agent.log_text()
+    );
+
+    let now_waiting = waiting(&agent.scrape(&node.ns)?).unwrap_or(0.0);
+    assert!(now_waiting > 0.0, "the limit must still hold taps back");
+    // Descriptors freed (VMs gone): the waiting taps are attached.
+    let gone: Vec<String> = agent
+        .scrape(&node.ns)?
+        .iter()
+        .filter(|s| s.name == "hvnet_vm_info")
+        .filter_map(|s| s.labels.get("iface").cloned())
+        .collect();
+    for tap in &gone {
+        node.ns.ip(&["link", "del", tap])?;
+    }
+    let left = TAPS - gone.len();
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(10),
+        "the waiting taps attached",
+        |s| {
+            let (a, w) = (attached(s).unwrap_or(-1.0), waiting(s).unwrap_or(-1.0));
+            a > 0.0 && a + w == left as f64 && w < now_waiting
+        },
+    )?;
+    let samples = agent.scrape(&node.ns)?;
+    eprintln!(
+        "after {} taps left: {:?} attached, {:?} waiting",
+        gone.len(),
+        attached(&samples),
+        waiting(&samples)
+    );
+    Ok(())
+}
