@@ -127,3 +127,65 @@ fn at_the_open_file_limit_attached_taps_stay_watched_and_the_rest_wait_and_attac
     );
     Ok(())
 }
+
+#[test]
+fn beyond_max_interfaces_taps_wait_instead_of_losing_counts() -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("m"))?;
+    for i in 0..5 {
+        node.ns
+            .ip(&["tuntap", "add", "dev", &format!("tapm{i}"), "mode", "tap"])?;
+        node.ns.ip(&["link", "set", &format!("tapm{i}"), "up"])?;
+    }
+    let agent = Agent::start(
+        &node.ns,
+        9478,
+        &["--interfaces", "tapm*", "--max-interfaces", "3"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    let capacity = |s: &[Sample]| {
+        metrics::value(
+            s,
+            "hvnet_agent_interfaces_waiting",
+            &[("reason", "capacity")],
+        )
+    };
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(10),
+        "3 attached, 2 waiting for room",
+        |s| attached(s) == Some(3.0) && capacity(s) == Some(2.0),
+    )?;
+    let log = agent.log_text();
+    assert!(log.contains("raise max_interfaces"), "{log}");
+    // The maps hold every tap accepted: nothing refused in the kernel.
+    let samples = agent.scrape(&node.ns)?;
+    for map in ["VM_COUNTERS", "DEQUEUED", "DROPS", "VHOST_RX"] {
+        assert_eq!(
+            metrics::value(
+                &samples,
+                "hvnet_agent_map_update_failures_total",
+                &[("map", map)]
+            ),
+            Some(0.0),
+            "{map}"
+        );
+    }
+    assert!(metrics::value(&samples, "hvnet_agent_probe_read_errors_total", &[]).is_some());
+    // A VM leaves: one waiting tap takes its place.
+    let leaving = samples
+        .iter()
+        .find(|s| s.name == "hvnet_vm_info")
+        .and_then(|s| s.labels.get("iface").cloned())
+        .ok_or_else(|| anyhow::anyhow!("no attached tap"))?;
+    node.ns.ip(&["link", "del", &leaving])?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(10),
+        "a waiting tap attached",
+        |s| attached(s) == Some(3.0) && capacity(s) == Some(1.0),
+    )?;
+    Ok(())
+}

@@ -70,10 +70,28 @@ pub struct DropKey {
 /// Most monitored devices (taps) per host.
 pub const MAX_MONITORED: u32 = 4096;
 /// Distinct (device, drop reason) pairs tracked.
-pub const DROP_MAP_ENTRIES: u32 = MAX_MONITORED * 8;
+pub const DROP_MAP_ENTRIES: u32 = MAX_MONITORED * DROP_REASONS_PER_TAP;
 
-/// Most (ifindex, direction, class) keys the counter map holds: 2048 taps.
-pub const COUNTER_MAP_ENTRIES: u32 = 2048 * (direction::COUNT * class::COUNT) as u32;
+/// Keys per tap in the counter map: every (direction, class).
+pub const COUNTERS_PER_TAP: u32 = (direction::COUNT * class::COUNT) as u32;
+/// Most (ifindex, direction, class) keys the counter map holds: every
+/// monitored tap's, so no tap the agent accepts loses counts. The agent
+/// resizes all per-tap maps together at load (`max_interfaces`).
+pub const COUNTER_MAP_ENTRIES: u32 = MAX_MONITORED * COUNTERS_PER_TAP;
+/// (device, drop reason) pairs kept per tap.
+pub const DROP_REASONS_PER_TAP: u32 = 8;
+
+/// Slots of the MAP_UPDATE_FAILURES per-CPU array: inserts the kernel
+/// refused (map full), per map, so a loss is counted, never silent.
+pub mod map_slot {
+    pub const VM_COUNTERS: u32 = 0;
+    pub const DEQUEUED: u32 = 1;
+    pub const DROPS: u32 = 2;
+    pub const VHOST_RX: u32 = 3;
+    pub const COUNT: u32 = 4;
+    /// Names as exported in `hvnet_agent_map_update_failures_total{map}`.
+    pub const NAMES: [&str; COUNT as usize] = ["VM_COUNTERS", "DEQUEUED", "DROPS", "VHOST_RX"];
+}
 
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);

@@ -43,6 +43,11 @@ pub static PROBE_ERRORS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
+/// Inserts the kernel refused (map full), per map (see `map_slot`).
+#[map]
+pub static MAP_UPDATE_FAILURES: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(tracer_common::map_slot::COUNT, 0);
+
 /// Events that did not fit in the ring buffer.
 #[map]
 pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

@@ -46,6 +46,24 @@ const EVENT_STREAM_BACKLOG: usize = 1024;
 /// after the first one and handle the burst once.
 const EVENT_SETTLE: Duration = Duration::from_millis(20);
 
+/// Why a matching tap is not attached yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitReason {
+    /// The open-file limit is reached.
+    FdLimit,
+    /// max_interfaces taps are attached already (the maps are full).
+    Capacity,
+}
+
+impl WaitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FdLimit => "fd_limit",
+            Self::Capacity => "capacity",
+        }
+    }
+}
+
 /// Why a VM name given to explain/timeline matched no single VM.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LookupError {
@@ -65,8 +83,10 @@ pub struct AgentState {
     maps: Mutex<KernelMaps>,
     attached: Mutex<BTreeMap<u32, LinkInfo>>,
     failed: Mutex<BTreeMap<u32, String>>,
-    /// Taps waiting for file descriptors (retried every poll).
-    waiting_for_fds: Mutex<BTreeMap<u32, String>>,
+    /// Taps not attached yet, and why (retried every poll).
+    waiting: Mutex<BTreeMap<u32, (String, WaitReason)>>,
+    /// Most taps attached at once (the kernel maps hold this many).
+    max_interfaces: usize,
     records: Mutex<BTreeMap<u32, VmRecord>>,
     stream: broadcast::Sender<String>,
     attach_failures: AtomicU64,
@@ -111,7 +131,8 @@ impl AgentState {
             maps: Mutex::new(maps),
             attached: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeMap::new()),
-            waiting_for_fds: Mutex::new(BTreeMap::new()),
+            waiting: Mutex::new(BTreeMap::new()),
+            max_interfaces: config.max_interfaces as usize,
             records: Mutex::new(BTreeMap::new()),
             stream: broadcast::channel(EVENT_STREAM_BACKLOG).0,
             attach_failures: AtomicU64::new(0),
@@ -193,7 +214,19 @@ impl AgentState {
             attach_mechanism: self.mechanism.to_owned(),
             events_lost: snapshot.events_lost,
             project_label: self.project_label,
-            waiting_for_fds: lock(&self.waiting_for_fds).len(),
+            waiting: {
+                let waiting = lock(&self.waiting);
+                [WaitReason::FdLimit, WaitReason::Capacity]
+                    .map(|reason| {
+                        (
+                            reason.as_str(),
+                            waiting.values().filter(|(_, r)| *r == reason).count(),
+                        )
+                    })
+                    .to_vec()
+            },
+            map_update_failures: snapshot.map_update_failures,
+            probe_read_errors: snapshot.probe_read_errors,
             map_reads: crate::collect::SNAPSHOT_MAPS
                 .iter()
                 .map(|map| (*map, snapshot.readable(map)))
@@ -446,7 +479,7 @@ impl AgentState {
         for ifindex in plan.detach {
             self.forget(ifindex);
         }
-        self.attach_within_fd_budget(plan.attach);
+        self.attach_within_limits(plan.attach);
         let any_weak = lock(&self.identities).values().any(Identity::is_weak);
         let every = if any_weak {
             WEAK_IDENTITY_REFRESH_SECS
@@ -467,38 +500,54 @@ impl AgentState {
         }
     }
 
-    /// Attaches what the open-file limit allows; the rest waits (and is
-    /// retried every poll) instead of failing, and every tap already
-    /// attached keeps being read: running out of descriptors mid-attach
-    /// would also break the polls of all of them.
-    fn attach_within_fd_budget(&self, links: Vec<LinkInfo>) {
+    /// Attaches what the kernel maps and the open-file limit allow; the
+    /// rest waits (retried every poll) instead of failing or being counted
+    /// nowhere. Beyond max_interfaces the maps are full: a tap attached
+    /// anyway would lose its counts. And running out of descriptors
+    /// mid-attach would also break the polls of every tap already attached.
+    fn attach_within_limits(&self, links: Vec<LinkInfo>) {
         if links.is_empty() {
-            lock(&self.waiting_for_fds).clear();
+            lock(&self.waiting).clear();
             return;
         }
-        let (budget, open, limit) = match crate::fd_limit::attach_budget() {
-            Ok(found) => found,
-            // Cannot tell: try them all, as before.
-            Err(_) => (u64::MAX, 0, 0),
-        };
+        let room = self
+            .max_interfaces
+            .saturating_sub(lock(&self.attached).len());
+        // Cannot tell: try them all.
+        let (fd_budget, open, limit) = crate::fd_limit::attach_budget().unwrap_or((u64::MAX, 0, 0));
         let mut waiting = BTreeMap::new();
-        for (n, link) in links.into_iter().enumerate() {
-            if n as u64 >= budget {
-                waiting.insert(link.ifindex, link.name);
+        let mut tried = 0usize;
+        for link in links {
+            if tried >= room {
+                waiting.insert(link.ifindex, (link.name, WaitReason::Capacity));
                 continue;
             }
+            if tried as u64 >= fd_budget {
+                waiting.insert(link.ifindex, (link.name, WaitReason::FdLimit));
+                continue;
+            }
+            tried += 1;
             if let Some(name) = self.attach(link.clone()) {
-                waiting.insert(link.ifindex, name);
+                waiting.insert(link.ifindex, (name, WaitReason::FdLimit));
             }
         }
-        let mut known = lock(&self.waiting_for_fds);
-        if !waiting.is_empty() && waiting.keys().ne(known.keys()) {
-            log::warn!(
-                "{} interface(s) wait for file descriptors: the open-file limit is reached ({open} of {limit} in use, {} kept for polling); raise LimitNOFILE (about {} per tap); retrying every poll",
-                waiting.len(),
-                crate::fd_limit::FD_RESERVE,
-                crate::fd_limit::FDS_PER_ATTACH
-            );
+        let mut known = lock(&self.waiting);
+        if waiting.keys().ne(known.keys()) {
+            let count = |reason| waiting.values().filter(|(_, r)| *r == reason).count();
+            let (fds, capacity) = (count(WaitReason::FdLimit), count(WaitReason::Capacity));
+            if fds > 0 {
+                log::warn!(
+                    "{fds} interface(s) wait for file descriptors: the open-file limit is reached ({open} of {limit} in use, {} kept for polling); raise LimitNOFILE (about {} per tap); retrying every poll",
+                    crate::fd_limit::FD_RESERVE,
+                    crate::fd_limit::FDS_PER_ATTACH
+                );
+            }
+            if capacity > 0 {
+                log::warn!(
+                    "{capacity} interface(s) not attached: max_interfaces ({}) taps are attached and the kernel maps hold no more; raise max_interfaces; retrying every poll",
+                    self.max_interfaces
+                );
+            }
         }
         *known = waiting;
     }
@@ -701,7 +750,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.listen
         )
     })?;
-    let (probes, maps, events) = TcProbes::load(&config.btf, config.attach_mode)?;
+    let (probes, maps, events) =
+        TcProbes::load(&config.btf, config.attach_mode, config.max_interfaces)?;
     let state = Arc::new(AgentState::new(probes, maps, &config));
     let mut reader = EventReader::new(events)?;
     let events_task = {

@@ -144,6 +144,9 @@ pub struct RunArgs {
     /// Prometheus exporter-toolkit web config (TLS, client certificates, basic auth, headers); re-read on change and on SIGHUP.
     #[arg(long = "web.config.file", value_name = "FILE")]
     pub web_config_file: Option<PathBuf>,
+    /// Most taps attached at once (kernel maps are sized for them; taps beyond wait) [default: 4096].
+    #[arg(long)]
+    pub max_interfaces: Option<u64>,
 }
 
 impl RunArgs {
@@ -160,6 +163,7 @@ impl RunArgs {
             proc_root: self.proc_root.clone(),
             project_label: self.project_label,
             web_config_file: self.web_config_file.clone(),
+            max_interfaces: self.max_interfaces,
         }
     }
 }

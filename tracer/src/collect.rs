@@ -8,7 +8,7 @@ use aya::{
     maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     Ebpf,
 };
-use tracer_common::{class, direction, CounterKey, CounterValue, DevKey, DropKey};
+use tracer_common::{class, direction, map_slot, CounterKey, CounterValue, DevKey, DropKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
@@ -92,6 +92,10 @@ pub struct KernelSnapshot {
     /// Maps that could not be read this time, with why: their part of the
     /// snapshot is empty and must not be shown as zero.
     pub unreadable: Vec<(&'static str, String)>,
+    /// Inserts the kernel refused, per map (None: unreadable).
+    pub map_update_failures: Option<[u64; map_slot::COUNT as usize]>,
+    /// Failed kernel memory reads in the tracepoints (None: unreadable).
+    pub probe_read_errors: Option<u64>,
 }
 
 /// The maps a snapshot is read from (for per-map read status).
@@ -118,6 +122,8 @@ pub struct KernelMaps {
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     vhost_rx: PerCpuHashMap<MapData, DevKey, u64>,
     events_lost: PerCpuArray<MapData, u64>,
+    update_failures: PerCpuArray<MapData, u64>,
+    probe_errors: PerCpuArray<MapData, u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CollectError>
@@ -171,6 +177,8 @@ impl KernelMaps {
             drops: take(ebpf, "DROPS")?,
             vhost_rx: take(ebpf, "VHOST_RX")?,
             events_lost: take(ebpf, "EVENTS_LOST")?,
+            update_failures: take(ebpf, "MAP_UPDATE_FAILURES")?,
+            probe_errors: take(ebpf, "PROBE_ERRORS")?,
         })
     }
 
@@ -260,6 +268,15 @@ impl KernelMaps {
                 });
                 0
             });
+        let mut update_failures = [0u64; map_slot::COUNT as usize];
+        let mut failures_read = true;
+        for (slot, total) in (0u32..).zip(update_failures.iter_mut()) {
+            match self.update_failures.get(&slot, 0) {
+                Ok(per_cpu) => *total = sum_u64(&per_cpu),
+                Err(_) => failures_read = false,
+            }
+        }
+        let probe_read_errors = self.probe_errors.get(&0, 0).ok().map(|v| sum_u64(&v));
         KernelSnapshot {
             traffic: fold_entries(entries),
             dequeued,
@@ -267,6 +284,8 @@ impl KernelMaps {
             vhost_rx,
             events_lost,
             unreadable,
+            map_update_failures: failures_read.then_some(update_failures),
+            probe_read_errors,
         }
     }
 

@@ -25,6 +25,10 @@ pub const DEFAULT_SERIES_GRACE: Duration = Duration::from_secs(15);
 pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub const DEFAULT_LIBVIRT_RUN_DIR: &str = "/run/libvirt/qemu";
 pub const DEFAULT_PROC_ROOT: &str = "/proc";
+/// Taps hvnet attaches to at most (its kernel maps are sized for this many).
+pub const DEFAULT_MAX_INTERFACES: u32 = tracer_common::MAX_MONITORED;
+/// The largest max_interfaces accepted (map memory grows with it).
+pub const MAX_MAX_INTERFACES: u32 = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,6 +50,8 @@ pub enum ConfigError {
     Interfaces(#[from] InterfaceGlobError),
     #[error("invalid attach_mode {0:?}: use auto, tcx or netlink")]
     AttachMode(String),
+    #[error("invalid max_interfaces {0}: use 1 to 65536")]
+    MaxInterfaces(u64),
 }
 
 /// How the tc programs are attached to an interface.
@@ -89,6 +95,7 @@ pub struct FileConfig {
     pub project_label: Option<bool>,
     /// exporter-toolkit web config (TLS, basic auth, headers).
     pub web_config_file: Option<PathBuf>,
+    pub max_interfaces: Option<u64>,
 }
 
 impl FileConfig {
@@ -122,6 +129,7 @@ pub struct FlagOverrides {
     pub proc_root: Option<PathBuf>,
     pub project_label: bool,
     pub web_config_file: Option<PathBuf>,
+    pub max_interfaces: Option<u64>,
 }
 
 /// The resolved configuration the agent runs with.
@@ -143,6 +151,9 @@ pub struct Config {
     pub project_label: bool,
     /// exporter-toolkit web config file; None: plain HTTP, no auth.
     pub web_config_file: Option<PathBuf>,
+    /// Most taps attached at once; the kernel maps are sized for them and
+    /// taps beyond are refused (log + hvnet_agent_interfaces_waiting).
+    pub max_interfaces: u32,
 }
 
 impl Config {
@@ -202,6 +213,11 @@ impl Config {
 
         let project_label = flags.project_label || file.project_label.unwrap_or(false);
         let web_config_file = flags.web_config_file.or(file.web_config_file);
+        let max_interfaces = match flags.max_interfaces.or(file.max_interfaces) {
+            None => DEFAULT_MAX_INTERFACES,
+            Some(n) if (1..=u64::from(MAX_MAX_INTERFACES)).contains(&n) => n as u32,
+            Some(n) => return Err(ConfigError::MaxInterfaces(n)),
+        };
 
         Ok(Self {
             listen,
@@ -215,6 +231,7 @@ impl Config {
             proc_root,
             project_label,
             web_config_file,
+            max_interfaces,
         })
     }
 }
@@ -248,6 +265,22 @@ mod tests {
         assert_eq!(cfg.series_grace, Duration::from_secs(15));
         assert_eq!(cfg.attach_mode, AttachMode::Auto);
         assert!(!cfg.project_label);
+        assert_eq!(cfg.max_interfaces, 4096);
+    }
+
+    #[test]
+    fn max_interfaces_is_bounded() {
+        let ok = file("max_interfaces = 2000").unwrap();
+        assert_eq!(
+            Config::resolve(ok, FlagOverrides::default())
+                .unwrap()
+                .max_interfaces,
+            2000
+        );
+        for bad in ["max_interfaces = 0", "max_interfaces = 100000"] {
+            let err = Config::resolve(file(bad).unwrap(), FlagOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("max_interfaces"), "{err}");
+        }
     }
 
     #[test]

@@ -33,8 +33,12 @@ pub struct Exposition {
     /// Each kernel map this scrape read, and whether the read worked. The
     /// series of an unreadable map are left out, never shown as zero.
     pub map_reads: Vec<(&'static str, bool)>,
-    /// Matching interfaces not attached because the open-file limit is reached.
-    pub waiting_for_fds: usize,
+    /// Matching interfaces not attached yet, by reason (fd_limit, capacity).
+    pub waiting: Vec<(&'static str, usize)>,
+    /// Inserts the kernel refused (map full), per map (tracer_common::map_slot).
+    pub map_update_failures: Option<[u64; tracer_common::map_slot::COUNT as usize]>,
+    /// Probe reads of kernel memory that failed in the tracepoints.
+    pub probe_read_errors: Option<u64>,
 }
 
 impl Exposition {
@@ -140,6 +144,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "hvnet_agent_link_events_total",
     "hvnet_agent_map_read_success",
     "hvnet_agent_interfaces_waiting",
+    "hvnet_agent_map_update_failures_total",
+    "hvnet_agent_probe_read_errors_total",
     "hvnet_build_info",
 ];
 
@@ -484,13 +490,37 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
     let mut waiting = family(
         "hvnet_agent_interfaces_waiting",
         "Interfaces matching the globs that wait to be attached, by reason (fd_limit: the \
-         open-file limit is reached; raise LimitNOFILE). Retried every poll.",
+         open-file limit is reached, raise LimitNOFILE; capacity: max_interfaces taps are \
+         attached, raise max_interfaces). Retried every poll.",
         MetricType::GAUGE,
     );
-    waiting.mut_metric().push(gauge(
-        &[("reason", "fd_limit")],
-        view.waiting_for_fds as f64,
-    ));
+    for (reason, count) in &view.waiting {
+        waiting
+            .mut_metric()
+            .push(gauge(&[("reason", reason)], *count as f64));
+    }
+    let mut update_failures = family(
+        "hvnet_agent_map_update_failures_total",
+        "Inserts into a kernel map that the kernel refused (the map was full): counts that were \
+         lost. Should stay 0; the maps are sized for max_interfaces taps.",
+        MetricType::COUNTER,
+    );
+    if let Some(failures) = view.map_update_failures {
+        for (map, count) in tracer_common::map_slot::NAMES.iter().zip(failures) {
+            update_failures
+                .mut_metric()
+                .push(counter(&[("map", map)], count as f64));
+        }
+    }
+    let mut read_errors = family(
+        "hvnet_agent_probe_read_errors_total",
+        "Kernel memory reads that failed in hvnet's tracepoints (a device the probe could not \
+         identify; its frame is not attributed).",
+        MetricType::COUNTER,
+    );
+    if let Some(errors) = view.probe_read_errors {
+        read_errors.mut_metric().push(counter(&[], errors as f64));
+    }
 
     let mut build = family(
         "hvnet_build_info",
@@ -534,6 +564,8 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         build,
         map_reads,
         waiting,
+        update_failures,
+        read_errors,
     ];
     // A map this scrape could not read: its series are left out rather
     // than shown as zero (a counter dropping to zero reads as a reset).
@@ -561,7 +593,7 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
                             .any(|l| l.name() == "source" && l.value() == "tracepoint")
                     })
                     .collect();
-                f.set_metric(kept.into());
+                f.set_metric(kept);
             }
             f
         })
@@ -729,7 +761,9 @@ mod tests {
                 .iter()
                 .map(|m| (*m, true))
                 .collect(),
-            waiting_for_fds: 0,
+            waiting: vec![("fd_limit", 0), ("capacity", 0)],
+            map_update_failures: Some([0, 0, 1, 0]),
+            probe_read_errors: Some(0),
         }
     }
 

@@ -114,6 +114,7 @@ impl TcProbes {
     pub fn load(
         btf_path: &Path,
         mode: AttachMode,
+        max_interfaces: u32,
     ) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoaderError> {
         let btf_error = |reason: String| LoaderError::Btf {
             path: btf_path.display().to_string(),
@@ -148,6 +149,18 @@ impl TcProbes {
             .override_global("TFILE_SOCKET_OFF", &tfile_socket, true)
             .override_global("TFILE_TUN_OFF", &tfile_tun, true)
             .override_global("TUN_DEV_OFF", &tun_dev, true);
+        // Every per-tap map holds every tap the agent accepts (it refuses
+        // taps beyond max_interfaces): no tap's counts are silently dropped.
+        let per_tap = [
+            ("MONITORED", 1),
+            ("DEQUEUED", 1),
+            ("VHOST_RX", 1),
+            ("VM_COUNTERS", tracer_common::COUNTERS_PER_TAP),
+            ("DROPS", tracer_common::DROP_REASONS_PER_TAP),
+        ];
+        for (map, per) in per_tap {
+            loader.map_max_entries(map, max_interfaces.saturating_mul(per));
+        }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|err| LoaderError::Load(format!("{err:#}")))?;

@@ -117,15 +117,27 @@ pub fn tun_socket_device(sock: u64) -> Option<DevKey> {
     monitored_device(read::<u64>(tun + global(&TUN_DEV_OFF))?)
 }
 
-/// Adds one to a per-CPU u64 counter keyed by `key`.
+/// Counts an insert the kernel refused (the map is full) in slot `slot`.
+#[inline(always)]
+pub fn note_update_failure(slot: u32) {
+    if let Some(count) = crate::maps::MAP_UPDATE_FAILURES.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *count += 1 };
+    }
+}
+
+/// Adds one to a per-CPU u64 counter keyed by `key`; a refused insert is
+/// counted in MAP_UPDATE_FAILURES slot `$slot`.
 #[macro_export]
 macro_rules! bump {
-    ($map:expr, $key:expr) => {
+    ($map:expr, $key:expr, $slot:expr) => {
         match $map.get_ptr_mut($key) {
             // SAFETY: this CPU's slot of a live map element.
             Some(value) => unsafe { *value += 1 },
             None => {
-                let _ = $map.insert($key, 1u64, 0);
+                if $map.insert($key, 1u64, 0).is_err() {
+                    $crate::programs::kernel::note_update_failure($slot);
+                }
             }
         }
     };

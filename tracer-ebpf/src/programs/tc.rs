@@ -68,7 +68,7 @@ fn count_frame(ctx: &TcContext, direction: u8) {
             }
         }
         None => {
-            let _ = VM_COUNTERS.insert(
+            let inserted = VM_COUNTERS.insert(
                 key,
                 CounterValue {
                     packets: 1,
@@ -76,6 +76,9 @@ fn count_frame(ctx: &TcContext, direction: u8) {
                 },
                 BPF_ANY,
             );
+            if inserted.is_err() {
+                crate::programs::kernel::note_update_failure(tracer_common::map_slot::VM_COUNTERS);
+            }
         }
     }
 }

@@ -5,7 +5,7 @@
 //! exec` hides it) and read the tracepoint's C arguments directly.
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use tracer_common::{direction, event_kind, DevKey, DropKey};
+use tracer_common::{direction, event_kind, map_slot, DevKey, DropKey};
 
 use crate::{
     bump,
@@ -43,7 +43,7 @@ pub fn hvnet_dequeue(ctx: RawTracePointContext) -> i32 {
     {
         return 0;
     }
-    bump!(DEQUEUED, &dev);
+    bump!(DEQUEUED, &dev, map_slot::DEQUEUED);
     dhcp_event(skb, dev, event_kind::DHCP_DEQUEUED, 0);
     0
 }
@@ -78,7 +78,7 @@ pub fn hvnet_drop(ctx: RawTracePointContext) -> i32 {
         reason: reason as u32,
         _pad: 0,
     };
-    bump!(DROPS, &key);
+    bump!(DROPS, &key, map_slot::DROPS);
     dhcp_event(skb, dev, event_kind::DHCP_DROPPED, reason as u32);
     0
 }

@@ -13,7 +13,7 @@ use crate::{bump, maps::VHOST_RX, programs::kernel::tun_socket_device};
 #[inline(always)]
 fn count_tun_recvmsg(sock: u64) {
     if let Some(dev) = tun_socket_device(sock) {
-        bump!(VHOST_RX, &dev);
+        bump!(VHOST_RX, &dev, tracer_common::map_slot::VHOST_RX);
     }
 }
 
