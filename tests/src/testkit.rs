@@ -74,3 +74,31 @@ pub fn poll_until(
     }
     anyhow::bail!("timed out after {timeout:?} waiting for {what}")
 }
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// A steady UDP stream toward a guest at `ip` (port 9, discard), sent from
+/// inside `ns` by the lab binary `lab_bin` (`hvnet-lab udp-send`): the
+/// incident happened under load, and a queue only backs up with traffic.
+pub fn udp_load(
+    ns: &crate::netns::NetNs,
+    lab_bin: &str,
+    ip: &str,
+    pps: u32,
+    seconds: u32,
+) -> anyhow::Result<Child> {
+    Ok(ns
+        .command(lab_bin)
+        .args(["udp-send", "--to", &format!("{ip}:9")])
+        .args(["--pps", &pps.to_string(), "--seconds", &seconds.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()?)
+}

@@ -81,21 +81,13 @@ fn a_stall_with_dhcp_retries_pages_with_vm_labels_resolves_and_every_dashboard_q
     // The incident happened under load: a steady stream toward the VM fills
     // its queue once the VMM stops draining it (full_ring drops).
     let guest_ip = vm.ipv4()?.unwrap_or_default();
-    background.0.push(
-        node.ns
-            .command(env!("CARGO_BIN_EXE_hvnet-lab"))
-            .args([
-                "udp-send",
-                "--to",
-                &format!("{guest_ip}:9"),
-                "--pps",
-                "300",
-                "--seconds",
-                "300",
-            ])
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
+    background.0.push(hvnet_lab::testkit::udp_load(
+        &node.ns,
+        env!("CARGO_BIN_EXE_hvnet-lab"),
+        &guest_ip,
+        300,
+        300,
+    )?);
     wait_for("Prometheus scraping hvnet", Duration::from_secs(15), || {
         Ok(promstack::query(&node.ns, r#"up{job="hvnet"} == 1"#)?.len() == 1)
     })?;

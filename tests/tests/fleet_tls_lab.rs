@@ -208,21 +208,13 @@ fn a_stall_on_one_of_three_tls_nodes_pages_for_that_node_and_explain_reaches_it(
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?,
-        stalled
-            .node
-            .ns
-            .command(env!("CARGO_BIN_EXE_hvnet-lab"))
-            .args([
-                "udp-send",
-                "--to",
-                &format!("{guest_ip}:9"),
-                "--pps",
-                "300",
-                "--seconds",
-                "300",
-            ])
-            .stdout(Stdio::null())
-            .spawn()?,
+        hvnet_lab::testkit::udp_load(
+            &stalled.node.ns,
+            env!("CARGO_BIN_EXE_hvnet-lab"),
+            &guest_ip,
+            300,
+            300,
+        )?,
     ]);
     stalled.vm.set_mode(VmmMode::RxStall)?;
     let began = Instant::now();

@@ -121,15 +121,6 @@ fn a_libvirt_status_file_names_the_vm_in_metrics_and_explain() -> anyhow::Result
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
-}
-
 fn open_fds(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
@@ -155,7 +146,7 @@ fn five_hundred_tap_create_destroy_cycles_leak_nothing() -> anyhow::Result<()> {
         // capacity at 50 taps); memory must stay flat over the other 400 cycles.
         if round == 2 {
             std::thread::sleep(Duration::from_secs(2));
-            before = rss_kib(pid)?;
+            before = hvnet_lab::testkit::rss_kib(pid)?;
             fds_before = open_fds(pid)?;
         }
         // 50 taps appear, get attached, and vanish again, per round.
@@ -184,10 +175,10 @@ fn five_hundred_tap_create_destroy_cycles_leak_nothing() -> anyhow::Result<()> {
             "all taps gone",
             |s| metrics::value(s, "hvnet_agent_interfaces", &[]) == Some(0.0),
         )?;
-        per_round.push(rss_kib(pid)?);
+        per_round.push(hvnet_lab::testkit::rss_kib(pid)?);
     }
     std::thread::sleep(Duration::from_secs(2));
-    let after = rss_kib(pid)?;
+    let after = hvnet_lab::testkit::rss_kib(pid)?;
     // Each TCX link or netlink attachment is an fd in the agent: a leaked
     // attachment would show here.
     let fds_after = open_fds(pid)?;

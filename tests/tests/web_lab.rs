@@ -363,20 +363,13 @@ fn the_landing_page_shows_the_labs_vms_in_a_browser() -> anyhow::Result<()> {
     calm.dhcp(&node.udhcpc_script())?;
     let stuck_ip = stuck.dhcp(&node.udhcpc_script())?;
     stuck.set_mode(VmmMode::RxStall)?;
-    let _load = Background(vec![node
-        .ns
-        .command(env!("CARGO_BIN_EXE_hvnet-lab"))
-        .args([
-            "udp-send",
-            "--to",
-            &format!("{stuck_ip}:9"),
-            "--pps",
-            "100",
-            "--seconds",
-            "120",
-        ])
-        .stdout(Stdio::null())
-        .spawn()?]);
+    let _load = Background(vec![hvnet_lab::testkit::udp_load(
+        &node.ns,
+        env!("CARGO_BIN_EXE_hvnet-lab"),
+        &stuck_ip,
+        100,
+        120,
+    )?]);
     hvnet_lab::expect::eventually(
         &agent,
         &node.ns,
@@ -437,15 +430,6 @@ fn the_landing_page_shows_the_labs_vms_in_a_browser() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
-}
-
 /// One authenticated scrape over HTTP/1.1 from inside the namespace; its duration.
 fn timed_scrape(ns: &NetNs, auth: &str) -> anyhow::Result<Duration> {
     let request = format!(
@@ -503,7 +487,7 @@ fn malformed_http_never_starves_an_authenticated_scrape() -> anyhow::Result<()> 
         .map(|_| timed_scrape(&node.ns, auth))
         .collect::<Result<_, _>>()?;
     baseline.sort();
-    let rss_before = rss_kib(pid)?;
+    let rss_before = hvnet_lab::testkit::rss_kib(pid)?;
 
     // Hundreds of idle connections (no request ever sent).
     let idle: Vec<TcpStream> = node.ns.enter(|| {
@@ -609,7 +593,7 @@ fn malformed_http_never_starves_an_authenticated_scrape() -> anyhow::Result<()> 
         "a slow client held its connection {slow_lasted:?}"
     );
     drop(idle);
-    let rss_after = rss_kib(pid)?;
+    let rss_after = hvnet_lab::testkit::rss_kib(pid)?;
     eprintln!("agent RSS {rss_before} KiB before, {rss_after} KiB after");
     assert!(
         rss_after < rss_before + 32 * 1024,

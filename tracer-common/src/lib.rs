@@ -88,9 +88,26 @@ pub mod map_slot {
     pub const DEQUEUED: u32 = 1;
     pub const DROPS: u32 = 2;
     pub const VHOST_RX: u32 = 3;
-    pub const COUNT: u32 = 4;
+    pub const EVENTS_THROTTLED: u32 = 4;
+    pub const COUNT: u32 = 5;
     /// Names as exported in `hvnet_agent_map_update_failures_total{map}`.
-    pub const NAMES: [&str; COUNT as usize] = ["VM_COUNTERS", "DEQUEUED", "DROPS", "VHOST_RX"];
+    pub const NAMES: [&str; COUNT as usize] = [
+        "VM_COUNTERS",
+        "DEQUEUED",
+        "DROPS",
+        "VHOST_RX",
+        "EVENTS_THROTTLED",
+    ];
+}
+
+/// Each tap's share of the event ring buffer: a token bucket per tap and
+/// CPU, so one VM flooding DHCP or ARP cannot crowd out its neighbours'
+/// events. DHCP and ARP of a healthy VM are a few frames a second.
+pub mod event_budget {
+    /// One event per this many nanoseconds, per tap and CPU (100/s).
+    pub const INTERVAL_NS: u64 = 10_000_000;
+    /// Events a tap may send at once after a quiet spell, per CPU.
+    pub const BURST: u64 = 200;
 }
 
 const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);

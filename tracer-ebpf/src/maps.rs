@@ -1,6 +1,6 @@
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
     CounterKey, CounterValue, DevKey, DropKey, COUNTER_MAP_ENTRIES, DROP_MAP_ENTRIES, MAX_MONITORED,
@@ -47,6 +47,17 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 #[map]
 pub static MAP_UPDATE_FAILURES: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(tracer_common::map_slot::COUNT, 0);
+
+/// Each tap's event budget on this CPU: (credit in ns, last refill ns).
+/// LRU: taps come and go, their ifindexes are not reused soon.
+#[map]
+pub static EVENT_BUDGET: LruPerCpuHashMap<u32, [u64; 2]> =
+    LruPerCpuHashMap::with_max_entries(MAX_MONITORED, 0);
+
+/// DHCP/ARP events a tap was over its budget for (not sent), per tap.
+#[map]
+pub static EVENTS_THROTTLED: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::with_max_entries(MAX_MONITORED, 0);
 
 /// Events that did not fit in the ring buffer.
 #[map]

@@ -270,6 +270,11 @@ impl AgentState {
                 .then(|| snapshot.dequeued.get(&link.ifindex).copied().unwrap_or(0)),
             netdev_tx_packets: link.stats.map(|s| s.tx_packets),
             vhost_rx: snapshot.vhost_rx.get(&link.ifindex).copied(),
+            events_throttled: snapshot
+                .events_throttled
+                .get(&link.ifindex)
+                .copied()
+                .unwrap_or(0),
             queue_len: link.txqueuelen,
             health: record.map(|r| VmHealth {
                 state: r.detector.state(),

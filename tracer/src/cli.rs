@@ -139,8 +139,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub proc_root: Option<PathBuf>,
     /// Add the VM's project (nova metadata) to hvnet_vm_info; more series, so off by default.
-    #[arg(long)]
-    pub project_label: bool,
+    /// `--project-label` alone turns it on; `--project-label=false` turns off what the config file turned on.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub project_label: Option<bool>,
     /// Prometheus exporter-toolkit web config (TLS, client certificates, basic auth, headers); re-read on change and on SIGHUP.
     #[arg(long = "web.config.file", value_name = "FILE")]
     pub web_config_file: Option<PathBuf>,

@@ -92,6 +92,8 @@ pub struct KernelSnapshot {
     /// Maps that could not be read this time, with why: their part of the
     /// snapshot is empty and must not be shown as zero.
     pub unreadable: Vec<(&'static str, String)>,
+    /// DHCP/ARP events not sent because the tap was over its budget.
+    pub events_throttled: BTreeMap<u32, u64>,
     /// Inserts the kernel refused, per map (None: unreadable).
     pub map_update_failures: Option<[u64; map_slot::COUNT as usize]>,
     /// Failed kernel memory reads in the tracepoints (None: unreadable).
@@ -124,6 +126,7 @@ pub struct KernelMaps {
     events_lost: PerCpuArray<MapData, u64>,
     update_failures: PerCpuArray<MapData, u64>,
     probe_errors: PerCpuArray<MapData, u64>,
+    throttled: PerCpuHashMap<MapData, u32, u64>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CollectError>
@@ -179,6 +182,7 @@ impl KernelMaps {
             events_lost: take(ebpf, "EVENTS_LOST")?,
             update_failures: take(ebpf, "MAP_UPDATE_FAILURES")?,
             probe_errors: take(ebpf, "PROBE_ERRORS")?,
+            throttled: take(ebpf, "EVENTS_THROTTLED")?,
         })
     }
 
@@ -277,6 +281,12 @@ impl KernelMaps {
             }
         }
         let probe_read_errors = self.probe_errors.get(&0, 0).ok().map(|v| sum_u64(&v));
+        let events_throttled = read_u64_map(&self.throttled, "EVENTS_THROTTLED")
+            .map(|pairs| pairs.into_iter().collect())
+            .unwrap_or_else(|err| {
+                note(err);
+                BTreeMap::new()
+            });
         KernelSnapshot {
             traffic: fold_entries(entries),
             dequeued,
@@ -286,6 +296,7 @@ impl KernelMaps {
             unreadable,
             map_update_failures: failures_read.then_some(update_failures),
             probe_read_errors,
+            events_throttled,
         }
     }
 
@@ -306,6 +317,7 @@ impl KernelMaps {
         }
         let _ = self.dequeued.remove(&dev);
         let _ = self.vhost_rx.remove(&dev);
+        let _ = self.throttled.remove(&ifindex);
         let drop_keys: Vec<DropKey> = self
             .drops
             .keys()

@@ -25,6 +25,8 @@ pub const DEFAULT_SERIES_GRACE: Duration = Duration::from_secs(15);
 pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub const DEFAULT_LIBVIRT_RUN_DIR: &str = "/run/libvirt/qemu";
 pub const DEFAULT_PROC_ROOT: &str = "/proc";
+/// The shortest poll interval or stall-after accepted.
+pub const MIN_DURATION: Duration = Duration::from_millis(10);
 /// Taps hvnet attaches to at most (its kernel maps are sized for this many).
 pub const DEFAULT_MAX_INTERFACES: u32 = tracer_common::MAX_MONITORED;
 /// The largest max_interfaces accepted (map memory grows with it).
@@ -41,10 +43,18 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid listen address {0:?}: use ADDR:PORT, e.g. 127.0.0.1:9478")]
     Listen(String),
-    #[error("{key}: {source}")]
+    // `reason`, not `source`: the message already carries it, and a source
+    // would be printed twice in the error chain.
+    #[error("{key}: {reason}")]
     Duration {
         key: &'static str,
-        source: DurationError,
+        reason: DurationError,
+    },
+    #[error("{key} {value:?} is too short: use at least {minimum:?}")]
+    TooShort {
+        key: &'static str,
+        value: String,
+        minimum: Duration,
     },
     #[error(transparent)]
     Interfaces(#[from] InterfaceGlobError),
@@ -127,7 +137,8 @@ pub struct FlagOverrides {
     pub btf: Option<PathBuf>,
     pub libvirt_run_dir: Option<PathBuf>,
     pub proc_root: Option<PathBuf>,
-    pub project_label: bool,
+    /// `--project-label` or `--project-label=false` (overrides the file).
+    pub project_label: Option<bool>,
     pub web_config_file: Option<PathBuf>,
     pub max_interfaces: Option<u64>,
 }
@@ -184,9 +195,9 @@ impl Config {
         )?;
         let series_grace = match flags.series_grace.or(file.series_grace) {
             Some(text) => {
-                parse_duration_or_zero(&text).map_err(|source| ConfigError::Duration {
+                parse_duration_or_zero(&text).map_err(|reason| ConfigError::Duration {
                     key: "series_grace",
-                    source,
+                    reason,
                 })?
             }
             None => DEFAULT_SERIES_GRACE,
@@ -211,7 +222,7 @@ impl Config {
             .or(file.proc_root)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PROC_ROOT));
 
-        let project_label = flags.project_label || file.project_label.unwrap_or(false);
+        let project_label = flags.project_label.or(file.project_label).unwrap_or(false);
         let web_config_file = flags.web_config_file.or(file.web_config_file);
         let max_interfaces = match flags.max_interfaces.or(file.max_interfaces) {
             None => DEFAULT_MAX_INTERFACES,
@@ -242,7 +253,21 @@ fn resolve_duration(
     default: Duration,
 ) -> Result<Duration, ConfigError> {
     match text {
-        Some(text) => parse_duration(&text).map_err(|source| ConfigError::Duration { key, source }),
+        Some(text) => {
+            let value =
+                parse_duration(&text).map_err(|reason| ConfigError::Duration { key, reason })?;
+            // Sub-millisecond timers are no use to anyone, and a value that
+            // rounds to zero would panic the timer after the programs are
+            // attached: refuse it here.
+            if value < MIN_DURATION {
+                return Err(ConfigError::TooShort {
+                    key,
+                    value: text,
+                    minimum: MIN_DURATION,
+                });
+            }
+            Ok(value)
+        }
         None => Ok(default),
     }
 }
@@ -292,7 +317,7 @@ mod tests {
                 .project_label
         );
         let flag = FlagOverrides {
-            project_label: true,
+            project_label: Some(true),
             ..Default::default()
         };
         assert!(
@@ -301,6 +326,35 @@ mod tests {
                 .project_label
         );
         assert!(file("project_label = \"yes\"").is_err());
+        // The flag can also turn off what the file turned on.
+        let off = FlagOverrides {
+            project_label: Some(false),
+            ..Default::default()
+        };
+        let on = file("project_label = true").unwrap();
+        assert!(!Config::resolve(on, off).unwrap().project_label);
+    }
+
+    #[test]
+    fn durations_too_short_for_a_timer_are_refused_once() {
+        let tiny = FlagOverrides {
+            poll_interval: Some("0.0000000001s".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(FileConfig::default(), tiny).unwrap_err();
+        assert!(err.to_string().contains("poll_interval"), "{err}");
+        assert!(err.to_string().contains("too short"), "{err}");
+        let zero = FlagOverrides {
+            stall_after: Some("0s".into()),
+            ..Default::default()
+        };
+        let err = anyhow::Error::from(Config::resolve(FileConfig::default(), zero).unwrap_err());
+        let chain = format!("{err:#}");
+        assert_eq!(
+            chain.matches("must be greater than zero").count(),
+            1,
+            "{chain}"
+        );
     }
 
     #[test]

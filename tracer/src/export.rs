@@ -87,6 +87,8 @@ pub struct VmView {
     pub netdev_tx_packets: Option<u64>,
     /// tun_recvmsg calls, where the vhost probe attached.
     pub vhost_rx: Option<u64>,
+    /// DHCP/ARP events not sent: the tap was over its event budget.
+    pub events_throttled: u64,
     /// The tap's txqueuelen: the most frames that can wait toward the VM.
     pub queue_len: u32,
     /// None until the first poll evaluated this VM.
@@ -129,6 +131,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "hvnet_vm_state",
     "hvnet_vm_dequeued_packets_total",
     "hvnet_vm_vhost_rx_calls_total",
+    "hvnet_vm_events_throttled_total",
     "hvnet_dhcp_packets_total",
     "hvnet_dhcp_retries_total",
     "hvnet_dhcp_retries_during_stall_total",
@@ -275,6 +278,19 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
          or netdev (the tap's tx_packets).",
         MetricType::COUNTER,
     );
+    let mut throttled = family(
+        "hvnet_vm_events_throttled_total",
+        "DHCP/ARP events from this tap that hvnet did not record: the tap was over its share of \
+         the event ring (100 per second per CPU, bursts of 200), so a VM flooding DHCP or ARP \
+         cannot blind hvnet to its neighbours. Its own DHCP verdicts may be incomplete meanwhile.",
+        MetricType::COUNTER,
+    );
+    for vm in &view.vms {
+        throttled.mut_metric().push(counter(
+            &[("iface", vm.iface.as_str())],
+            vm.events_throttled as f64,
+        ));
+    }
     let mut vhost = family(
         "hvnet_vm_vhost_rx_calls_total",
         "tun_recvmsg calls for the VM's tap (vhost-net RX work), where the vhost probe attached.",
@@ -548,6 +564,7 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         vm_state,
         dequeued,
         vhost,
+        throttled,
         dhcp_packets,
         retries,
         retries_stall,
@@ -575,6 +592,7 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         ("DROPS", "hvnet_vm_dropped_packets_total"),
         ("VHOST_RX", "hvnet_vm_vhost_rx_calls_total"),
         ("EVENTS_LOST", "hvnet_agent_events_lost_total"),
+        ("EVENTS_THROTTLED", "hvnet_vm_events_throttled_total"),
     ];
     all.into_iter()
         .filter(|f| {
@@ -732,6 +750,7 @@ mod tests {
                 dequeued: Some(50),
                 netdev_tx_packets: Some(50),
                 vhost_rx: Some(7),
+                events_throttled: 0,
                 queue_len: 1000,
                 dhcp: Some(DhcpView {
                     counters: DhcpCounters {
@@ -762,7 +781,7 @@ mod tests {
                 .map(|m| (*m, true))
                 .collect(),
             waiting: vec![("fd_limit", 0), ("capacity", 0)],
-            map_update_failures: Some([0, 0, 1, 0]),
+            map_update_failures: Some([0, 0, 1, 0, 0]),
             probe_read_errors: Some(0),
         }
     }

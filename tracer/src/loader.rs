@@ -155,6 +155,8 @@ impl TcProbes {
             ("MONITORED", 1),
             ("DEQUEUED", 1),
             ("VHOST_RX", 1),
+            ("EVENT_BUDGET", 1),
+            ("EVENTS_THROTTLED", 1),
             ("VM_COUNTERS", tracer_common::COUNTERS_PER_TAP),
             ("DROPS", tracer_common::DROP_REASONS_PER_TAP),
         ];

@@ -61,6 +61,15 @@ enum LabCommand {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Flood ARP requests out of an interface (a broken or hostile guest),
+    /// run inside a lab guest's namespace. Targets 10.250.0.250, which no
+    /// lab host has, so nothing answers.
+    ArpFlood {
+        #[arg(long, default_value = "eth0")]
+        iface: String,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Set a fake VMM's fault mode: running, rx_stall or paused.
     VmmMode { control: PathBuf, mode: String },
 }
@@ -82,6 +91,7 @@ fn main() -> anyhow::Result<()> {
         } => demo(vms, hvnet, duration, port, !no_incident),
         LabCommand::UdpBroadcast { count } => udp_broadcast(count),
         LabCommand::UdpSend { to, pps, seconds } => udp_send(to, pps, seconds),
+        LabCommand::ArpFlood { iface, seconds } => arp_flood(&iface, seconds),
         LabCommand::VmmMode { control, mode } => {
             let mode = VmmMode::parse(&mode).context("mode is running, rx_stall or paused")?;
             vmm::set_mode(&control, mode)
@@ -98,6 +108,66 @@ fn udp_broadcast(count: u32) -> anyhow::Result<()> {
             "10.250.0.255:9",
         )?;
     }
+    Ok(())
+}
+
+/// Sends broadcast ARP requests as fast as the interface takes them; prints
+/// how many it sent.
+fn arp_flood(iface: &str, seconds: u64) -> anyhow::Result<()> {
+    let name = std::ffi::CString::new(iface)?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        bail!("no interface {iface}");
+    }
+    let mac_text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))?;
+    let mac: Vec<u8> = mac_text
+        .trim()
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()?;
+    let mut frame = vec![0xffu8; 6];
+    frame.extend(&mac);
+    frame.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend(&mac);
+    frame.extend([10, 250, 0, 249]);
+    frame.extend([0u8; 6]);
+    frame.extend([10, 250, 0, 250]);
+    frame.resize(60, 0);
+    // SAFETY: plain socket(2) call; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        for _ in 0..256 {
+            // SAFETY: sendto with a buffer and address we own.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if n > 0 {
+                sent += 1;
+            }
+        }
+    }
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    println!("{sent}");
     Ok(())
 }
 

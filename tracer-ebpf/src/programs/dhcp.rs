@@ -220,7 +220,16 @@ pub fn parse_arp<F: Frame>(frame: &F, l3: usize) -> Option<PacketEvent> {
 #[inline(always)]
 pub fn emit(mut ev: PacketEvent, dev: DevKey, dir: u8) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
-    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !within_budget(dev.ifindex, now) {
+        crate::bump!(
+            crate::maps::EVENTS_THROTTLED,
+            &dev.ifindex,
+            tracer_common::map_slot::EVENTS_THROTTLED
+        );
+        return;
+    }
+    ev.ts_ns = now;
     ev.dev = dev;
     ev.direction = dir;
     match EVENTS.reserve::<PacketEvent>(0) {
@@ -233,6 +242,40 @@ pub fn emit(mut ev: PacketEvent, dev: DevKey, dir: u8) {
                 // SAFETY: this CPU's slot of a per-CPU array.
                 unsafe { *lost += 1 };
             }
+        }
+    }
+}
+
+/// Takes one event's worth of the tap's budget on this CPU (a token
+/// bucket kept in nanoseconds of credit: no division on this path).
+#[inline(always)]
+fn within_budget(ifindex: u32, now: u64) -> bool {
+    use tracer_common::event_budget::{BURST, INTERVAL_NS};
+    let full = BURST * INTERVAL_NS;
+    match crate::maps::EVENT_BUDGET.get_ptr_mut(&ifindex) {
+        Some(budget) => {
+            // SAFETY: this CPU's slot of a live map element.
+            let [credit, last] = unsafe { *budget };
+            let earned = now.saturating_sub(last);
+            let credit = if credit + earned > full {
+                full
+            } else {
+                credit + earned
+            };
+            let allowed = credit >= INTERVAL_NS;
+            let left = if allowed {
+                credit - INTERVAL_NS
+            } else {
+                credit
+            };
+            // SAFETY: as above.
+            unsafe { *budget = [left, now] };
+            allowed
+        }
+        None => {
+            // First event of this tap on this CPU: a full bucket, minus this one.
+            let _ = crate::maps::EVENT_BUDGET.insert(&ifindex, &[full - INTERVAL_NS, now], 0);
+            true
         }
     }
 }
