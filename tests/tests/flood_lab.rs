@@ -18,6 +18,7 @@ use hvnet_lab::{
     testkit::{require_root, Background},
     unique_prefix,
     vmm::VmmMode,
+    PEER_ADDR,
 };
 
 fn fake_vmm() -> PathBuf {
@@ -53,6 +54,13 @@ fn a_flooding_vm_is_throttled_and_its_neighbours_dhcp_verdicts_stay_right() -> a
             .is_some()
         },
     )?;
+    // hvnet sees the ACK before udhcpc's script configures the address.
+    hvnet_lab::testkit::poll_until(
+        "the neighbour's address",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || Ok(neighbour.ipv4()?.is_some()),
+    )?;
     let neighbour_ip = neighbour.ipv4()?.unwrap_or_default();
 
     // The flood: ARP requests out of the flooder's eth0, as fast as it goes.
@@ -63,7 +71,17 @@ fn a_flooding_vm_is_throttled_and_its_neighbours_dhcp_verdicts_stay_right() -> a
         .stdout(Stdio::piped())
         .spawn()?;
     background.0.push(flood);
-    // The incident on the neighbour, under load.
+    // The neighbour keeps sending (a stalled VM still transmits) ...
+    background.0.push(
+        neighbour
+            .guest
+            .command("busybox")
+            .args(["ping", "-i", "0.5", PEER_ADDR])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    // ... and the incident hits it under load.
     background.0.push(hvnet_lab::testkit::udp_load(
         &node.ns,
         env!("CARGO_BIN_EXE_hvnet-lab"),
@@ -85,7 +103,7 @@ fn a_flooding_vm_is_throttled_and_its_neighbours_dhcp_verdicts_stay_right() -> a
     eventually(
         &agent,
         &node.ns,
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         "the neighbour rx_stalled",
         |s| metrics::value(s, "hvnet_vm_rx_stalled", &[("iface", "tapn1")]) == Some(1.0),
     )?;

@@ -252,7 +252,7 @@ pub fn emit(mut ev: PacketEvent, dev: DevKey, dir: u8) {
 fn within_budget(ifindex: u32, now: u64) -> bool {
     use tracer_common::event_budget::{BURST, INTERVAL_NS};
     let full = BURST * INTERVAL_NS;
-    match crate::maps::EVENT_BUDGET.get_ptr_mut(&ifindex) {
+    match crate::maps::EVENT_BUDGET.get_ptr_mut(ifindex) {
         Some(budget) => {
             // SAFETY: this CPU's slot of a live map element.
             let [credit, last] = unsafe { *budget };
@@ -274,7 +274,7 @@ fn within_budget(ifindex: u32, now: u64) -> bool {
         }
         None => {
             // First event of this tap on this CPU: a full bucket, minus this one.
-            let _ = crate::maps::EVENT_BUDGET.insert(&ifindex, &[full - INTERVAL_NS, now], 0);
+            let _ = crate::maps::EVENT_BUDGET.insert(ifindex, [full - INTERVAL_NS, now], 0);
             true
         }
     }
