@@ -15,6 +15,7 @@
 //! dhclient, ping) run as the guest.
 
 pub mod agent;
+pub mod cost;
 pub mod dashboards;
 pub mod expect;
 pub mod guest;

@@ -67,6 +67,10 @@ pub struct DropKey {
     pub _pad: u32,
 }
 
+/// Words of the MONITORED_IFINDEX bitmap: ifindexes below 65536 (a higher
+/// ifindex skips the shortcut and takes the full check).
+pub const IFINDEX_BITMAP_WORDS: u32 = 1024;
+
 /// Most monitored devices (taps) per host.
 pub const MAX_MONITORED: u32 = 4096;
 /// Distinct (device, drop reason) pairs tracked.

@@ -1,6 +1,6 @@
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
     CounterKey, CounterValue, DevKey, DropKey, COUNTER_MAP_ENTRIES, DROP_MAP_ENTRIES, MAX_MONITORED,
@@ -16,6 +16,13 @@ pub static VM_COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
 /// other device. Maintained by the agent on attach/detach.
 #[map]
 pub static MONITORED: HashMap<DevKey, u8> = HashMap::with_max_entries(MAX_MONITORED, 0);
+
+/// One bit per ifindex below 65536 that a monitored tap has: the
+/// host-wide tracepoints reject almost every other device with one array
+/// lookup, before the reads and the hash lookup MONITORED needs.
+#[map]
+pub static MONITORED_IFINDEX: Array<u64> =
+    Array::with_max_entries(tracer_common::IFINDEX_BITMAP_WORDS, 0);
 
 /// Frames the VMM read from each monitored tap (the RX queue draining).
 #[map]

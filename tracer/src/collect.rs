@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use aya::{
-    maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     Ebpf,
 };
 use tracer_common::{class, direction, map_slot, CounterKey, CounterValue, DevKey, DropKey};
@@ -120,6 +120,7 @@ pub struct KernelMaps {
     netns: u32,
     counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     monitored: HashMap<MapData, DevKey, u8>,
+    monitored_ifindex: Array<MapData, u64>,
     dequeued: PerCpuHashMap<MapData, DevKey, u64>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     vhost_rx: PerCpuHashMap<MapData, DevKey, u64>,
@@ -176,6 +177,7 @@ impl KernelMaps {
             netns,
             counters: take(ebpf, "VM_COUNTERS")?,
             monitored: take(ebpf, "MONITORED")?,
+            monitored_ifindex: take(ebpf, "MONITORED_IFINDEX")?,
             dequeued: take(ebpf, "DEQUEUED")?,
             drops: take(ebpf, "DROPS")?,
             vhost_rx: take(ebpf, "VHOST_RX")?,
@@ -196,8 +198,27 @@ impl KernelMaps {
     /// Makes the host-wide probes count this interface.
     pub fn monitor(&mut self, ifindex: u32) -> Result<(), CollectError> {
         let key = self.dev(ifindex);
+        // The shortcut bit first: a tap in MONITORED but not in the bitmap
+        // would be missed, the reverse only costs the full check.
+        self.set_ifindex_bit(ifindex, true)?;
         self.monitored
             .insert(key, 1, 0)
+            .map_err(|e| CollectError::Monitor(e.to_string()))
+    }
+
+    fn set_ifindex_bit(&mut self, ifindex: u32, on: bool) -> Result<(), CollectError> {
+        if ifindex >= tracer_common::IFINDEX_BITMAP_WORDS * 64 {
+            return Ok(());
+        }
+        let index = ifindex / 64;
+        let bit = 1u64 << (ifindex % 64);
+        let word = self
+            .monitored_ifindex
+            .get(&index, 0)
+            .map_err(|e| CollectError::Monitor(e.to_string()))?;
+        let word = if on { word | bit } else { word & !bit };
+        self.monitored_ifindex
+            .set(index, word, 0)
             .map_err(|e| CollectError::Monitor(e.to_string()))
     }
 
@@ -306,6 +327,7 @@ impl KernelMaps {
     pub fn forget_interface(&mut self, ifindex: u32) -> Result<(), CollectError> {
         let dev = self.dev(ifindex);
         let _ = self.monitored.remove(&dev);
+        let _ = self.set_ifindex_bit(ifindex, false);
         let counter_keys: Vec<CounterKey> = self
             .counters
             .keys()

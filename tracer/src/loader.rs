@@ -420,6 +420,42 @@ pub fn load_for_bench() -> Result<Ebpf, LoaderError> {
     Ok(ebpf)
 }
 
+/// The empty programs the real-traffic cost benchmark attaches beside
+/// hvnet's on the same hooks: (tc, dequeue tracepoint, drop tracepoint).
+pub const EMPTY_BASELINES: [(&str, Option<&str>); 3] = [
+    (EMPTY_PROGRAM, None),
+    ("hvnet_empty_dequeue", Some("skb_copy_datagram_iovec")),
+    ("hvnet_empty_drop", Some("kfree_skb")),
+];
+
+/// Loads the object with only the empty baseline programs loaded.
+pub fn load_empty_baselines() -> Result<Ebpf, LoaderError> {
+    let mut ebpf = EbpfLoader::new()
+        .load(EBPF_OBJECT)
+        .map_err(|err| LoaderError::Load(format!("{err:#}")))?;
+    for (name, tracepoint) in EMPTY_BASELINES {
+        let program = ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing_program(name))?;
+        match tracepoint {
+            None => {
+                let tc: &mut SchedClassifier = program
+                    .try_into()
+                    .map_err(|err: ProgramError| program_error(name, &err))?;
+                tc.load().map_err(|err| program_error(name, &err))?;
+            }
+            Some(tp) => {
+                let raw: &mut aya::programs::RawTracePoint = program
+                    .try_into()
+                    .map_err(|err: ProgramError| program_error(name, &err))?;
+                raw.load().map_err(|err| program_error(name, &err))?;
+                raw.attach(tp).map_err(|err| program_error(name, &err))?;
+            }
+        }
+    }
+    Ok(ebpf)
+}
+
 pub fn bench_program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a SchedClassifier, LoaderError> {
     let program = ebpf.program(name).ok_or_else(|| missing_program(name))?;
     program

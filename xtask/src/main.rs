@@ -48,7 +48,7 @@ enum Task {
         #[arg(long)]
         duration: Option<u64>,
     },
-    /// Benchmark the tc programs against an empty program (BPF_PROG_TEST_RUN).
+    /// Benchmark hvnet against empty programs: BPF_PROG_TEST_RUN, then real traffic (bpf_stats) and throughput A/B.
     Bench,
     /// Release artifacts in target/dist: a tarball, a .deb, and a static musl binary where possible.
     Dist,
@@ -107,7 +107,12 @@ fn main() -> anyhow::Result<()> {
         Task::Bench => {
             setup::all(&root)?;
             build(&root)?;
-            run(Command::new(root.join("target/release/hvnet")).arg("bench"))
+            // BPF_PROG_TEST_RUN on crafted frames, then the kernel's own
+            // run-time stats on real traffic and throughput A/B.
+            run(Command::new(root.join("target/release/hvnet")).arg("bench"))?;
+            run(Command::new(root.join("target/release/hvnet-lab"))
+                .arg("bench-cost")
+                .env("HVNET_BIN", root.join("target/release/hvnet")))
         }
         Task::Dist => {
             setup::all(&root)?;

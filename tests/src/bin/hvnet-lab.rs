@@ -70,6 +70,16 @@ enum LabCommand {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// hvnet's cost on real traffic (kernel run-time stats against empty
+    /// programs on the same hooks) and throughput with and without it.
+    BenchCost {
+        /// Seconds of traffic per phase and per throughput sample.
+        #[arg(long, default_value_t = 3)]
+        seconds: u32,
+        /// Throughput rounds (each: with hvnet, then without).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Set a fake VMM's fault mode: running, rx_stall or paused.
     VmmMode { control: PathBuf, mode: String },
 }
@@ -92,6 +102,12 @@ fn main() -> anyhow::Result<()> {
         LabCommand::UdpBroadcast { count } => udp_broadcast(count),
         LabCommand::UdpSend { to, pps, seconds } => udp_send(to, pps, seconds),
         LabCommand::ArpFlood { iface, seconds } => arp_flood(&iface, seconds),
+        LabCommand::BenchCost { seconds, rounds } => {
+            let (rows, throughput) =
+                hvnet_lab::cost::run(&hvnet_lab::unique_prefix("c"), seconds, rounds)?;
+            print!("{}", hvnet_lab::cost::render(&rows, &throughput));
+            Ok(())
+        }
         LabCommand::VmmMode { control, mode } => {
             let mode = VmmMode::parse(&mode).context("mode is running, rx_stall or paused")?;
             vmm::set_mode(&control, mode)

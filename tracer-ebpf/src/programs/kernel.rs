@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use tracer_common::DevKey;
 
-use crate::maps::{MONITORED, PERCPU_ERRORS_INDEX, PROBE_ERRORS};
+use crate::maps::{MONITORED, MONITORED_IFINDEX, PERCPU_ERRORS_INDEX, PROBE_ERRORS};
 
 #[unsafe(no_mangle)]
 static SKB_DEV_OFF: u32 = 0;
@@ -63,6 +63,12 @@ pub fn monitored_device(dev: u64) -> Option<DevKey> {
         note_read_error();
         return None;
     };
+    if ifindex < tracer_common::IFINDEX_BITMAP_WORDS * 64 {
+        let word = MONITORED_IFINDEX.get(ifindex / 64).copied().unwrap_or(0);
+        if word & (1u64 << (ifindex % 64)) == 0 {
+            return None;
+        }
+    }
     let net = read::<u64>(dev + global(&DEV_NET_OFF))?;
     let netns = read::<u32>(net + global(&NET_INUM_OFF))?;
     let key = DevKey { netns, ifindex };

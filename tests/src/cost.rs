@@ -1,0 +1,391 @@
+//! `hvnet-lab bench-cost`: what hvnet costs on real traffic, measured the
+//! way the kernel measures it (BPF_ENABLE_STATS: run time and run count per
+//! program), against empty programs on the same hooks in the same run;
+//! and throughput with and without hvnet, interleaved. Every figure is a
+//! ratio or an absolute taken in this one run.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use aya::programs::{links::LinkOrder, tc::TcAttachOptions, SchedClassifier, TcAttachType};
+
+use crate::{agent::Agent, netns::NetNs};
+
+const NODE_ADDR: &str = "10.250.8.1";
+const PEER_ADDR: &str = "10.250.8.2";
+const TAP: &str = "tapb0";
+
+/// One program's kernel-measured cost over one phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cost {
+    pub runs: u64,
+    pub ns: u64,
+}
+
+impl Cost {
+    pub fn per_run(&self) -> Option<f64> {
+        (self.runs > 0).then(|| self.ns as f64 / self.runs as f64)
+    }
+}
+
+/// run_time_ns and run_cnt of every loaded program named in `names`.
+fn program_stats(names: &[&str]) -> anyhow::Result<BTreeMap<String, Cost>> {
+    let mut out: BTreeMap<String, Cost> = BTreeMap::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info?;
+        let Some(name) = info.name_as_str() else {
+            continue;
+        };
+        if let Some(wanted) = names.iter().find(|n| kernel_name(n) == name) {
+            let entry = out.entry((*wanted).to_owned()).or_default();
+            entry.runs += info.run_count();
+            entry.ns += info.run_time().as_nanos() as u64;
+        }
+    }
+    Ok(out)
+}
+
+/// A program's name as the kernel keeps it (15 characters at most).
+fn kernel_name(name: &str) -> &str {
+    &name[..name.len().min(15)]
+}
+
+pub struct Row {
+    pub phase: &'static str,
+    pub hook: &'static str,
+    pub hvnet: Cost,
+    pub empty: Cost,
+}
+
+pub struct Throughput {
+    pub what: &'static str,
+    pub unit: &'static str,
+    pub with: Vec<f64>,
+    pub without: Vec<f64>,
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn spawn_quiet(ns: &NetNs, args: &[&str]) -> anyhow::Result<Child> {
+    let (program, rest) = args.split_first().context("empty command")?;
+    Ok(ns
+        .command(program)
+        .args(rest)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+/// Runs an iperf3 client and returns (bits/s received, packets/s sent).
+fn iperf(ns: &NetNs, args: &[&str]) -> anyhow::Result<(f64, f64)> {
+    let out = ns.command("iperf3").args(["-J"]).args(args).output()?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 {args:?}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if let Some(err) = json["error"].as_str() {
+        bail!("iperf3 {args:?}: {err}");
+    }
+    let end = &json["end"];
+    let seconds = end["sum"]["seconds"]
+        .as_f64()
+        .or_else(|| end["sum_sent"]["seconds"].as_f64())
+        .unwrap_or(1.0);
+    let bits = end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .or_else(|| end["sum"]["bits_per_second"].as_f64())
+        .unwrap_or(0.0);
+    let packets = end["sum"]["packets"].as_f64().unwrap_or(0.0) / seconds.max(0.001);
+    Ok((bits, packets))
+}
+
+pub struct Lab {
+    node: NetNs,
+    peer: NetNs,
+    dir: std::path::PathBuf,
+    servers: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.servers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Lab {
+    pub fn create(prefix: &str) -> anyhow::Result<Self> {
+        let node = NetNs::create(&format!("{prefix}-node"))?;
+        let peer = NetNs::create(&format!("{prefix}-peer"))?;
+        node.ip(&[
+            "link",
+            "add",
+            TAP,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            peer.name(),
+        ])?;
+        node.ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", TAP])?;
+        node.ip(&["link", "set", TAP, "up"])?;
+        peer.ip(&["addr", "add", &format!("{PEER_ADDR}/24"), "dev", "eth0"])?;
+        peer.ip(&["link", "set", "eth0", "up"])?;
+        let dir = std::env::temp_dir().join(format!("{prefix}-cost"));
+        std::fs::create_dir_all(&dir)?;
+        let servers = vec![
+            spawn_quiet(&node, &["iperf3", "-s", "-B", NODE_ADDR, "-p", "5201"])?,
+            spawn_quiet(&node, &["iperf3", "-s", "-B", "127.0.0.1", "-p", "5202"])?,
+        ];
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self {
+            node,
+            peer,
+            dir,
+            servers,
+        })
+    }
+
+    fn agent(&self) -> anyhow::Result<Agent> {
+        Agent::start(
+            &self.node,
+            9478,
+            &["--interfaces", "tapb*"],
+            &self.dir.join("hvnet.log"),
+        )
+    }
+
+    /// The traffic of each phase, `seconds` long.
+    fn run_phase(&self, phase: &str, seconds: u32) -> anyhow::Result<()> {
+        let t = seconds.to_string();
+        match phase {
+            "udp64_via_tap" => {
+                iperf(
+                    &self.peer,
+                    &[
+                        "-c", NODE_ADDR, "-p", "5201", "-u", "-l", "64", "-b", "0", "-t", &t,
+                    ],
+                )?;
+            }
+            "tcp_via_tap" => {
+                iperf(&self.peer, &["-c", NODE_ADDR, "-p", "5201", "-t", &t])?;
+            }
+            "loopback_tcp" => {
+                iperf(
+                    &self.node,
+                    &["-c", "127.0.0.1", "-p", "5202", "-l", "1K", "-t", &t],
+                )?;
+            }
+            "loopback_drops" => {
+                // UDP to a closed port on the node itself: freed on lo
+                // (no socket), never near a monitored tap.
+                let lab = std::env::current_exe()?;
+                self.node.exec_ok(&[
+                    &lab.display().to_string(),
+                    "udp-send",
+                    "--to",
+                    &format!("{NODE_ADDR}:9"),
+                    "--pps",
+                    "50000",
+                    "--seconds",
+                    &t,
+                ])?;
+            }
+            other => bail!("unknown phase {other}"),
+        }
+        Ok(())
+    }
+}
+
+/// Per-program cost on real traffic against empty programs on the same
+/// hooks, then throughput with and without hvnet.
+pub fn run(
+    prefix: &str,
+    seconds: u32,
+    rounds: usize,
+) -> anyhow::Result<(Vec<Row>, Vec<Throughput>)> {
+    let lab = Lab::create(prefix)?;
+    let agent = lab.agent()?;
+    let names = [
+        "hvnet_egress",
+        "hvnet_ingress",
+        "hvnet_empty",
+        "hvnet_dequeue",
+        "hvnet_empty_dequeue",
+        "hvnet_drop",
+        "hvnet_empty_drop",
+    ];
+    // The empty programs beside hvnet's: tc on the same tap (TCX, both
+    // directions), raw tracepoints on the same tracepoints.
+    let baselines = lab.node.enter(|| {
+        let mut ebpf = hvnet::loader::load_empty_baselines()?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(hvnet::loader::EMPTY_PROGRAM)
+            .context("no empty tc program")?
+            .try_into()?;
+        for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+            program.attach_with_options(
+                TAP,
+                direction,
+                TcAttachOptions::TcxOrder(LinkOrder::last()),
+            )?;
+        }
+        Ok(ebpf)
+    })?;
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+    let mut rows = Vec::new();
+    for (phase, hooks) in [
+        (
+            "udp64_via_tap",
+            &[("tc", "hvnet_ingress", "hvnet_empty")][..],
+        ),
+        ("tcp_via_tap", &[("tc", "hvnet_ingress", "hvnet_empty")][..]),
+        (
+            "loopback_tcp",
+            &[(
+                "skb_copy_datagram_iovec",
+                "hvnet_dequeue",
+                "hvnet_empty_dequeue",
+            )][..],
+        ),
+        (
+            "loopback_drops",
+            &[("kfree_skb", "hvnet_drop", "hvnet_empty_drop")][..],
+        ),
+    ] {
+        let before = program_stats(&names)?;
+        lab.run_phase(phase, seconds)?;
+        let after = program_stats(&names)?;
+        let delta = |name: &str| {
+            let (a, b) = (
+                after.get(name).copied().unwrap_or_default(),
+                before.get(name).copied().unwrap_or_default(),
+            );
+            Cost {
+                runs: a.runs.saturating_sub(b.runs),
+                ns: a.ns.saturating_sub(b.ns),
+            }
+        };
+        for (hook, hvnet_prog, empty_prog) in hooks {
+            let mut hvnet_cost = delta(hvnet_prog);
+            if *hook == "tc" {
+                // The empty program runs in both directions: compare with
+                // both of hvnet's.
+                let egress = delta("hvnet_egress");
+                hvnet_cost.runs += egress.runs;
+                hvnet_cost.ns += egress.ns;
+            }
+            rows.push(Row {
+                phase,
+                hook,
+                hvnet: hvnet_cost,
+                empty: delta(empty_prog),
+            });
+        }
+    }
+    drop(baselines);
+    drop(agent);
+
+    // Throughput, A/B interleaved: hvnet attached, then not, per round.
+    let mut throughput = vec![
+        Throughput {
+            what: "udp64_via_tap",
+            unit: "packets/s",
+            with: vec![],
+            without: vec![],
+        },
+        Throughput {
+            what: "tcp_via_tap",
+            unit: "bits/s",
+            with: vec![],
+            without: vec![],
+        },
+        Throughput {
+            what: "loopback_tcp",
+            unit: "bits/s",
+            with: vec![],
+            without: vec![],
+        },
+    ];
+    let t = seconds.to_string();
+    for _ in 0..rounds {
+        for with in [true, false] {
+            let agent = if with { Some(lab.agent()?) } else { None };
+            let udp = iperf(
+                &lab.peer,
+                &[
+                    "-c", NODE_ADDR, "-p", "5201", "-u", "-l", "64", "-b", "0", "-t", &t,
+                ],
+            )?
+            .1;
+            let tcp = iperf(&lab.peer, &["-c", NODE_ADDR, "-p", "5201", "-t", &t])?.0;
+            let lo = iperf(&lab.node, &["-c", "127.0.0.1", "-p", "5202", "-t", &t])?.0;
+            for (row, value) in throughput.iter_mut().zip([udp, tcp, lo]) {
+                if with {
+                    row.with.push(value)
+                } else {
+                    row.without.push(value)
+                }
+            }
+            drop(agent);
+        }
+    }
+    Ok((rows, throughput))
+}
+
+pub fn render(rows: &[Row], throughput: &[Throughput]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| traffic | hook | hvnet ns/run | empty ns/run | ratio | runs |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for row in rows {
+        let (h, e) = (row.hvnet.per_run(), row.empty.per_run());
+        let ratio = match (h, e) {
+            (Some(h), Some(e)) if e > 0.0 => format!("{:.2}x", h / e),
+            _ => "-".into(),
+        };
+        let fmt = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {ratio} | {} |",
+            row.phase,
+            row.hook,
+            fmt(h),
+            fmt(e),
+            row.hvnet.runs
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "| throughput | unit | median with hvnet | median without | ratio | rounds |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for t in throughput {
+        let (w, wo) = (median(&t.with), median(&t.without));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.4e} | {:.4e} | {:.3}x | {} |",
+            t.what,
+            t.unit,
+            w,
+            wo,
+            if wo > 0.0 { w / wo } else { 0.0 },
+            t.with.len()
+        );
+    }
+    out
+}
