@@ -190,17 +190,19 @@ impl Lab {
             "loopback_drops" => {
                 // UDP to a closed port on the node itself: freed on lo
                 // (no socket), never near a monitored tap.
-                let lab = std::env::current_exe()?;
-                self.node.exec_ok(&[
-                    &lab.display().to_string(),
-                    "udp-send",
-                    "--to",
-                    &format!("{NODE_ADDR}:9"),
-                    "--pps",
-                    "50000",
-                    "--seconds",
-                    &t,
-                ])?;
+                let seconds = u64::from(seconds);
+                self.node.enter(move || {
+                    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                    let target = format!("{NODE_ADDR}:9");
+                    let end = std::time::Instant::now() + Duration::from_secs(seconds);
+                    while std::time::Instant::now() < end {
+                        for _ in 0..64 {
+                            // ECONNREFUSED from the ICMP answers is expected.
+                            let _ = socket.send_to(&[0u8; 32], &target);
+                        }
+                    }
+                    Ok(())
+                })?;
             }
             other => bail!("unknown phase {other}"),
         }
