@@ -93,16 +93,23 @@ fn iperf(ns: &NetNs, args: &[&str]) -> anyhow::Result<(f64, f64)> {
     if let Some(err) = json["error"].as_str() {
         bail!("iperf3 {args:?}: {err}");
     }
+    // A field iperf3 did not report is an error, never a zero.
     let end = &json["end"];
-    let seconds = end["sum"]["seconds"]
-        .as_f64()
-        .or_else(|| end["sum_sent"]["seconds"].as_f64())
-        .unwrap_or(1.0);
+    let missing = |what: &str| anyhow::anyhow!("iperf3 {args:?} reported no {what}");
     let bits = end["sum_received"]["bits_per_second"]
         .as_f64()
         .or_else(|| end["sum"]["bits_per_second"].as_f64())
-        .unwrap_or(0.0);
-    let packets = end["sum"]["packets"].as_f64().unwrap_or(0.0) / seconds.max(0.001);
+        .ok_or_else(|| missing("bits_per_second"))?;
+    // Packets: UDP only (TCP reports none).
+    let packets = match end["sum"]["packets"].as_f64() {
+        Some(packets) => {
+            let seconds = end["sum"]["seconds"]
+                .as_f64()
+                .ok_or_else(|| missing("seconds"))?;
+            packets / seconds.max(0.001)
+        }
+        None => 0.0,
+    };
     Ok((bits, packets))
 }
 
@@ -269,22 +276,22 @@ pub fn run(
         let before = program_stats(&names)?;
         lab.run_phase(phase, seconds)?;
         let after = program_stats(&names)?;
-        let delta = |name: &str| {
-            let (a, b) = (
-                after.get(name).copied().unwrap_or_default(),
-                before.get(name).copied().unwrap_or_default(),
-            );
-            Cost {
+        // A program missing from either snapshot is an error, not 0 runs.
+        let delta = |name: &str| -> anyhow::Result<Cost> {
+            let (Some(a), Some(b)) = (after.get(name), before.get(name)) else {
+                bail!("program {name} is not loaded: nothing to measure");
+            };
+            Ok(Cost {
                 runs: a.runs.saturating_sub(b.runs),
                 ns: a.ns.saturating_sub(b.ns),
-            }
+            })
         };
         for (hook, hvnet_prog, empty_prog) in hooks {
-            let mut hvnet_cost = delta(hvnet_prog);
+            let mut hvnet_cost = delta(hvnet_prog)?;
             if *hook == "tc" {
                 // The empty program runs in both directions: compare with
                 // both of hvnet's.
-                let egress = delta("hvnet_egress");
+                let egress = delta("hvnet_egress")?;
                 hvnet_cost.runs += egress.runs;
                 hvnet_cost.ns += egress.ns;
             }
@@ -292,7 +299,7 @@ pub fn run(
                 phase,
                 hook,
                 hvnet: hvnet_cost,
-                empty: delta(empty_prog),
+                empty: delta(empty_prog)?,
             });
         }
     }

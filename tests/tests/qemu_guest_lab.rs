@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use hvnet_lab::{
     agent::Agent,
     expect::watch,
@@ -33,14 +34,15 @@ use serde_json::Value;
 const TAP: &str = "vnet0";
 const PORT: u16 = 9478;
 
-fn value(s: &[Sample], name: &str, extra: &[(&str, &str)]) -> f64 {
+/// The VM's series, None when it is missing (never read as 0).
+fn value(s: &[Sample], name: &str, extra: &[(&str, &str)]) -> Option<f64> {
     let mut labels = vec![("iface", TAP)];
     labels.extend_from_slice(extra);
-    metrics::value(s, name, &labels).unwrap_or(0.0)
+    metrics::value(s, name, &labels)
 }
 
 fn state_is(s: &[Sample], state: &str) -> bool {
-    value(s, "hvnet_vm_state", &[("state", state)]) == 1.0
+    value(s, "hvnet_vm_state", &[("state", state)]) == Some(1.0)
 }
 
 fn vms_json(agent: &Agent, node: &ComputeNode) -> anyhow::Result<Value> {
@@ -57,19 +59,17 @@ fn our_vm(vms: &Value) -> Option<&Value> {
 
 /// hvnet's view of the VM's frames: (delivered toward it, sent by it),
 /// where delivered = seen on the tap minus the drops hvnet attributed.
-fn delivered_and_sent(vm: &Value) -> (u64, u64) {
-    let dropped: u64 = vm["drops"]
-        .as_array()
-        .map(|d| {
-            d.iter()
-                .filter(|d| d["direction"] == "to_vm")
-                .filter_map(|d| d["packets"].as_u64())
-                .sum()
-        })
-        .unwrap_or(0);
-    let to_vm = vm["to_vm"]["packets"].as_u64().unwrap_or(0);
-    let from_vm = vm["from_vm"]["packets"].as_u64().unwrap_or(0);
-    (to_vm.saturating_sub(dropped), from_vm)
+/// None when the entry lacks a field (a vanished count is not a zero).
+fn delivered_and_sent(vm: &Value) -> Option<(u64, u64)> {
+    let mut dropped = 0;
+    for drop in vm["drops"].as_array()? {
+        if drop["direction"] == "to_vm" {
+            dropped += drop["packets"].as_u64()?;
+        }
+    }
+    let to_vm = vm["to_vm"]["packets"].as_u64()?;
+    let from_vm = vm["from_vm"]["packets"].as_u64()?;
+    Some((to_vm.saturating_sub(dropped), from_vm))
 }
 
 /// Waits for a quiet moment in which hvnet's counts equal the guest's own
@@ -86,8 +86,10 @@ fn counts_match_guest(
         let counters = guest.counters()?;
         let after = our_vm(&vms_json(agent, node)?).cloned();
         if let (Some(before), Some(after)) = (before, after) {
-            let hvnet = delivered_and_sent(&after);
-            if delivered_and_sent(&before) == hvnet {
+            let Some(hvnet) = delivered_and_sent(&after) else {
+                anyhow::bail!("/api/v1/vms entry lacks its counts: {after}");
+            };
+            if delivered_and_sent(&before) == Some(hvnet) {
                 if hvnet == (counters.rx_packets, counters.tx_packets) {
                     return Ok((counters, after));
                 }
@@ -225,7 +227,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
         "still paused {:.0} s after stop",
         stopped.elapsed().as_secs_f64()
     );
-    assert_eq!(value(&s, "hvnet_vm_rx_stalls_total", &[]), 0.0);
+    assert_eq!(value(&s, "hvnet_vm_rx_stalls_total", &[]), Some(0.0));
     guest.qmp("cont")?;
     let took = watch(
         &agent,
@@ -254,7 +256,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
         &node.ns,
         Duration::from_secs(20),
         "an ACK dequeued but asked for again",
-        |s| value(s, "hvnet_dhcp_replies_unprocessed_total", &[]) >= 1.0,
+        |s| value(s, "hvnet_dhcp_replies_unprocessed_total", &[]).is_some_and(|v| v >= 1.0),
         |s| state_is(s, "rx_stalled") || state_is(s, "paused"),
     )?;
     eprintln!("renewal in the masked guest -> ACK dequeued but unprocessed after {took:.2} s (tap not backed up yet)");
@@ -284,13 +286,14 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
         Duration::from_secs(40),
         "DHCP retries and undelivered ACKs during the stall",
         |s| {
-            value(s, "hvnet_dhcp_retries_during_stall_total", &[]) >= 2.0
-                && value(s, "hvnet_dhcp_replies_undelivered_total", &[]) >= 1.0
+            value(s, "hvnet_dhcp_retries_during_stall_total", &[]).is_some_and(|v| v >= 2.0)
+                && value(s, "hvnet_dhcp_replies_undelivered_total", &[]).is_some_and(|v| v >= 1.0)
                 && value(
                     s,
                     "hvnet_vm_dropped_packets_total",
                     &[("direction", "to_vm"), ("reason", "full_ring")],
-                ) > 0.0
+                )
+                .is_some_and(|v| v > 0.0)
         },
         |s| !state_is(s, "rx_stalled"),
     )?;
@@ -320,7 +323,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
     )?;
     eprintln!("RX vector unmasked -> ok after {took:.2} s");
     let s = agent.scrape(&node.ns)?;
-    assert_eq!(value(&s, "hvnet_vm_rx_stalls_total", &[]), 1.0);
+    assert_eq!(value(&s, "hvnet_vm_rx_stalls_total", &[]), Some(1.0));
     poll_until(
         "the guest's renewal to get through",
         Duration::from_secs(20),
@@ -340,24 +343,24 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
         )
     };
     let s = agent.scrape(&node.ns)?;
-    let (delivered_before, unprocessed_before) = (
-        delivered(&s),
-        value(&s, "hvnet_dhcp_replies_unprocessed_total", &[]),
-    );
+    let delivered_before =
+        delivered(&s).context("hvnet_dhcp_transactions_total{verdict=delivered} missing")?;
+    let unprocessed_before = value(&s, "hvnet_dhcp_replies_unprocessed_total", &[])
+        .context("hvnet_dhcp_replies_unprocessed_total missing")?;
     guest.command("renew")?;
     watch(
         &agent,
         &node.ns,
         Duration::from_secs(20),
         "a renewal delivered after recovery",
-        |s| delivered(s) > delivered_before,
+        |s| delivered(s).is_some_and(|d| d > delivered_before),
         |_| false,
     )?;
     std::thread::sleep(Duration::from_secs(5));
     let s = agent.scrape(&node.ns)?;
     assert_eq!(
         value(&s, "hvnet_dhcp_replies_unprocessed_total", &[]),
-        unprocessed_before,
+        Some(unprocessed_before),
         "the recovered guest took its ACK in:\n{}",
         agent.explain(&node.ns, TAP)?
     );
