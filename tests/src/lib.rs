@@ -23,6 +23,7 @@ pub mod http;
 pub mod metrics;
 pub mod netns;
 pub mod node;
+pub mod nodevm;
 pub mod pki;
 pub mod promstack;
 pub mod tap;

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod classify;
+pub mod dhcp_options;
 
 /// Traffic direction, always from the VM's point of view.
 ///
@@ -160,9 +161,12 @@ pub mod parse_flag {
     pub const OVERLOAD: u16 = 1 << 5;
     /// A known option with a wrong length (e.g. lease time not 4 bytes).
     pub const BAD_OPTION_LENGTH: u16 = 1 << 6;
+    /// The options go on past what the kernel copies
+    /// ([`crate::dhcp_options::OPTIONS_CAPTURE`]): later options not read.
+    pub const CAPTURE_LIMIT: u16 = 1 << 7;
 }
 
-/// Most DHCP options the kernel parser walks before giving up.
+/// Most DHCP options the option walk reads before giving up.
 pub const MAX_DHCP_OPTIONS: usize = 40;
 
 /// One DHCP or ARP observation from the kernel, fixed size, sent over the
@@ -213,4 +217,6 @@ const _: () = assert!(core::mem::size_of::<PacketEvent>() == 80);
 mod event_pod {
     // SAFETY: repr(C), Copy, integers and byte arrays only, explicit padding.
     unsafe impl aya::Pod for super::PacketEvent {}
+    // SAFETY: as above; the options capture is integers and a byte array.
+    unsafe impl aya::Pod for super::dhcp_options::EventWithOptions {}
 }

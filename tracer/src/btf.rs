@@ -91,116 +91,154 @@ fn string_at(strings: &[u8], offset: u32) -> String {
         .unwrap_or_default()
 }
 
+/// The type and string sections of a BTF blob.
+fn sections(data: &[u8]) -> Result<(&[u8], &[u8]), BtfError> {
+    if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != BTF_MAGIC {
+        return Err(BtfError::BadHeader);
+    }
+    let hdr_len = u32_at(data, 4)? as usize;
+    let type_off = u32_at(data, 8)? as usize;
+    let type_len = u32_at(data, 12)? as usize;
+    let str_off = u32_at(data, 16)? as usize;
+    let str_len = u32_at(data, 20)? as usize;
+    let types_start = hdr_len + type_off;
+    let strings_start = hdr_len + str_off;
+    let type_data = data
+        .get(types_start..types_start + type_len)
+        .ok_or(BtfError::Truncated(types_start))?;
+    let strings = data
+        .get(strings_start..strings_start + str_len)
+        .ok_or(BtfError::Truncated(strings_start))?;
+
+    Ok((type_data, strings))
+}
+
+/// Appends the types of `type_data` to `types` (ids continue from its length).
+fn parse_types(
+    type_data: &[u8],
+    strings: &[u8],
+    types: &mut Vec<TypeEntry>,
+) -> Result<(), BtfError> {
+    let mut at = 0;
+    while at < type_data.len() {
+        let id = types.len() as u32;
+        let name = string_at(strings, u32_at(type_data, at)?);
+        let info = u32_at(type_data, at + 4)?;
+        let size_or_type = u32_at(type_data, at + 8)?;
+        let vlen = (info & 0xffff) as usize;
+        let kind_code = (info >> 24) & 0x1f;
+        let kind_flag = info >> 31 == 1;
+        at += 12;
+        let kind = match kind_code {
+            KIND_STRUCT | KIND_UNION => {
+                let mut members = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let m = at + i * 12;
+                    let offset = u32_at(type_data, m + 8)?;
+                    members.push(Member {
+                        name: string_at(strings, u32_at(type_data, m)?),
+                        type_id: u32_at(type_data, m + 4)?,
+                        // With kind_flag, the top 8 bits are a bitfield size.
+                        bit_offset: if kind_flag {
+                            offset & 0x00ff_ffff
+                        } else {
+                            offset
+                        },
+                    });
+                }
+                at += vlen * 12;
+                Kind::Composite { members }
+            }
+            KIND_ENUM => {
+                let mut values = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let e = at + i * 8;
+                    let raw = u32_at(type_data, e + 4)?;
+                    let value = if kind_flag {
+                        i64::from(raw as i32)
+                    } else {
+                        i64::from(raw)
+                    };
+                    values.push((string_at(strings, u32_at(type_data, e)?), value));
+                }
+                at += vlen * 8;
+                Kind::Enum { values }
+            }
+            KIND_ENUM64 => {
+                let mut values = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let e = at + i * 12;
+                    let lo = u64::from(u32_at(type_data, e + 4)?);
+                    let hi = u64::from(u32_at(type_data, e + 8)?);
+                    values.push((
+                        string_at(strings, u32_at(type_data, e)?),
+                        ((hi << 32) | lo) as i64,
+                    ));
+                }
+                at += vlen * 12;
+                Kind::Enum { values }
+            }
+            KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                Kind::Alias {
+                    target: size_or_type,
+                }
+            }
+            KIND_INT | KIND_VAR | KIND_DECL_TAG => {
+                at += 4;
+                Kind::Other
+            }
+            KIND_ARRAY => {
+                at += 12;
+                Kind::Other
+            }
+            KIND_FUNC_PROTO => {
+                at += vlen * 8;
+                Kind::Other
+            }
+            KIND_DATASEC => {
+                at += vlen * 12;
+                Kind::Other
+            }
+            2 | 7 | 12 | 16 => Kind::Other, // ptr, fwd, func, float
+            other => return Err(BtfError::UnknownKind { kind: other, id }),
+        };
+        types.push(TypeEntry { name, kind });
+    }
+    Ok(())
+}
+
 impl KernelBtf {
     /// Parses little-endian BTF (the only kind this agent's targets have).
     pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
-        if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != BTF_MAGIC {
-            return Err(BtfError::BadHeader);
-        }
-        let hdr_len = u32_at(data, 4)? as usize;
-        let type_off = u32_at(data, 8)? as usize;
-        let type_len = u32_at(data, 12)? as usize;
-        let str_off = u32_at(data, 16)? as usize;
-        let str_len = u32_at(data, 20)? as usize;
-        let types_start = hdr_len + type_off;
-        let strings_start = hdr_len + str_off;
-        let type_data = data
-            .get(types_start..types_start + type_len)
-            .ok_or(BtfError::Truncated(types_start))?;
-        let strings = data
-            .get(strings_start..strings_start + str_len)
-            .ok_or(BtfError::Truncated(strings_start))?;
-
-        // Type id 0 is "void".
+        let (type_data, strings) = sections(data)?;
         let mut types = vec![TypeEntry {
             name: String::new(),
             kind: Kind::Other,
         }];
-        let mut at = 0;
-        while at < type_data.len() {
-            let id = types.len() as u32;
-            let name = string_at(strings, u32_at(type_data, at)?);
-            let info = u32_at(type_data, at + 4)?;
-            let size_or_type = u32_at(type_data, at + 8)?;
-            let vlen = (info & 0xffff) as usize;
-            let kind_code = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            at += 12;
-            let kind = match kind_code {
-                KIND_STRUCT | KIND_UNION => {
-                    let mut members = Vec::with_capacity(vlen);
-                    for i in 0..vlen {
-                        let m = at + i * 12;
-                        let offset = u32_at(type_data, m + 8)?;
-                        members.push(Member {
-                            name: string_at(strings, u32_at(type_data, m)?),
-                            type_id: u32_at(type_data, m + 4)?,
-                            // With kind_flag, the top 8 bits are a bitfield size.
-                            bit_offset: if kind_flag {
-                                offset & 0x00ff_ffff
-                            } else {
-                                offset
-                            },
-                        });
-                    }
-                    at += vlen * 12;
-                    Kind::Composite { members }
-                }
-                KIND_ENUM => {
-                    let mut values = Vec::with_capacity(vlen);
-                    for i in 0..vlen {
-                        let e = at + i * 8;
-                        let raw = u32_at(type_data, e + 4)?;
-                        let value = if kind_flag {
-                            i64::from(raw as i32)
-                        } else {
-                            i64::from(raw)
-                        };
-                        values.push((string_at(strings, u32_at(type_data, e)?), value));
-                    }
-                    at += vlen * 8;
-                    Kind::Enum { values }
-                }
-                KIND_ENUM64 => {
-                    let mut values = Vec::with_capacity(vlen);
-                    for i in 0..vlen {
-                        let e = at + i * 12;
-                        let lo = u64::from(u32_at(type_data, e + 4)?);
-                        let hi = u64::from(u32_at(type_data, e + 8)?);
-                        values.push((
-                            string_at(strings, u32_at(type_data, e)?),
-                            ((hi << 32) | lo) as i64,
-                        ));
-                    }
-                    at += vlen * 12;
-                    Kind::Enum { values }
-                }
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Kind::Alias {
-                        target: size_or_type,
-                    }
-                }
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => {
-                    at += 4;
-                    Kind::Other
-                }
-                KIND_ARRAY => {
-                    at += 12;
-                    Kind::Other
-                }
-                KIND_FUNC_PROTO => {
-                    at += vlen * 8;
-                    Kind::Other
-                }
-                KIND_DATASEC => {
-                    at += vlen * 12;
-                    Kind::Other
-                }
-                2 | 7 | 12 | 16 => Kind::Other, // ptr, fwd, func, float
-                other => return Err(BtfError::UnknownKind { kind: other, id }),
-            };
-            types.push(TypeEntry { name, kind });
-        }
+        parse_types(type_data, strings, &mut types)?;
+        Ok(Self::index(types))
+    }
+
+    /// Parses a kernel module's split BTF (/sys/kernel/btf/<module>) on top
+    /// of vmlinux's: the module's type ids continue after the base's, and
+    /// its string offsets continue after the base's string section. This is
+    /// where a modular tun keeps `tun_file` and `tun_struct`.
+    pub fn parse_split(base: &[u8], split: &[u8]) -> Result<Self, BtfError> {
+        let (base_types, base_strings) = sections(base)?;
+        let (split_types, split_strings) = sections(split)?;
+        let mut strings = Vec::with_capacity(base_strings.len() + split_strings.len());
+        strings.extend_from_slice(base_strings);
+        strings.extend_from_slice(split_strings);
+        let mut types = vec![TypeEntry {
+            name: String::new(),
+            kind: Kind::Other,
+        }];
+        parse_types(base_types, &strings, &mut types)?;
+        parse_types(split_types, &strings, &mut types)?;
+        Ok(Self::index(types))
+    }
+
+    fn index(types: Vec<TypeEntry>) -> Self {
         let mut by_name: HashMap<String, Vec<u32>> = HashMap::new();
         for (id, entry) in types.iter().enumerate() {
             if !entry.name.is_empty() {
@@ -210,7 +248,7 @@ impl KernelBtf {
                     .push(id as u32);
             }
         }
-        Ok(Self { types, by_name })
+        Self { types, by_name }
     }
 
     fn resolve(&self, mut id: u32) -> Option<&TypeEntry> {
@@ -374,6 +412,65 @@ pub(crate) mod tests {
         let values = btf.enum_values("reason").unwrap();
         assert!(values.contains(&("R_FULL_RING".to_owned(), 77)));
         assert!(btf.enum_values("missing").is_err());
+    }
+
+    /// A module's split BTF on top of `base`: `struct tun_file { int pad;
+    /// outer *tun; }` whose member `tun` points at... only offsets matter.
+    fn split_btf(base: &[u8]) -> Vec<u8> {
+        let base_types = 5u32;
+        let base_strings = u32_at(base, 20).unwrap();
+        let split_strings = b"tun_file\0pad\0tun\0".to_vec();
+        let name = |at: u32| base_strings + at;
+        let mut types = Vec::new();
+        // id 6 (first after the base's 5): ptr to base type 4 (outer).
+        for w in [0u32, 2 << 24, 4] {
+            types.extend_from_slice(&w.to_le_bytes());
+        }
+        // id 7: struct tun_file { pad: int @0, tun: ptr(6) @64 bits }
+        for w in [
+            name(0),
+            (KIND_STRUCT << 24) | 2,
+            16,
+            name(9),
+            1,
+            0,
+            name(13),
+            base_types + 1,
+            64,
+        ] {
+            types.extend_from_slice(&w.to_le_bytes());
+        }
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        blob.extend_from_slice(&[1, 0]);
+        for word in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            split_strings.len() as u32,
+        ] {
+            blob.extend_from_slice(&word.to_le_bytes());
+        }
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(&split_strings);
+        blob
+    }
+
+    #[test]
+    fn module_split_btf_continues_the_base_ids_and_strings() {
+        let base = sample_btf();
+        let split = split_btf(&base);
+        let btf = KernelBtf::parse_split(&base, &split).unwrap();
+        assert_eq!(btf.member_offset("tun_file", "tun"), Ok(8));
+        assert_eq!(btf.member_offset("tun_file", "pad"), Ok(0));
+        // The base's types are still there, by their own ids.
+        assert_eq!(btf.member_offset("outer", "dev"), Ok(8));
+        assert!(KernelBtf::parse(&base)
+            .unwrap()
+            .member_offset("tun_file", "tun")
+            .is_err());
+        assert!(KernelBtf::parse_split(&base, b"garbage, not btf at all").is_err());
     }
 
     #[test]

@@ -1,13 +1,17 @@
-//! The reference DHCP frame parser: the same rules as the kernel's
-//! (tracer-ebpf programs/dhcp.rs), over a byte slice. The kernel parser is
-//! checked against it frame by frame (BPF_PROG_TEST_RUN in the lab tests),
-//! and it is property-tested here: any input, no panic, bounded work.
+//! The reference DHCP frame parser: locating and the fixed header by the
+//! same rules as the kernel's (tracer-ebpf programs/dhcp.rs) over a byte
+//! slice, and the options through the one option walk both sides use
+//! (`tracer_common::dhcp_options`) on the same window the kernel copies.
+//! The kernel is checked against it frame by frame (BPF_PROG_TEST_RUN in
+//! the lab tests), and it is property-tested here: any input, no panic,
+//! bounded work.
 
-use tracer_common::{parse_flag, MAX_DHCP_OPTIONS};
+use tracer_common::{
+    dhcp_options::{self, OPTIONS_CAPTURE},
+    parse_flag,
+};
 
 const BOOTP_FIXED: usize = 236;
-const MAGIC: [u8; 4] = [99, 130, 83, 99];
-const OPTIONS_SPAN: usize = 1500;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WireDhcp {
@@ -91,67 +95,18 @@ pub fn parse_frame(frame: &[u8]) -> Option<WireDhcp> {
     d.chaddr = [
         fixed[28], fixed[29], fixed[30], fixed[31], fixed[32], fixed[33],
     ];
-    match four(frame, b + BOOTP_FIXED) {
-        Some(c) if c == MAGIC => {}
-        Some(_) => {
-            d.parse_flags |= parse_flag::BAD_COOKIE;
-            return Some(d);
-        }
-        None => {
-            d.parse_flags |= parse_flag::TRUNCATED;
-            return Some(d);
-        }
-    }
-    walk_options(frame, b + BOOTP_FIXED + 4, &mut d);
-    if d.msg_type == 0 {
-        d.parse_flags |= parse_flag::NO_MESSAGE_TYPE;
-    }
+    // The kernel copies at most OPTIONS_CAPTURE bytes from the cookie on;
+    // the same window is walked here, by the same code.
+    let cookie = b + BOOTP_FIXED;
+    let end = frame.len().min(cookie + OPTIONS_CAPTURE);
+    let window = frame.get(cookie..end).unwrap_or_default();
+    let fields = dhcp_options::walk(window, frame.len() > end);
+    d.msg_type = fields.msg_type;
+    d.lease_secs = fields.lease_secs;
+    d.server_id = fields.server_id;
+    d.requested_ip = fields.requested_ip;
+    d.parse_flags |= fields.parse_flags;
     Some(d)
-}
-
-fn walk_options(frame: &[u8], start: usize, d: &mut WireDhcp) {
-    let mut offset = start;
-    for _ in 0..MAX_DHCP_OPTIONS {
-        if offset >= start + OPTIONS_SPAN {
-            d.parse_flags |= parse_flag::OPTION_OVERFLOW;
-            return;
-        }
-        let Some(&code) = frame.get(offset) else {
-            d.parse_flags |= parse_flag::TRUNCATED;
-            return;
-        };
-        match code {
-            255 => return,
-            0 => {
-                offset += 1;
-                continue;
-            }
-            _ => {}
-        }
-        let Some(&len) = frame.get(offset + 1) else {
-            d.parse_flags |= parse_flag::TRUNCATED;
-            return;
-        };
-        let value = offset + 2;
-        let len = usize::from(len);
-        match code {
-            53 if len == 1 => match frame.get(value) {
-                Some(&t) => d.msg_type = t,
-                None => d.parse_flags |= parse_flag::OPTION_OVERFLOW,
-            },
-            51 | 54 | 50 if len == 4 => match four(frame, value) {
-                Some(v) if code == 51 => d.lease_secs = u32::from_be_bytes(v),
-                Some(v) if code == 54 => d.server_id = v,
-                Some(v) => d.requested_ip = v,
-                None => d.parse_flags |= parse_flag::OPTION_OVERFLOW,
-            },
-            53 | 51 | 54 | 50 => d.parse_flags |= parse_flag::BAD_OPTION_LENGTH,
-            52 => d.parse_flags |= parse_flag::OVERLOAD,
-            _ => {}
-        }
-        offset = value + len;
-    }
-    d.parse_flags |= parse_flag::OPTION_LIMIT;
 }
 
 /// The Ethernet frames of a classic pcap capture (tcpdump -w), for golden
@@ -319,7 +274,8 @@ mod tests {
             ("no end option", parse_flag::TRUNCATED),
             ("endless padding", parse_flag::OPTION_LIMIT),
             ("many options (looping walk)", parse_flag::OPTION_LIMIT),
-            ("oversized options area", parse_flag::OPTION_OVERFLOW),
+            // Longer than the kernel copies: the rest is not read, and said so.
+            ("oversized options area", parse_flag::CAPTURE_LIMIT),
             ("bootp without dhcp options", parse_flag::BAD_COOKIE),
             ("empty udp payload", parse_flag::TRUNCATED),
         ];

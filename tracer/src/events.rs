@@ -54,6 +54,7 @@ pub fn flag_names(flags: u16) -> Vec<&'static str> {
         (parse_flag::NO_MESSAGE_TYPE, "no_message_type"),
         (parse_flag::OVERLOAD, "overload"),
         (parse_flag::BAD_OPTION_LENGTH, "bad_option_length"),
+        (parse_flag::CAPTURE_LIMIT, "capture_limit"),
     ]
     .into_iter()
     .filter(|(bit, _)| flags & bit != 0)

@@ -128,7 +128,9 @@ impl TcProbes {
             .skb_offsets()
             .map_err(|e| btf_error(e.to_string()))?;
         let drop_reasons = kernel_btf.drop_reasons().unwrap_or_default();
-        let tun_offsets = tun_offsets(&kernel_btf);
+        let tun = tun_offsets(&kernel_btf, &btf_bytes, btf_path);
+        log_kernel_capabilities(&offsets, &tun, &drop_reasons);
+        let tun_offsets = tun.as_ref().ok().map(|t| t.offsets);
         let mechanism = resolve_mechanism(mode)?;
         let netns = current_netns_inum()
             .map_err(|e| LoaderError::Load(format!("reading /proc/self/ns/net: {e}")))?;
@@ -180,7 +182,8 @@ impl TcProbes {
             .take_map("EVENTS")
             .ok_or_else(|| LoaderError::Load("map EVENTS missing from the object".into()))
             .and_then(|m| RingBuf::try_from(m).map_err(|e| LoaderError::Load(e.to_string())))?;
-        let mut optional = optional_probes::attach_all(&mut ebpf, &aya_btf, tun_offsets.is_some());
+        let tun_missing = tun.as_ref().err().cloned();
+        let mut optional = optional_probes::attach_all(&mut ebpf, &aya_btf, tun_missing);
         let tc_kind = mechanism.as_str();
         let mut statuses = vec![
             ProbeStatus {
@@ -349,12 +352,92 @@ impl Drop for TcProbes {
 
 /// tun_file.socket, tun_file.tun, tun_struct.dev: present in vmlinux BTF
 /// when tun is built in; without them the vhost probes cannot name a tap.
-fn tun_offsets(btf: &KernelBtf) -> Option<(u32, u32, u32)> {
-    Some((
-        btf.member_offset("tun_file", "socket").ok()?,
-        btf.member_offset("tun_file", "tun").ok()?,
-        btf.member_offset("tun_struct", "dev").ok()?,
+/// The tun offsets the vhost probe reads, and where they came from.
+struct TunOffsets {
+    /// (tun_file.socket, tun_file.tun, tun_struct.dev)
+    offsets: (u32, u32, u32),
+    source: String,
+}
+
+fn tun_members(btf: &KernelBtf) -> Result<(u32, u32, u32), crate::btf::BtfError> {
+    Ok((
+        btf.member_offset("tun_file", "socket")?,
+        btf.member_offset("tun_file", "tun")?,
+        btf.member_offset("tun_struct", "dev")?,
     ))
+}
+
+/// tun's types: in vmlinux when tun is built in; otherwise in the tun
+/// module's split BTF beside it (/sys/kernel/btf/tun), as on distribution
+/// kernels where tun is a module.
+fn tun_offsets(
+    vmlinux: &KernelBtf,
+    vmlinux_bytes: &[u8],
+    btf_path: &Path,
+) -> Result<TunOffsets, String> {
+    if let Ok(offsets) = tun_members(vmlinux) {
+        return Ok(TunOffsets {
+            offsets,
+            source: format!("{} (tun built in)", btf_path.display()),
+        });
+    }
+    let module = btf_path.with_file_name("tun");
+    let split = std::fs::read(&module).map_err(|e| {
+        format!(
+            "tun_file/tun_struct are not in {} and the tun module's BTF {} cannot be read ({e}): \
+             tun is a module that is not loaded, or the kernel lacks CONFIG_DEBUG_INFO_BTF_MODULES",
+            btf_path.display(),
+            module.display()
+        )
+    })?;
+    let offsets = KernelBtf::parse_split(vmlinux_bytes, &split)
+        .and_then(|btf| tun_members(&btf))
+        .map_err(|e| format!("the tun module's BTF {}: {e}", module.display()))?;
+    Ok(TunOffsets {
+        offsets,
+        source: format!("{} (tun module's split BTF)", module.display()),
+    })
+}
+
+/// One line each for what the programs will read on this kernel: the
+/// kernel matrix and operators read these.
+fn log_kernel_capabilities(
+    skb: &crate::btf::SkbOffsets,
+    tun: &Result<TunOffsets, String>,
+    drop_reasons: &HashMap<u32, String>,
+) {
+    let tun = match tun {
+        Ok(t) => format!(
+            "tun_file.socket@{} tun_file.tun@{} tun_struct.dev@{} from {}",
+            t.offsets.0, t.offsets.1, t.offsets.2, t.source
+        ),
+        Err(reason) => format!("no tun offsets ({reason})"),
+    };
+    log::info!(
+        "kernel BTF: sk_buff.dev@{} sk_buff.len@{} sk_buff.data@{} net_device.ifindex@{} net.ns.inum@{}; {tun}",
+        skb.skb_dev,
+        skb.skb_len,
+        skb.skb_data,
+        skb.dev_ifindex,
+        skb.net_ns_inum
+    );
+    if drop_reasons.is_empty() {
+        log::info!(
+            "kfree_skb drop reasons: none named (the kernel's BTF has no enum skb_drop_reason)"
+        );
+    } else {
+        let full_ring = drop_reasons
+            .iter()
+            .find(|(_, name)| name.as_str() == "full_ring")
+            .map_or_else(
+                || "no FULL_RING".to_owned(),
+                |(n, _)| format!("FULL_RING={n}"),
+            );
+        log::info!(
+            "kfree_skb drop reasons: {} named from enum skb_drop_reason ({full_ring})",
+            drop_reasons.len()
+        );
+    }
 }
 
 fn resolve_mechanism(mode: AttachMode) -> Result<TcMechanism, LoaderError> {
@@ -465,13 +548,25 @@ pub fn bench_program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a SchedClassifi
 
 /// Decodes an EVENTS ring buffer record (exactly one PacketEvent).
 pub fn decode_event(bytes: &[u8]) -> Option<tracer_common::PacketEvent> {
-    if bytes.len() != std::mem::size_of::<tracer_common::PacketEvent>() {
+    use tracer_common::{dhcp_options, PacketEvent};
+    if bytes.len() == std::mem::size_of::<PacketEvent>() {
+        // SAFETY: PacketEvent is repr(C), Copy and valid for any bit pattern
+        // (integers and byte arrays); the length was checked and
+        // read_unaligned copes with any alignment.
+        return Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<PacketEvent>()) });
+    }
+    if bytes.len() != std::mem::size_of::<dhcp_options::EventWithOptions>() {
         return None;
     }
-    // SAFETY: PacketEvent is repr(C), Copy and valid for any bit pattern
-    // (integers and byte arrays); the length was checked and
-    // read_unaligned copes with any alignment.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<tracer_common::PacketEvent>()) })
+    // SAFETY: as above; EventWithOptions is repr(C) integers and byte arrays.
+    let record = unsafe {
+        std::ptr::read_unaligned(bytes.as_ptr().cast::<dhcp_options::EventWithOptions>())
+    };
+    // The kernel copied the options; they are walked here, by the same
+    // code the reference parser uses.
+    let mut event = record.event;
+    dhcp_options::walk(record.options.captured(), record.options.more != 0).apply(&mut event);
+    Some(event)
 }
 
 /// CLOCK_MONOTONIC in seconds: the clock bpf_ktime_get_ns uses, so kernel

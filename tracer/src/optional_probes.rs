@@ -67,7 +67,9 @@ fn fentry(ebpf: &mut Ebpf, btf: &Btf, program: &str, function: &str) -> Result<(
 }
 
 /// Attaches every optional probe it can and logs each outcome once.
-pub fn attach_all(ebpf: &mut Ebpf, btf: &Btf, tun_in_btf: bool) -> Vec<ProbeStatus> {
+/// `tun_missing` says why the tun offsets are unknown (then the vhost
+/// probe cannot read which tap a call is for and is not attached).
+pub fn attach_all(ebpf: &mut Ebpf, btf: &Btf, tun_missing: Option<String>) -> Vec<ProbeStatus> {
     let mut statuses = vec![
         status(
             DEQUEUE_PROBE,
@@ -80,7 +82,10 @@ pub fn attach_all(ebpf: &mut Ebpf, btf: &Btf, tun_in_btf: bool) -> Vec<ProbeStat
             raw_tracepoint(ebpf, "hvnet_drop", "kfree_skb"),
         ),
     ];
-    if tun_in_btf {
+    if let Some(reason) = tun_missing {
+        statuses.push(status(VHOST_PROBE, "kprobe", Err(reason.clone())));
+        statuses.push(status(VHOST_PROBE, "fentry", Err(reason)));
+    } else {
         // kprobe first (oldest kernels), fentry second (lower overhead, but
         // refused under lockdown); never both, which would double count.
         let by_kprobe = kprobe(ebpf, "hvnet_tun_recvmsg_kprobe", "tun_recvmsg");
@@ -92,10 +97,6 @@ pub fn attach_all(ebpf: &mut Ebpf, btf: &Btf, tun_in_btf: bool) -> Vec<ProbeStat
             fentry(ebpf, btf, "hvnet_tun_recvmsg_fentry", "tun_recvmsg")
         };
         statuses.push(status(VHOST_PROBE, "fentry", by_fentry));
-    } else {
-        let reason = "tun_file/tun_struct not in kernel BTF (tun built as a module?)".to_owned();
-        statuses.push(status(VHOST_PROBE, "kprobe", Err(reason.clone())));
-        statuses.push(status(VHOST_PROBE, "fentry", Err(reason)));
     }
     for s in &statuses {
         if s.attached {

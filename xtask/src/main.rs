@@ -38,6 +38,10 @@ enum Task {
         /// incident's fault reproduced by masking its RX interrupt).
         #[arg(long, conflicts_with_all = ["unit_only", "soak"])]
         qemu: bool,
+        /// Only the kernel matrix: the core lab checks on this kernel and on
+        /// Debian's 6.1 and 6.12 booted as compute nodes under QEMU.
+        #[arg(long, conflicts_with_all = ["unit_only", "soak", "qemu"])]
+        kernels: bool,
     },
     /// The embedded lab: a compute node in network namespaces, fake VMs, dnsmasq, hvnet.
     Demo {
@@ -69,8 +73,13 @@ fn main() -> anyhow::Result<()> {
             unit_only,
             soak,
             qemu,
+            kernels,
         } => {
             setup::all(&root)?;
+            if kernels {
+                build(&root)?;
+                return kernel_matrix(&root);
+            }
             if qemu {
                 build(&root)?;
                 return run(lab_tests(&root).args([
@@ -204,6 +213,64 @@ fn test(root: &Path, unit_only: bool) -> anyhow::Result<()> {
         "--",
         "--test-threads=1",
     ]))
+}
+
+/// The lab tests the kernel matrix runs, built; name -> executable.
+fn matrix_test_binaries(root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    const TESTS: &[&str] = &["tc_lab", "stall_lab", "dhcp_lab"];
+    let mut cmd = cargo(root);
+    cmd.args([
+        "test",
+        "--release",
+        "-p",
+        "hvnet-lab",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    for test in TESTS {
+        cmd.args(["--test", test]);
+    }
+    let out = cmd.output().context("building the lab tests")?;
+    if !out.status.success() {
+        bail!(
+            "building the lab tests failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = msg["target"]["name"].as_str().unwrap_or_default();
+        if let (true, Some(exe)) = (TESTS.contains(&name), msg["executable"].as_str()) {
+            found.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    if found.len() != TESTS.len() {
+        bail!("expected executables for {TESTS:?}, cargo named {found:?}");
+    }
+    Ok(found)
+}
+
+/// `cargo xtask test --kernels`: prints the matrix, fails on any failure.
+fn kernel_matrix(root: &Path) -> anyhow::Result<()> {
+    let mut cmd = Command::new(root.join("target/release/hvnet-lab"));
+    cmd.arg("kernel-matrix")
+        .arg("--work-dir")
+        .arg(root.join("target/kernel-matrix"))
+        .env("HVNET_BIN", root.join("target/release/hvnet"));
+    for (label, _) in setup::MATRIX_KERNELS {
+        cmd.arg("--kernel").arg(format!(
+            "{label}={}",
+            setup::kernel_cache(root, label).display()
+        ));
+    }
+    for (name, exe) in matrix_test_binaries(root)? {
+        cmd.arg("--test-bin")
+            .arg(format!("{name}={}", exe.display()));
+    }
+    run(&mut cmd)
 }
 
 /// `cargo test` for the lab crate with what its tests need to know: the

@@ -26,11 +26,20 @@ const APT_PACKAGES: &[&str] = &[
     "chromium",                // the landing page, checked in a real browser
     "fonts-dejavu-core",       // so the browser draws text
     "systemd",                 // systemd-analyze verify of the shipped unit
+    "xz-utils",                // newer Debian kernels' modules are .ko.xz
 ];
 /// Packages unpacked (not installed) as the real-guest test's boot files:
 /// the meta-package's current kernel, and a static busybox for its initramfs.
 const GUEST_KERNEL_META: &str = "linux-image-cloud-amd64";
 const GUEST_BUSYBOX: &str = "busybox-static";
+/// The kernels `cargo xtask test --kernels` boots as compute nodes, by the
+/// label the matrix prints: Debian 12's own kernel (no TCX: clsact through
+/// netlink) and its 6.12 security/backports kernel (TCX). Each is unpacked
+/// from the meta-package's current version, with busybox-static.
+pub const MATRIX_KERNELS: &[(&str, &str)] = &[
+    ("6.1", "linux-image-cloud-amd64"),
+    ("6.12", "linux-image-6.12-cloud-amd64"),
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const NIGHTLY: &str = "nightly";
 
@@ -38,8 +47,16 @@ pub fn all(root: &Path) -> anyhow::Result<()> {
     apt_packages()?;
     rust_src()?;
     bpf_linker()?;
-    guest_boot_files(&guest_cache(root))?;
+    unpack_kernel(&guest_cache(root), GUEST_KERNEL_META)?;
+    for (label, meta) in MATRIX_KERNELS {
+        unpack_kernel(&kernel_cache(root, label), meta)?;
+    }
     Ok(())
+}
+
+/// Where the kernel matrix finds the unpacked kernel `label`.
+pub fn kernel_cache(root: &Path, label: &str) -> PathBuf {
+    root.join("target/hvnet-kernels").join(label)
 }
 
 /// Where the real-guest test finds its kernel and busybox (the test reads
@@ -50,22 +67,25 @@ pub fn guest_cache(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target/hvnet-guest"))
 }
 
-/// Downloads a Debian kernel package and busybox-static with apt-get
-/// download and unpacks them with dpkg-deb -x (nothing is installed on the
-/// host, no VM image is downloaded). Skipped when already unpacked.
-fn guest_boot_files(cache: &Path) -> anyhow::Result<()> {
+/// Downloads the kernel package `meta` points at and busybox-static with
+/// apt-get download and unpacks them with dpkg-deb -x (nothing is installed
+/// on the host, no VM image is downloaded). Skipped when already unpacked.
+fn unpack_kernel(cache: &Path, meta: &str) -> anyhow::Result<()> {
     let marker = cache.join("unpacked");
     if marker.exists() {
         return Ok(());
     }
-    let kernel_package = match kernel_package() {
+    let kernel_package = match kernel_package(meta) {
         Ok(pkg) => pkg,
         Err(_) => {
             run(Command::new("apt-get").args(["update", "-qq"]))?;
-            kernel_package()?
+            kernel_package(meta)?
         }
     };
-    eprintln!("setup: fetching the test guest's boot files ({kernel_package}, {GUEST_BUSYBOX})");
+    eprintln!(
+        "setup: fetching boot files into {} ({kernel_package}, {GUEST_BUSYBOX})",
+        cache.display()
+    );
     let debs = cache.join("debs");
     let _ = std::fs::remove_dir_all(cache);
     std::fs::create_dir_all(&debs)?;
@@ -87,13 +107,13 @@ fn guest_boot_files(cache: &Path) -> anyhow::Result<()> {
 }
 
 /// The kernel package the meta-package currently points at.
-fn kernel_package() -> anyhow::Result<String> {
-    let out = capture(Command::new("apt-cache").args(["depends", GUEST_KERNEL_META]))?;
+fn kernel_package(meta: &str) -> anyhow::Result<String> {
+    let out = capture(Command::new("apt-cache").args(["depends", meta]))?;
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| p.starts_with("linux-image-"))
         .map(str::to_owned)
-        .with_context(|| format!("apt-cache depends {GUEST_KERNEL_META} names no kernel"))
+        .with_context(|| format!("apt-cache depends {meta} names no kernel"))
 }
 
 fn apt_packages() -> anyhow::Result<()> {

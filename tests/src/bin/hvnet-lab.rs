@@ -82,6 +82,42 @@ enum LabCommand {
     },
     /// Set a fake VMM's fault mode: running, rx_stall or paused.
     VmmMode { control: PathBuf, mode: String },
+    /// What hvnet attaches on this kernel (one fake VM, attach_mode auto),
+    /// as `HVNET-NODE report` lines: the kernel matrix's first step.
+    KernelReport,
+    /// The kernel matrix: the core lab checks on this kernel and on each
+    /// given Debian kernel booted as a compute node under QEMU.
+    KernelMatrix {
+        /// LABEL=DIR of a kernel unpacked by `cargo xtask setup`.
+        #[arg(long = "kernel", value_parser = parse_pair)]
+        kernels: Vec<(String, PathBuf)>,
+        /// NAME=PATH of a built lab test binary (tc_lab, stall_lab, dhcp_lab).
+        #[arg(long = "test-bin", value_parser = parse_pair)]
+        test_bins: Vec<(String, PathBuf)>,
+        /// Where initramfs images, console logs and the table go.
+        #[arg(long)]
+        work_dir: PathBuf,
+        /// Skip the host kernel's row.
+        #[arg(long)]
+        no_host: bool,
+    },
+    /// Boot a kernel as a compute node and run shell commands in it (each
+    /// STEP is a shell command line; its output is shown when it fails).
+    NodeVm {
+        /// A kernel unpacked by `cargo xtask setup` (target/hvnet-kernels/6.1).
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        work_dir: PathBuf,
+        #[arg(required = true)]
+        steps: Vec<String>,
+    },
+}
+
+fn parse_pair(text: &str) -> Result<(String, PathBuf), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), PathBuf::from(v)))
+        .ok_or_else(|| format!("expected NAME=PATH, got {text:?}"))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -112,7 +148,72 @@ fn main() -> anyhow::Result<()> {
             let mode = VmmMode::parse(&mode).context("mode is running, rx_stall or paused")?;
             vmm::set_mode(&control, mode)
         }
+        LabCommand::KernelReport => hvnet_lab::nodevm::matrix::kernel_report(),
+        LabCommand::KernelMatrix {
+            kernels,
+            test_bins,
+            work_dir,
+            no_host,
+        } => kernel_matrix(kernels, test_bins, work_dir, !no_host),
+        LabCommand::NodeVm {
+            kernel,
+            work_dir,
+            steps,
+        } => {
+            let steps: Vec<(String, Vec<String>)> = steps
+                .into_iter()
+                .enumerate()
+                .map(|(n, cmd)| (format!("step{n}"), vec![cmd]))
+                .collect();
+            let lab = std::env::current_exe()?;
+            let run = hvnet_lab::nodevm::matrix::boot_node(
+                &kernel,
+                "adhoc",
+                &lab,
+                &[],
+                &steps,
+                &work_dir,
+            )?;
+            for step in &run.steps {
+                println!(
+                    "{}: exit {:?} in {} s",
+                    step.label, step.status, step.seconds
+                );
+                for line in &step.log {
+                    println!("    {line}");
+                }
+            }
+            Ok(())
+        }
     }
+}
+
+fn kernel_matrix(
+    kernels: Vec<(String, PathBuf)>,
+    test_bins: Vec<(String, PathBuf)>,
+    work_dir: PathBuf,
+    host: bool,
+) -> anyhow::Result<()> {
+    use hvnet_lab::nodevm::matrix;
+    let inputs = matrix::MatrixInputs {
+        kernels,
+        test_bins: test_bins.into_iter().collect(),
+        lab_bin: std::env::current_exe()?,
+        work_dir: work_dir.clone(),
+        host,
+    };
+    let rows = matrix::run(&inputs)?;
+    let table = matrix::render(&rows);
+    println!("\n{table}");
+    let out = work_dir.join("kernel-matrix.md");
+    std::fs::write(&out, &table).with_context(|| format!("writing {}", out.display()))?;
+    if !matrix::all_passed(&rows) {
+        bail!(
+            "the kernel matrix has failures (table above, also in {})",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 fn udp_broadcast(count: u32) -> anyhow::Result<()> {

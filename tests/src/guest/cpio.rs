@@ -7,6 +7,7 @@ use std::io::Write;
 const S_IFDIR: u32 = 0o040000;
 const S_IFREG: u32 = 0o100000;
 const S_IFCHR: u32 = 0o020000;
+const S_IFLNK: u32 = 0o120000;
 
 pub struct NewcWriter<W: Write> {
     out: W,
@@ -29,6 +30,11 @@ impl<W: Write> NewcWriter<W> {
 
     pub fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> std::io::Result<()> {
         self.entry(path, S_IFREG | mode, (0, 0), data)
+    }
+
+    /// A symbolic link whose content is `target`.
+    pub fn symlink(&mut self, path: &str, target: &str) -> std::io::Result<()> {
+        self.entry(path, S_IFLNK | 0o777, (0, 0), target.as_bytes())
     }
 
     /// A character device node (the kernel needs /dev/console before init

@@ -27,8 +27,10 @@ pub fn default_cache() -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct GuestImage {
     pub kernel: PathBuf,
-    modules_dir: PathBuf,
-    busybox: PathBuf,
+    /// `lib/modules/<release>` of the unpacked kernel package.
+    pub modules_dir: PathBuf,
+    /// The static busybox unpacked beside it.
+    pub busybox: PathBuf,
 }
 
 impl GuestImage {
@@ -98,7 +100,7 @@ impl GuestImage {
             w.file(
                 &format!("lib/modules/{name}.ko"),
                 0o644,
-                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                &read_module(path)?,
             )?;
             order.push_str(name);
             order.push('\n');
@@ -109,9 +111,34 @@ impl GuestImage {
 }
 
 /// Module names as the kernel spells them: dashes become underscores.
+/// Newer Debian kernels ship modules xz-compressed (`tun.ko.xz`).
 fn module_name(path: &Path) -> Option<String> {
     let file = path.file_name()?.to_str()?;
-    Some(file.strip_suffix(".ko")?.replace('-', "_"))
+    let stem = file
+        .strip_suffix(".ko")
+        .or_else(|| file.strip_suffix(".ko.xz"))?;
+    Some(stem.replace('-', "_"))
+}
+
+/// A module's ELF image, decompressed if it is `.ko.xz` (busybox insmod
+/// hands the kernel the bytes as they are).
+pub fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path.extension().and_then(|e| e.to_str()) != Some("xz") {
+        return std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+    }
+    let out = std::process::Command::new("xz")
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .context("running xz (apt package xz-utils)")?;
+    if !out.status.success() {
+        bail!(
+            "xz -dc {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
 }
 
 fn index_modules(dir: &Path, index: &mut HashMap<String, PathBuf>) -> std::io::Result<()> {
@@ -145,7 +172,7 @@ pub fn module_depends(ko: &[u8]) -> Vec<String> {
 
 /// `wanted` and their dependencies, dependencies first. A module absent
 /// from the tree is taken as built into the kernel.
-fn module_load_order(dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+pub fn module_load_order(dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let mut index = HashMap::new();
     index_modules(&dir.join("kernel"), &mut index)
         .with_context(|| format!("listing modules under {}", dir.display()))?;
@@ -165,7 +192,7 @@ fn module_load_order(dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<(String,
         let Some(path) = index.get(name) else {
             return Ok(());
         };
-        let data = std::fs::read(path)?;
+        let data = read_module(path)?;
         for dep in module_depends(&data) {
             visit(&dep, index, order, depth + 1)?;
         }
@@ -184,6 +211,19 @@ fn module_load_order(dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<(String,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compressed_and_plain_modules_have_kernel_names() {
+        assert_eq!(
+            module_name(Path::new("a/vhost-net.ko")).as_deref(),
+            Some("vhost_net")
+        );
+        assert_eq!(
+            module_name(Path::new("a/tun.ko.xz")).as_deref(),
+            Some("tun")
+        );
+        assert_eq!(module_name(Path::new("a/modules.order")), None);
+    }
 
     #[test]
     fn depends_are_read_from_modinfo() {

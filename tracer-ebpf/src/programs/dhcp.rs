@@ -1,11 +1,22 @@
 //! DHCP (BOOTP over UDP 67/68) and ARP parsing for events, bounded and
 //! verifier-safe: every read is a checked load (bpf_skb_load_bytes in tc,
-//! bpf_probe_read_kernel within skb->len in tracepoints), the option walk
-//! has a fixed iteration limit, and any failure yields a flagged event or
-//! none, never a fault. Only DHCP/ARP frames pay for this.
+//! bpf_probe_read_kernel within skb->len in tracepoints), there is no loop,
+//! and any failure yields a flagged event or none, never a fault. Only
+//! DHCP/ARP frames pay for this.
+//!
+//! DHCP options are not walked here: the tc programs copy them (a bounded
+//! length, one helper call) and userspace walks them with
+//! `tracer_common::dhcp_options`. A data-dependent walk is what older
+//! verifiers cannot prune (6.1 gave up after a million instructions).
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use tracer_common::{direction, event_kind, parse_flag, DevKey, PacketEvent, MAX_DHCP_OPTIONS};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use tracer_common::{
+    dhcp_options::{EventWithOptions, OPTIONS_CAPTURE},
+    direction, event_kind, parse_flag, DevKey, PacketEvent,
+};
 
 use crate::{
     maps::{EVENTS, EVENTS_LOST},
@@ -13,10 +24,6 @@ use crate::{
 };
 
 const BOOTP_FIXED: usize = 236;
-const DHCP_MAGIC: [u8; 4] = [99, 130, 83, 99];
-/// No DHCP message runs past this offset into its options (an Ethernet
-/// frame's payload); a walk beyond it is a malformed length chain.
-const OPTIONS_SPAN: usize = 1500;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
@@ -96,10 +103,10 @@ pub fn locate_dhcp<F: Frame>(frame: &F) -> Option<DhcpLocation> {
     })
 }
 
-/// Fills a DHCP event from the message at `at`. Always returns an event:
-/// what could not be parsed is reported in parse_flags.
+/// Fills a DHCP event from the fixed BOOTP header of the message at `at`.
+/// Always returns an event: what could not be read is in parse_flags.
 #[inline(always)]
-pub fn parse_dhcp<F: Frame>(frame: &F, at: DhcpLocation, walk_options: bool) -> PacketEvent {
+pub fn parse_dhcp<F: Frame>(frame: &F, at: DhcpLocation) -> PacketEvent {
     let mut ev = PacketEvent {
         kind: event_kind::DHCP,
         vlan: at.vlan,
@@ -112,8 +119,7 @@ pub fn parse_dhcp<F: Frame>(frame: &F, at: DhcpLocation, walk_options: bool) -> 
         ev.src_ip = [addrs[0], addrs[1], addrs[2], addrs[3]];
         ev.dst_ip = [addrs[4], addrs[5], addrs[6], addrs[7]];
     }
-    let bootp = at.l4 + 8;
-    let Some(fixed) = frame.load::<[u8; 44]>(bootp) else {
+    let Some(fixed) = frame.load::<[u8; 44]>(at.l4 + 8) else {
         ev.parse_flags |= parse_flag::TRUNCATED;
         return ev;
     };
@@ -126,72 +132,13 @@ pub fn parse_dhcp<F: Frame>(frame: &F, at: DhcpLocation, walk_options: bool) -> 
     ev.chaddr = [
         fixed[28], fixed[29], fixed[30], fixed[31], fixed[32], fixed[33],
     ];
-    if !walk_options {
-        return ev;
-    }
-    match frame.load::<[u8; 4]>(bootp + BOOTP_FIXED) {
-        Some(cookie) if cookie == DHCP_MAGIC => {}
-        Some(_) => {
-            ev.parse_flags |= parse_flag::BAD_COOKIE;
-            return ev;
-        }
-        None => {
-            ev.parse_flags |= parse_flag::TRUNCATED;
-            return ev;
-        }
-    }
-    walk_options_into(frame, bootp + BOOTP_FIXED + 4, &mut ev);
-    if ev.msg_type == 0 {
-        ev.parse_flags |= parse_flag::NO_MESSAGE_TYPE;
-    }
     ev
 }
 
+/// Where the magic cookie (and the options) of the message at `at` start.
 #[inline(always)]
-fn walk_options_into<F: Frame>(frame: &F, start: usize, ev: &mut PacketEvent) {
-    let mut offset = start;
-    for _ in 0..MAX_DHCP_OPTIONS {
-        if offset >= start + OPTIONS_SPAN {
-            ev.parse_flags |= parse_flag::OPTION_OVERFLOW;
-            return;
-        }
-        let Some(code) = frame.load::<u8>(offset) else {
-            // Ran off the frame without an end option.
-            ev.parse_flags |= parse_flag::TRUNCATED;
-            return;
-        };
-        match code {
-            255 => return,
-            0 => {
-                offset += 1;
-                continue;
-            }
-            _ => {}
-        }
-        let Some(len) = frame.load::<u8>(offset + 1) else {
-            ev.parse_flags |= parse_flag::TRUNCATED;
-            return;
-        };
-        let value = offset + 2;
-        let len = usize::from(len);
-        match code {
-            53 if len == 1 => match frame.load::<u8>(value) {
-                Some(t) => ev.msg_type = t,
-                None => ev.parse_flags |= parse_flag::OPTION_OVERFLOW,
-            },
-            51 | 54 | 50 if len == 4 => match frame.load::<[u8; 4]>(value) {
-                Some(v) if code == 51 => ev.lease_secs = u32::from_be_bytes(v),
-                Some(v) if code == 54 => ev.server_id = v,
-                Some(v) => ev.requested_ip = v,
-                None => ev.parse_flags |= parse_flag::OPTION_OVERFLOW,
-            },
-            53 | 51 | 54 | 50 => ev.parse_flags |= parse_flag::BAD_OPTION_LENGTH,
-            52 => ev.parse_flags |= parse_flag::OVERLOAD,
-            _ => {}
-        }
-        offset = value + len;
-    }
-    ev.parse_flags |= parse_flag::OPTION_LIMIT;
+fn cookie_offset(at: DhcpLocation) -> usize {
+    at.l4 + 8 + BOOTP_FIXED
 }
 
 /// An ARP frame's opcode and addresses (Ethernet/IPv4 ARP only).
@@ -216,19 +163,37 @@ pub fn parse_arp<F: Frame>(frame: &F, l3: usize) -> Option<PacketEvent> {
     Some(ev)
 }
 
+/// The event's time if the tap's budget admits one more event on this CPU;
+/// otherwise counts it as throttled.
+#[inline(always)]
+fn admit(dev: DevKey) -> Option<u64> {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if within_budget(dev.ifindex, now) {
+        return Some(now);
+    }
+    crate::bump!(
+        crate::maps::EVENTS_THROTTLED,
+        &dev.ifindex,
+        tracer_common::map_slot::EVENTS_THROTTLED
+    );
+    None
+}
+
+#[inline(always)]
+fn count_lost() {
+    if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *lost += 1 };
+    }
+}
+
 /// Sends an event; a full ring buffer counts a loss and never blocks.
 #[inline(always)]
 pub fn emit(mut ev: PacketEvent, dev: DevKey, dir: u8) {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !within_budget(dev.ifindex, now) {
-        crate::bump!(
-            crate::maps::EVENTS_THROTTLED,
-            &dev.ifindex,
-            tracer_common::map_slot::EVENTS_THROTTLED
-        );
+    let Some(now) = admit(dev) else {
         return;
-    }
+    };
     ev.ts_ns = now;
     ev.dev = dev;
     ev.direction = dir;
@@ -237,13 +202,64 @@ pub fn emit(mut ev: PacketEvent, dev: DevKey, dir: u8) {
             entry.write(ev);
             entry.submit(0);
         }
-        None => {
-            if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
-                // SAFETY: this CPU's slot of a per-CPU array.
-                unsafe { *lost += 1 };
-            }
-        }
+        None => count_lost(),
     }
+}
+
+/// Sends a DHCP event seen by tc with its options copied from `cookie` on
+/// (built in the ring buffer: the record is too large for the stack).
+#[inline(always)]
+fn emit_with_options(ctx: &TcContext, mut ev: PacketEvent, dev: DevKey, dir: u8, cookie: usize) {
+    let Some(now) = admit(dev) else {
+        return;
+    };
+    ev.ts_ns = now;
+    ev.dev = dev;
+    ev.direction = dir;
+    let Some(mut entry) = EVENTS.reserve::<EventWithOptions>(0) else {
+        count_lost();
+        return;
+    };
+    let record = entry.as_mut_ptr();
+    // SAFETY: `record` is the reserved, writable ring buffer entry; every
+    // field written through it lies inside it.
+    unsafe {
+        core::ptr::addr_of_mut!((*record).event).write(ev);
+        let bytes = core::ptr::addr_of_mut!((*record).options.bytes).cast::<u8>();
+        let (len, more) = copy_options(ctx, cookie, bytes);
+        core::ptr::addr_of_mut!((*record).options.len).write(len);
+        core::ptr::addr_of_mut!((*record).options.more).write(more);
+        core::ptr::addr_of_mut!((*record).options._pad).write(0);
+    }
+    entry.submit(0);
+}
+
+/// Copies up to OPTIONS_CAPTURE bytes of the frame from `cookie` on into
+/// `dst`; returns how many, and 1 if the frame goes on past them.
+#[inline(always)]
+fn copy_options(ctx: &TcContext, cookie: usize, dst: *mut u8) -> (u16, u8) {
+    let frame_len = ctx.len() as usize;
+    if cookie >= frame_len || cookie > 0xffff {
+        return (0, 0);
+    }
+    let available = frame_len - cookie;
+    let more = u8::from(available > OPTIONS_CAPTURE);
+    // len in [1, OPTIONS_CAPTURE], written so that older verifiers see the
+    // lower bound too (6.1 learns nothing from `cookie < frame_len`, nor
+    // from `!= 0`): cap available - 1, then add the 1 back.
+    let mut len = available.wrapping_sub(1);
+    if len > OPTIONS_CAPTURE - 1 {
+        len = OPTIONS_CAPTURE - 1;
+    }
+    let len = len + 1;
+    // SAFETY: dst has OPTIONS_CAPTURE writable bytes; the helper checks the
+    // frame's bounds itself.
+    let rc =
+        unsafe { bpf_skb_load_bytes(ctx.skb.skb.cast(), cookie as u32, dst.cast(), len as u32) };
+    if rc != 0 {
+        return (0, 0);
+    }
+    (len as u16, more)
 }
 
 /// Takes one event's worth of the tap's budget on this CPU (a token
@@ -287,7 +303,13 @@ pub fn tc_event(ctx: &TcContext, ifindex: u32, dir: u8, is_dhcp: bool) {
     let dev = DevKey { netns: 0, ifindex };
     if is_dhcp {
         if let Some(at) = locate_dhcp(&frame) {
-            emit(parse_dhcp(&frame, at, true), dev, dir);
+            let ev = parse_dhcp(&frame, at);
+            if ev.parse_flags & parse_flag::TRUNCATED != 0 {
+                // No fixed header, so no options either.
+                emit(ev, dev, dir);
+            } else {
+                emit_with_options(ctx, ev, dev, dir, cookie_offset(at));
+            }
         }
         return;
     }

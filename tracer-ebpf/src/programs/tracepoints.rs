@@ -60,7 +60,7 @@ fn dhcp_event(skb: u64, dev: DevKey, kind: u8, reason: u32) {
     let Some(at) = locate_dhcp(&frame) else {
         return;
     };
-    let mut ev = parse_dhcp(&frame, at, false);
+    let mut ev = parse_dhcp(&frame, at);
     ev.kind = kind;
     ev.drop_reason = reason;
     emit(ev, dev, direction::TO_VM);
