@@ -28,6 +28,7 @@ pub mod pki;
 pub mod promstack;
 pub mod tap;
 pub mod testkit;
+pub mod vhost;
 pub mod vmm;
 
 /// The subnet the lab uses; tests send traffic nowhere else.

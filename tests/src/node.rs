@@ -178,8 +178,11 @@ impl FakeVm {
         let tap_mac = format!("fe:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
         node.create_tap(tap, &tap_mac)?;
         let control = node.dir.join(format!("{tap}.ctl"));
+        // HVNET_LAB_DATAPATH=vhost runs every fake VM on /dev/vhost-net.
+        let datapath = std::env::var("HVNET_LAB_DATAPATH").unwrap_or_else(|_| "plain".into());
         let mut vmm = Command::new(fake_vmm)
             .args(["--node-netns", node.ns.name(), "--tap", tap])
+            .args(["--datapath", &datapath])
             .args(["--guest-netns", guest.name(), "--control"])
             .arg(&control)
             .stdin(Stdio::null())

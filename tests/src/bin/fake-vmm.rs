@@ -5,6 +5,12 @@
 //!
 //! Faults (set over the control socket): `rx_stall` stops reading the host
 //! tap (the incident's virtio RX bug), `paused` stops both directions.
+//!
+//! `--datapath vhost` is QEMU with `vhost=on`: the host tap is handed to
+//! /dev/vhost-net and the kernel's vhost worker moves the frames between
+//! the tap and this process's virtio rings. Then `rx_stall` is the fault
+//! as vhost sees it: the "guest" stops taking filled RX buffers and posting
+//! new ones, the ring runs out, the worker stops dequeuing, the tap backs up.
 
 use std::{
     fs::File,
@@ -26,6 +32,7 @@ use clap::Parser;
 use hvnet_lab::{
     netns::enter_netns,
     tap::{open_tap, TapFraming},
+    vhost::{VhostNet, QUEUE_SIZE, RX, TX},
     vmm::{DirectionStats, VmmMode, VmmStats},
 };
 use tracer_common::{class, classify::classify_frame};
@@ -47,6 +54,10 @@ struct Args {
     /// Control socket path.
     #[arg(long)]
     control: PathBuf,
+    /// How frames reach the host tap: `plain` (read/write, QEMU's
+    /// userspace tap backend) or `vhost` (/dev/vhost-net).
+    #[arg(long, default_value = "plain")]
+    datapath: String,
 }
 
 const MODE_RUNNING: u8 = 0;
@@ -137,6 +148,87 @@ fn relay(mut src: File, mut dst: File, shared: Arc<Shared>, toward_vm: bool) -> 
     }
 }
 
+/// Waits up to 50 ms for any of `fds` to be readable; which are.
+fn readable_set(fds: &[RawFd]) -> Vec<bool> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: pfds is a valid array of fds.len() pollfds.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 50) };
+    pfds.iter()
+        .map(|p| rc > 0 && p.revents & libc::POLLIN != 0)
+        .collect()
+}
+
+/// The vhost datapath: the kernel fills RX buffers from the host tap and
+/// sends TX buffers into it; this loop hands filled RX buffers to the guest
+/// tap and reposts them, and turns guest frames into TX buffers. Counted
+/// where QEMU would: to_vm when a filled RX buffer is taken, from_vm when
+/// the device completes a TX buffer (the tap has it).
+fn vhost_loop(mut dev: VhostNet, mut guest: File, shared: Arc<Shared>) -> anyhow::Result<()> {
+    for id in 0..QUEUE_SIZE {
+        dev.post_rx(id);
+    }
+    dev.kick(RX)?;
+    let mut free_tx: Vec<u16> = (0..QUEUE_SIZE).rev().collect();
+    let mut in_flight: Vec<Option<Vec<u8>>> = vec![None; usize::from(QUEUE_SIZE)];
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let mode = shared.mode.load(Ordering::Relaxed);
+        let ready = readable_set(&[dev.call_fd(RX), dev.call_fd(TX), guest.as_raw_fd()]);
+        dev.clear_call(RX);
+        dev.clear_call(TX);
+        // A stalled or paused guest neither takes filled RX buffers nor
+        // posts new ones: the ring runs dry and vhost stops reading the tap.
+        if mode == MODE_RUNNING {
+            let used = dev.take_used(RX);
+            for &(id, len) in &used {
+                let frame = dev.rx_frame(id, len).to_vec();
+                shared.to_vm.add(&frame);
+                if guest
+                    .write(&frame)
+                    .map(|n| n != frame.len())
+                    .unwrap_or(true)
+                {
+                    shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                dev.post_rx(id);
+            }
+            if !used.is_empty() {
+                dev.kick(RX)?;
+            }
+        }
+        for (id, _) in dev.take_used(TX) {
+            if let Some(frame) = in_flight[usize::from(id)].take() {
+                shared.from_vm.add(&frame);
+            }
+            free_tx.push(id);
+        }
+        if mode != MODE_PAUSED && ready[2] && !free_tx.is_empty() {
+            let n = match guest.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("reading the guest tap"),
+            };
+            if let Some(id) = free_tx.pop() {
+                let frame = buf[..n].to_vec();
+                if dev.post_tx(id, &frame) {
+                    in_flight[usize::from(id)] = Some(frame);
+                    dev.kick(TX)?;
+                } else {
+                    shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                    free_tx.push(id);
+                }
+            }
+        }
+    }
+}
+
 fn serve_control(listener: UnixListener, shared: Arc<Shared>) {
     for stream in listener.incoming().flatten() {
         if let Err(err) = handle_control(stream, &shared) {
@@ -187,7 +279,24 @@ fn main() -> anyhow::Result<()> {
     // A tun fd belongs to the netns it was opened in: open each tap after
     // entering its namespace (this thread only; children inherit nothing).
     enter_netns(&PathBuf::from("/run/netns").join(&args.node_netns))?;
-    let host_tap = open_tap(&args.tap, TapFraming::Plain)?;
+    let vhost = match args.datapath.as_str() {
+        "plain" => false,
+        "vhost" => true,
+        other => bail!("unknown --datapath {other:?} (plain, vhost)"),
+    };
+    let framing = if vhost {
+        TapFraming::VnetHeader
+    } else {
+        TapFraming::Plain
+    };
+    let host_tap = open_tap(&args.tap, framing)?;
+    // The vhost device is owned by this process: its worker is
+    // `vhost-<pid>` (a kernel thread before 6.4, a thread of ours since).
+    let vhost_dev = if vhost {
+        Some(VhostNet::open(&host_tap)?)
+    } else {
+        None
+    };
     enter_netns(&PathBuf::from("/run/netns").join(&args.guest_netns))?;
     let guest_tap = open_tap(&args.guest_if, TapFraming::Plain)?;
 
@@ -196,17 +305,31 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.control.display()))?;
     let shared = Arc::new(Shared::default());
 
-    let to_vm = {
-        let (src, dst, shared) = (
-            host_tap.try_clone()?,
-            guest_tap.try_clone()?,
-            shared.clone(),
-        );
-        std::thread::spawn(move || relay(src, dst, shared, true))
-    };
-    let from_vm = {
-        let shared = shared.clone();
-        std::thread::spawn(move || relay(guest_tap, host_tap, shared, false))
+    let (to_vm, from_vm) = match vhost_dev {
+        Some(dev) => {
+            let shared = shared.clone();
+            // One loop serves both directions; the tap stays open with it.
+            let both = std::thread::spawn(move || {
+                let _tap = host_tap;
+                vhost_loop(dev, guest_tap, shared)
+            });
+            (both, std::thread::spawn(|| Ok(())))
+        }
+        None => {
+            let to_vm = {
+                let (src, dst, shared) = (
+                    host_tap.try_clone()?,
+                    guest_tap.try_clone()?,
+                    shared.clone(),
+                );
+                std::thread::spawn(move || relay(src, dst, shared, true))
+            };
+            let from_vm = {
+                let shared = shared.clone();
+                std::thread::spawn(move || relay(guest_tap, host_tap, shared, false))
+            };
+            (to_vm, from_vm)
+        }
     };
     {
         let shared = shared.clone();

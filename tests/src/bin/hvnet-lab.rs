@@ -109,6 +109,9 @@ enum LabCommand {
         kernel: PathBuf,
         #[arg(long)]
         work_dir: PathBuf,
+        /// Extra binaries to carry (at their host paths, with their libraries).
+        #[arg(long = "bin")]
+        bins: Vec<PathBuf>,
         #[arg(required = true)]
         steps: Vec<String>,
     },
@@ -158,8 +161,10 @@ fn main() -> anyhow::Result<()> {
         LabCommand::NodeVm {
             kernel,
             work_dir,
+            bins,
             steps,
         } => {
+            let bins: Vec<&Path> = bins.iter().map(PathBuf::as_path).collect();
             let steps: Vec<(String, Vec<String>)> = steps
                 .into_iter()
                 .enumerate()
