@@ -149,8 +149,22 @@ impl ComputeNode {
 
     /// Starts a fake VM: a persistent tap `tap` on br0 (as libvirt creates
     /// it), a guest netns, and a fake VMM relaying between them.
+    /// The datapath comes from HVNET_LAB_DATAPATH (`plain` by default,
+    /// `vhost` for /dev/vhost-net).
     pub fn add_vm(&self, tap: &str, index: u8, fake_vmm: &Path) -> anyhow::Result<FakeVm> {
-        FakeVm::start(self, tap, index, fake_vmm)
+        let datapath = std::env::var("HVNET_LAB_DATAPATH").unwrap_or_else(|_| "plain".into());
+        FakeVm::start(self, tap, index, fake_vmm, &datapath)
+    }
+
+    /// A fake VM on an explicit datapath (`plain` or `vhost`).
+    pub fn add_vm_on(
+        &self,
+        tap: &str,
+        index: u8,
+        fake_vmm: &Path,
+        datapath: &str,
+    ) -> anyhow::Result<FakeVm> {
+        FakeVm::start(self, tap, index, fake_vmm, datapath)
     }
 }
 
@@ -166,25 +180,41 @@ pub struct FakeVm {
     pub guest: NetNs,
     pub guest_mac: String,
     pub control: PathBuf,
+    /// The fake VMM's pid (its vhost worker is `vhost-<pid>`).
+    pub vmm_pid: u32,
     node_ns: String,
     vmm: Child,
 }
 
 impl FakeVm {
-    fn start(node: &ComputeNode, tap: &str, index: u8, fake_vmm: &Path) -> anyhow::Result<Self> {
+    fn start(
+        node: &ComputeNode,
+        tap: &str,
+        index: u8,
+        fake_vmm: &Path,
+        datapath: &str,
+    ) -> anyhow::Result<Self> {
         let guest = NetNs::create(&format!("{}-vm{index}", node.prefix))?;
         // libvirt's convention: the tap's MAC is the guest's with fe:.
         let guest_mac = format!("52:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
         let tap_mac = format!("fe:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
         node.create_tap(tap, &tap_mac)?;
         let control = node.dir.join(format!("{tap}.ctl"));
-        // HVNET_LAB_DATAPATH=vhost runs every fake VM on /dev/vhost-net.
-        let datapath = std::env::var("HVNET_LAB_DATAPATH").unwrap_or_else(|_| "plain".into());
-        let mut vmm = Command::new(fake_vmm)
-            .args(["--node-netns", node.ns.name(), "--tap", tap])
-            .args(["--datapath", &datapath])
+        let mut cmd = Command::new(fake_vmm);
+        cmd.args(["--node-netns", node.ns.name(), "--tap", tap])
+            .args(["--datapath", datapath])
             .args(["--guest-netns", guest.name(), "--control"])
-            .arg(&control)
+            .arg(&control);
+        if datapath == "vhost" {
+            // As QEMU with vhost=on is seen on a node: a VMM by its
+            // -name/-uuid, holding the tap and /dev/vhost-net.
+            cmd.args(["--", "-name", &format!("guest={tap}-vm,debug-threads=on")])
+                .args([
+                    "-uuid",
+                    &format!("00000000-0000-4000-8000-0000000000{index:02x}"),
+                ]);
+        }
+        let mut vmm = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -198,6 +228,7 @@ impl FakeVm {
             bail!("fake-vmm for {tap} did not start: {line:?}");
         }
         let vm = Self {
+            vmm_pid: vmm.id(),
             tap: tap.to_owned(),
             guest,
             guest_mac,

@@ -58,6 +58,10 @@ struct Args {
     /// userspace tap backend) or `vhost` (/dev/vhost-net).
     #[arg(long, default_value = "plain")]
     datapath: String,
+    /// QEMU-style identity after `--` (`-name guest=...`, `-uuid ...`):
+    /// only there to be read from /proc/<pid>/cmdline, as QEMU's are.
+    #[arg(last = true)]
+    _qemu_args: Vec<String>,
 }
 
 const MODE_RUNNING: u8 = 0;

@@ -172,12 +172,7 @@ fn main() -> anyhow::Result<()> {
                 .collect();
             let lab = std::env::current_exe()?;
             let run = hvnet_lab::nodevm::matrix::boot_node(
-                &kernel,
-                "adhoc",
-                &lab,
-                &[],
-                &steps,
-                &work_dir,
+                &kernel, "adhoc", &lab, &bins, &steps, &work_dir,
             )?;
             for step in &run.steps {
                 println!(

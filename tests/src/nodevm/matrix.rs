@@ -32,7 +32,16 @@ pub struct Check {
     pub name: &'static str,
     /// Runs only where the kernel has TCX (6.6+); elsewhere "n/a".
     pub tcx_only: bool,
+    /// Runs on the vhost-net datapath (needs /dev/vhost-net; "n/a" without).
+    pub vhost: bool,
 }
+
+/// Environment of a vhost check: every fake VM on /dev/vhost-net, and the
+/// vhost test may not skip.
+const VHOST_ENV: &[(&str, &str)] = &[
+    ("HVNET_LAB_DATAPATH", "vhost"),
+    ("HVNET_REQUIRE_VHOST", "1"),
+];
 
 pub const CHECKS: &[Check] = &[
     Check {
@@ -40,42 +49,77 @@ pub const CHECKS: &[Check] = &[
         test: "tc_lab",
         name: "counts_equal_what_the_vmm_relayed_per_direction_and_class",
         tcx_only: false,
+        vhost: false,
     },
     Check {
         label: "clsact+kill9",
         test: "tc_lab",
         name: "netlink_mode_filters_sit_beside_foreign_ones_and_survive_kill_9_then_restart_cleans_up",
         tcx_only: false,
+        vhost: false,
     },
     Check {
         label: "tcx+sigterm",
         test: "tc_lab",
         name: "tcx_mode_coexists_with_a_foreign_filter_and_sigterm_removes_only_hvnet",
         tcx_only: true,
+        vhost: false,
     },
     Check {
         label: "tcx+kill9",
         test: "tc_lab",
         name: "kill_9_in_tcx_mode_leaves_nothing_attached_and_a_restart_counts_again",
         tcx_only: true,
+        vhost: false,
     },
     Check {
         label: "stall",
         test: "stall_lab",
         name: "rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted",
         tcx_only: false,
+        vhost: false,
     },
     Check {
         label: "paused",
         test: "stall_lab",
         name: "paused_and_vmm_less_vms_are_never_called_rx_stalled",
         tcx_only: false,
+        vhost: false,
     },
     Check {
         label: "dhcp-in-stall",
         test: "dhcp_lab",
         name: "udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_delivered_after_recovery",
         tcx_only: false,
+        vhost: false,
+    },
+    Check {
+        label: "vhost",
+        test: "vhost_lab",
+        name: "vhost_net_counts_exactly_names_vmm_and_worker_and_sees_tun_recvmsg",
+        tcx_only: false,
+        vhost: true,
+    },
+    Check {
+        label: "vhost stall",
+        test: "stall_lab",
+        name: "rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted",
+        tcx_only: false,
+        vhost: true,
+    },
+    Check {
+        label: "vhost paused",
+        test: "stall_lab",
+        name: "paused_and_vmm_less_vms_are_never_called_rx_stalled",
+        tcx_only: false,
+        vhost: true,
+    },
+    Check {
+        label: "vhost dhcp-in-stall",
+        test: "dhcp_lab",
+        name: "udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_delivered_after_recovery",
+        tcx_only: false,
+        vhost: true,
     },
 ];
 
@@ -115,26 +159,35 @@ fn tcx_capable(release: &str) -> bool {
 }
 
 /// The plan for one kernel: the report, then every check that applies.
-fn plan(inputs: &MatrixInputs, tcx: bool) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+fn plan(
+    inputs: &MatrixInputs,
+    tcx: bool,
+    vhost: bool,
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
     let mut steps = vec![(
         REPORT_STEP.to_owned(),
         vec![inputs.lab_bin.display().to_string(), "kernel-report".into()],
     )];
-    for check in CHECKS.iter().filter(|c| tcx || !c.tcx_only) {
+    let applies = |c: &&Check| (tcx || !c.tcx_only) && (vhost || !c.vhost);
+    for check in CHECKS.iter().filter(applies) {
         let bin = inputs
             .test_bins
             .get(check.test)
             .with_context(|| format!("no test binary for {}", check.test))?;
-        steps.push((
-            check.label.to_owned(),
-            vec![
-                bin.display().to_string(),
-                "--exact".into(),
-                check.name.into(),
-                "--test-threads=1".into(),
-                "--nocapture".into(),
-            ],
-        ));
+        // `env K=V ... test-binary ...`: the same line on the host and in the VM.
+        let mut argv = Vec::new();
+        if check.vhost {
+            argv.push("env".to_owned());
+            argv.extend(VHOST_ENV.iter().map(|(k, v)| format!("{k}={v}")));
+        }
+        argv.extend([
+            bin.display().to_string(),
+            "--exact".into(),
+            check.name.into(),
+            "--test-threads=1".into(),
+            "--nocapture".into(),
+        ]);
+        steps.push((check.label.to_owned(), argv));
     }
     Ok(steps)
 }
@@ -184,7 +237,8 @@ fn run_on_host(inputs: &MatrixInputs) -> anyhow::Result<KernelRow> {
         release: release.clone(),
         ..Default::default()
     };
-    for (label, argv) in plan(inputs, tcx_capable(&release))? {
+    let vhost = Path::new("/dev/vhost-net").exists();
+    for (label, argv) in plan(inputs, tcx_capable(&release), vhost)? {
         let started = std::time::Instant::now();
         let out = Command::new(&argv[0])
             .args(&argv[1..])
@@ -262,7 +316,8 @@ pub fn boot_node(
 
 fn run_in_vm(inputs: &MatrixInputs, label: &str, cache: &Path) -> anyhow::Result<KernelRow> {
     let release = release_of(&GuestImage::locate(cache)?);
-    let steps = plan(inputs, tcx_capable(&release))?;
+    // The node VM loads vhost_net (a failed insmod is reported).
+    let steps = plan(inputs, tcx_capable(&release), true)?;
     let bins: Vec<&Path> = inputs.test_bins.values().map(PathBuf::as_path).collect();
     let run = boot_node(
         cache,
