@@ -148,7 +148,10 @@ impl VhostNet {
             "VHOST_SET_OWNER",
         )?;
         let mut features = 0u64;
-        ioctl(fd, VHOST_GET_FEATURES, &mut features, "VHOST_GET_FEATURES")?;
+        // SAFETY: VHOST_GET_FEATURES writes one u64.
+        if unsafe { libc::ioctl(fd, VHOST_GET_FEATURES, &mut features as *mut u64) } < 0 {
+            bail!("VHOST_GET_FEATURES: {}", std::io::Error::last_os_error());
+        }
         // Legacy virtio-net with no offloads: nothing to negotiate.
         ioctl(fd, VHOST_SET_FEATURES, &0u64, "VHOST_SET_FEATURES")?;
 
@@ -390,7 +393,7 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_linux_vhost_h() {
         // _IOW(0xAF, nr, size) = (1 << 30) | (size << 16) | (0xAF << 8) | nr
-        let iow = |nr: u64, size: usize| ((1u64 << 30) | ((size as u64) << 16) | (0xaf << 8) | nr);
+        let iow = |nr: u64, size: usize| (1u64 << 30) | ((size as u64) << 16) | (0xaf << 8) | nr;
         assert_eq!(u64::from(VHOST_SET_FEATURES as u32), iow(0x00, 8));
         assert_eq!(u64::from(VHOST_SET_MEM_TABLE as u32), iow(0x03, 8));
         assert_eq!(

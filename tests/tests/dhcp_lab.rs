@@ -11,7 +11,7 @@ use hvnet_lab::{
     agent::hvnet_bin,
     expect::eventually,
     metrics::{self, Sample},
-    node::FakeVm,
+    node::{ComputeNode, FakeVm},
     testkit::{lab_with_one_vm, require_root, Background},
     vmm::VmmMode,
     BRIDGE_ADDR, PEER_ADDR,
@@ -56,6 +56,24 @@ fn keep_sending(vm: &FakeVm) -> anyhow::Result<Child> {
         .spawn()?)
 }
 
+/// The incident's load: a steady UDP stream from the node toward the VM's
+/// leased address. A vhost-net guest that stops taking RX buffers still has
+/// a ring of them posted (256 here, as virtio-net posts): the worker fills
+/// those first, and only then does the tap back up. Under load that takes a
+/// moment, as in the incident; with a couple of pings a second, minutes.
+fn load_toward(node: &ComputeNode, vm: &FakeVm) -> anyhow::Result<Child> {
+    let ip = vm
+        .ipv4()?
+        .ok_or_else(|| anyhow::anyhow!("the guest has no address to load"))?;
+    Ok(node
+        .ns
+        .command(env!("CARGO_BIN_EXE_hvnet-lab"))
+        .args(["udp-send", "--to", &format!("{ip}:9"), "--pps", "300"])
+        .args(["--seconds", "120"])
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
 #[test]
 fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_delivered_after_recovery(
 ) -> anyhow::Result<()> {
@@ -84,6 +102,7 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
         },
     )?;
     background.0.push(keep_sending(&vm)?);
+    background.0.push(load_toward(&node, &vm)?);
 
     // `hvnet events` follows the live stream for the rest of the test.
     let events_log = node.dir.join("events.jsonl");
@@ -138,7 +157,8 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
     let text = agent.explain(&node.ns, "tapu0")?;
     eprintln!("--- hvnet explain tapu0 ---\n{text}---");
     assert!(
-        text.starts_with("VM tapu0 (tapu0): rx_stalled since"),
+        // Named by the tap, or (vhost datapath) by the VMM's -name.
+        text.starts_with("VM ") && text.contains(" (tapu0): rx_stalled since"),
         "{text}"
     );
     assert!(text.contains("RX stalled (backlog"), "{text}");
@@ -193,17 +213,18 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
     let kinds: Vec<&str> = lines.iter().filter_map(|l| l["kind"].as_str()).collect();
-    for wanted in [
-        "stall",
-        "dhcp_client",
-        "dhcp_reply_queued",
-        "dhcp_reply_undelivered",
-    ] {
+    for wanted in ["stall", "dhcp_client", "dhcp_reply_queued"] {
         assert!(
             kinds.contains(&wanted),
             "no {wanted} in `hvnet events`: {kinds:?}"
         );
     }
+    // Under load the tap's queue is full: an ACK is dropped there (the
+    // incident), or, with room left, waits undelivered. Either way, said.
+    assert!(
+        kinds.contains(&"dhcp_reply_undelivered") || kinds.contains(&"dhcp_reply_dropped"),
+        "no undelivered or dropped reply in `hvnet events`: {kinds:?}"
+    );
     assert!(lines.iter().all(|l| l["iface"] == "tapu0"));
     Ok(())
 }

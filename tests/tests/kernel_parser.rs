@@ -1,5 +1,9 @@
-//! The kernel's DHCP parser against the reference parser, frame by frame,
+//! The kernel's DHCP parsing against the reference parser, frame by frame,
 //! through BPF_PROG_TEST_RUN: the malformed corpus and well-formed frames.
+//! The kernel locates the message, reads its fixed header and copies its
+//! options; decoding the ring record walks the copy with the shared option
+//! walker, so this checks the kernel's locating, header reads and copy
+//! (offset, length, the "frame goes on" bit) against the reference.
 //! Every run must also return "continue" (fail-open) whatever the bytes.
 
 use aya::{

@@ -39,7 +39,8 @@ enum Task {
         #[arg(long, conflicts_with_all = ["unit_only", "soak"])]
         qemu: bool,
         /// Only the kernel matrix: the core lab checks on this kernel and on
-        /// Debian's 6.1 and 6.12 booted as compute nodes under QEMU.
+        /// Debian's 6.1 and 6.12 booted as compute nodes under QEMU (also
+        /// the last step of a full test run).
         #[arg(long, conflicts_with_all = ["unit_only", "soak", "qemu"])]
         kernels: bool,
     },
@@ -207,12 +208,17 @@ fn test(root: &Path, unit_only: bool) -> anyhow::Result<()> {
     let artifacts = dist::build(root, env!("CARGO_PKG_VERSION"))?;
     // Privileged tier: real netns, taps, dnsmasq, QEMU and the agent; they
     // share kernel state (tc, netns names), so one at a time.
-    run(lab_tests(root).env("HVNET_DEB", &artifacts.deb).args([
+    let lab = run(lab_tests(root).env("HVNET_DEB", &artifacts.deb).args([
         "--no-fail-fast",
         "--tests",
         "--",
         "--test-threads=1",
-    ]))
+    ]));
+    // The same core checks on Debian's 6.1 and 6.12 booted as compute
+    // nodes (and the vhost-net datapath there); runs even if a lab test
+    // failed, so one run shows both.
+    let kernels = kernel_matrix(root);
+    lab.and(kernels)
 }
 
 /// The lab tests the kernel matrix runs, built; name -> executable.

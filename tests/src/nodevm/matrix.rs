@@ -25,7 +25,8 @@ use crate::{
 /// One core lab check: a lab test run by exact name.
 #[derive(Debug, Clone, Copy)]
 pub struct Check {
-    /// Step label and table column.
+    /// Step label and table column (one word: the console protocol splits
+    /// on spaces).
     pub label: &'static str,
     /// The test binary (a file under tests/tests).
     pub test: &'static str,
@@ -101,21 +102,21 @@ pub const CHECKS: &[Check] = &[
         vhost: true,
     },
     Check {
-        label: "vhost stall",
+        label: "vhost-stall",
         test: "stall_lab",
         name: "rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted",
         tcx_only: false,
         vhost: true,
     },
     Check {
-        label: "vhost paused",
+        label: "vhost-paused",
         test: "stall_lab",
         name: "paused_and_vmm_less_vms_are_never_called_rx_stalled",
         tcx_only: false,
         vhost: true,
     },
     Check {
-        label: "vhost dhcp-in-stall",
+        label: "vhost-dhcp-in-stall",
         test: "dhcp_lab",
         name: "udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_delivered_after_recovery",
         tcx_only: false,
@@ -421,9 +422,22 @@ pub fn render(rows: &[KernelRow]) -> String {
                 out.push_str(&format!("    {line}\n"));
             }
         }
-        let missing: Vec<&str> = report_values(row, "probe")
+        // A probe attached by one kind (kprobe) is not missing when the
+        // other kind (fentry) was not needed.
+        let probes = report_values(row, "probe");
+        let attached_names: Vec<&str> = probes
+            .iter()
+            .filter(|p| p.split_whitespace().nth(2) == Some("1"))
+            .filter_map(|p| p.split_whitespace().next())
+            .collect();
+        let missing: Vec<&str> = probes
             .into_iter()
             .filter(|p| p.split_whitespace().nth(2) == Some("0"))
+            .filter(|p| {
+                p.split_whitespace()
+                    .next()
+                    .is_some_and(|name| !attached_names.contains(&name))
+            })
             .collect();
         for probe in missing {
             out.push_str(&format!(
