@@ -109,8 +109,13 @@ impl Agent {
             }
             None => ns.command(&bin),
         };
-        cmd.args(["run", "--listen", &addr.to_string()])
-            .args(extra)
+        cmd.args(["run", "--listen", &addr.to_string()]);
+        // Lab tests compare every breakdown series, zeros included: full
+        // detail unless the test chooses (a missing series is never a 0).
+        if !extra.contains(&"--metrics-detail") {
+            cmd.args(["--metrics-detail", "full"]);
+        }
+        cmd.args(extra)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

@@ -26,6 +26,7 @@ pub mod node;
 pub mod nodevm;
 pub mod pki;
 pub mod promstack;
+pub mod scale;
 pub mod tap;
 pub mod testkit;
 pub mod vhost;

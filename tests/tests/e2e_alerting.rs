@@ -47,10 +47,11 @@ fn a_stall_with_dhcp_retries_pages_with_vm_labels_resolves_and_every_dashboard_q
     let mut node = ComputeNode::create(&unique_prefix("e"))?;
     node.start_dhcp_server("2m")?;
     let vm = node.add_vm("tape0", 0, &PathBuf::from(env!("CARGO_BIN_EXE_fake-vmm")))?;
+    // The detail operators run by default: the alerts must work with it.
     let agent = Agent::start(
         &node.ns,
         9478,
-        &["--interfaces", "tape*"],
+        &["--interfaces", "tape*", "--metrics-detail", "default"],
         &node.dir.join("hvnet.log"),
     )?;
     let rules = hvnet_lab::dashboards::dir()

@@ -189,3 +189,68 @@ fn beyond_max_interfaces_taps_wait_instead_of_losing_counts() -> anyhow::Result<
     )?;
     Ok(())
 }
+
+/// Series that carry `iface`.
+fn series_of(samples: &[Sample], iface: &str) -> usize {
+    samples
+        .iter()
+        .filter(|s| s.labels.get("iface").map(String::as_str) == Some(iface))
+        .count()
+}
+
+#[test]
+fn idle_taps_cost_at_most_twenty_series_each_by_default_and_sixty_in_full_detail(
+) -> anyhow::Result<()> {
+    require_root();
+    const IDLE: usize = 20;
+    let node = ComputeNode::create(&unique_prefix("q"))?;
+    for i in 0..IDLE {
+        node.ns
+            .ip(&["tuntap", "add", "dev", &format!("tapq{i}"), "mode", "tap"])?;
+        node.ns
+            .ip(&["link", "set", &format!("tapq{i}"), "master", "br0", "up"])?;
+    }
+    let mut per_tap = Vec::new();
+    for (detail, port) in [("default", 9478), ("full", 9479)] {
+        let mut agent = Agent::start(
+            &node.ns,
+            port,
+            &["--interfaces", "tapq*", "--metrics-detail", detail],
+            &node.dir.join(format!("hvnet-{detail}.log")),
+        )?;
+        // Attached, and every tap's state evaluated (its gauges are out).
+        eventually(
+            &agent,
+            &node.ns,
+            Duration::from_secs(10),
+            "every idle tap exported",
+            |s| {
+                attached(s) == Some(IDLE as f64)
+                    && (0..IDLE).all(|i| {
+                        let iface = format!("tapq{i}");
+                        metrics::value(s, "hvnet_vm_rx_stalled", &[("iface", &iface)]).is_some()
+                    })
+            },
+        )?;
+        let samples = agent.scrape(&node.ns)?;
+        let counts: Vec<usize> = (0..IDLE)
+            .map(|i| series_of(&samples, &format!("tapq{i}")))
+            .collect();
+        let most = counts.iter().copied().max().unwrap_or(0);
+        let least = counts.iter().copied().min().unwrap_or(0);
+        eprintln!("{detail}: {least}..{most} series per idle tap");
+        per_tap.push((detail, least, most));
+        agent.terminate(Duration::from_secs(5))?;
+    }
+    let (_, default_least, default_most) = per_tap[0];
+    let (_, full_least, _) = per_tap[1];
+    assert!(
+        default_most <= 20 && default_least >= 12,
+        "default detail: {default_least}..{default_most} series per idle tap"
+    );
+    assert!(
+        full_least >= 55,
+        "full detail shows every breakdown: {full_least} series per idle tap"
+    );
+    Ok(())
+}

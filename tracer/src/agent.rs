@@ -101,6 +101,7 @@ pub struct AgentState {
     identities: Mutex<HashMap<String, Identity>>,
     identity_refreshed: Mutex<f64>,
     project_label: bool,
+    metrics_detail: crate::config::MetricsDetail,
     departed: Mutex<DepartedSeries>,
 }
 
@@ -147,6 +148,7 @@ impl AgentState {
             identities: Mutex::new(HashMap::new()),
             identity_refreshed: Mutex::new(f64::NEG_INFINITY),
             project_label: config.project_label,
+            metrics_detail: config.metrics_detail,
             departed: Mutex::new(DepartedSeries::new(config.series_grace)),
         }
     }
@@ -214,6 +216,7 @@ impl AgentState {
             attach_mechanism: self.mechanism.to_owned(),
             events_lost: snapshot.events_lost,
             project_label: self.project_label,
+            full_detail: self.metrics_detail == crate::config::MetricsDetail::Full,
             waiting: {
                 let waiting = lock(&self.waiting);
                 [WaitReason::FdLimit, WaitReason::Capacity]
@@ -481,9 +484,10 @@ impl AgentState {
         );
         let changed = !plan.attach.is_empty() || !plan.detach.is_empty();
         self.keep_final_counters(&plan.detach);
-        for ifindex in plan.detach {
+        for &ifindex in &plan.detach {
             self.forget(ifindex);
         }
+        lock(&self.maps).forget_interfaces(&plan.detach);
         self.attach_within_limits(plan.attach);
         let any_weak = lock(&self.identities).values().any(Identity::is_weak);
         let every = if any_weak {
@@ -521,6 +525,10 @@ impl AgentState {
         // Cannot tell: try them all.
         let (fd_budget, open, limit) = crate::fd_limit::attach_budget().unwrap_or((u64::MAX, 0, 0));
         let mut waiting = BTreeMap::new();
+        // Counters left by earlier interfaces with these ifindexes are not
+        // theirs: cleared in one pass before attaching.
+        let fresh: Vec<u32> = links.iter().map(|l| l.ifindex).collect();
+        lock(&self.maps).forget_interfaces(&fresh);
         let mut tried = 0usize;
         for link in links {
             if tried >= room {
@@ -563,10 +571,6 @@ impl AgentState {
         // A departed VM's series under this name end now: the name's
         // series are the new tap's from its first scrape.
         lock(&self.departed).forget_name(&link.name);
-        // Counters left by an earlier interface with this ifindex are not ours.
-        if let Err(err) = lock(&self.maps).forget_interface(link.ifindex) {
-            log::warn!("{}: clearing old counters: {err}", link.name);
-        }
         let result = lock(&self.probes).attach(link.ifindex, &link.name);
         match result {
             Ok(()) => {
@@ -605,9 +609,6 @@ impl AgentState {
         let name = lock(&self.probes).detach(ifindex);
         lock(&self.attached).remove(&ifindex);
         lock(&self.records).remove(&ifindex);
-        if let Err(err) = lock(&self.maps).forget_interface(ifindex) {
-            log::warn!("ifindex {ifindex}: clearing counters: {err}");
-        }
         if let Some(name) = name {
             log::info!("detached from {name} (ifindex {ifindex}): interface gone or renamed");
         }
@@ -755,8 +756,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.listen
         )
     })?;
-    let (probes, maps, events) =
+    let (mut probes, maps, events) =
         TcProbes::load(&config.btf, config.attach_mode, config.max_interfaces)?;
+    match probes.take_logger() {
+        Some(logger) => {
+            tokio::spawn(crate::ebpf_log::forward(logger));
+        }
+        None => log::debug!("the eBPF object has no aya-log map: its programs do not log"),
+    }
     let state = Arc::new(AgentState::new(probes, maps, &config));
     let mut reader = EventReader::new(events)?;
     let events_task = {

@@ -148,6 +148,10 @@ pub struct RunArgs {
     /// Most taps attached at once (kernel maps are sized for them; taps beyond wait) [default: 4096].
     #[arg(long)]
     pub max_interfaces: Option<u64>,
+    /// Series per tap: `default` (16 for an idle tap; breakdowns by class, DHCP type, verdict and
+    /// client state appear once non-zero) or `full` (every breakdown from 0: 60).
+    #[arg(long, value_name = "default|full")]
+    pub metrics_detail: Option<String>,
 }
 
 impl RunArgs {
@@ -165,6 +169,7 @@ impl RunArgs {
             project_label: self.project_label,
             web_config_file: self.web_config_file.clone(),
             max_interfaces: self.max_interfaces,
+            metrics_detail: self.metrics_detail.clone(),
         }
     }
 }

@@ -324,32 +324,43 @@ impl KernelMaps {
     /// Stops counting an interface and drops all its counters, so that a
     /// new interface reusing the ifindex starts from zero instead of
     /// inheriting another VM's totals.
-    pub fn forget_interface(&mut self, ifindex: u32) -> Result<(), CollectError> {
-        let dev = self.dev(ifindex);
-        let _ = self.monitored.remove(&dev);
-        let _ = self.set_ifindex_bit(ifindex, false);
+    /// Removes every trace of these interfaces from the maps: one pass over
+    /// the maps keyed by more than the interface, however many interfaces
+    /// (a node starting with 2000 taps, or an evacuation removing them all,
+    /// must not walk the maps once per tap).
+    pub fn forget_interfaces(&mut self, ifindexes: &[u32]) {
+        if ifindexes.is_empty() {
+            return;
+        }
+        let wanted: std::collections::HashSet<u32> = ifindexes.iter().copied().collect();
+        let devs: std::collections::HashSet<DevKey> =
+            ifindexes.iter().map(|i| self.dev(*i)).collect();
+        for &ifindex in ifindexes {
+            let dev = self.dev(ifindex);
+            let _ = self.monitored.remove(&dev);
+            let _ = self.set_ifindex_bit(ifindex, false);
+            let _ = self.dequeued.remove(&dev);
+            let _ = self.vhost_rx.remove(&dev);
+            let _ = self.throttled.remove(&ifindex);
+        }
         let counter_keys: Vec<CounterKey> = self
             .counters
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.ifindex == ifindex)
+            .filter(|k| wanted.contains(&k.ifindex))
             .collect();
         for key in &counter_keys {
             let _ = self.counters.remove(key);
         }
-        let _ = self.dequeued.remove(&dev);
-        let _ = self.vhost_rx.remove(&dev);
-        let _ = self.throttled.remove(&ifindex);
         let drop_keys: Vec<DropKey> = self
             .drops
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| k.dev == dev)
+            .filter(|k| devs.contains(&k.dev))
             .collect();
         for key in &drop_keys {
             let _ = self.drops.remove(key);
         }
-        Ok(())
     }
 }
 

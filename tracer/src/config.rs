@@ -62,6 +62,8 @@ pub enum ConfigError {
     AttachMode(String),
     #[error("invalid max_interfaces {0}: use 1 to 65536")]
     MaxInterfaces(u64),
+    #[error("invalid metrics_detail {0:?}: use default or full")]
+    MetricsDetail(String),
 }
 
 /// How the tc programs are attached to an interface.
@@ -106,6 +108,8 @@ pub struct FileConfig {
     /// exporter-toolkit web config (TLS, basic auth, headers).
     pub web_config_file: Option<PathBuf>,
     pub max_interfaces: Option<u64>,
+    /// `default` or `full` (see [`MetricsDetail`]).
+    pub metrics_detail: Option<String>,
 }
 
 impl FileConfig {
@@ -141,6 +145,30 @@ pub struct FlagOverrides {
     pub project_label: Option<bool>,
     pub web_config_file: Option<PathBuf>,
     pub max_interfaces: Option<u64>,
+    pub metrics_detail: Option<String>,
+}
+
+/// How many series each tap gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetricsDetail {
+    /// Per-tap series that alerts and the overview need, always (also at
+    /// 0, states one-hot); breakdowns (class, DHCP type, verdict, client
+    /// state, malformed, throttled) only once non-zero. An idle tap has 16
+    /// series.
+    #[default]
+    Default,
+    /// Every breakdown series from the start, at 0 (60 series per tap).
+    Full,
+}
+
+impl MetricsDetail {
+    fn parse(text: &str) -> Result<Self, ConfigError> {
+        match text {
+            "default" => Ok(Self::Default),
+            "full" => Ok(Self::Full),
+            other => Err(ConfigError::MetricsDetail(other.to_owned())),
+        }
+    }
 }
 
 /// The resolved configuration the agent runs with.
@@ -165,6 +193,7 @@ pub struct Config {
     /// Most taps attached at once; the kernel maps are sized for them and
     /// taps beyond are refused (log + hvnet_agent_interfaces_waiting).
     pub max_interfaces: u32,
+    pub metrics_detail: MetricsDetail,
 }
 
 impl Config {
@@ -229,6 +258,10 @@ impl Config {
             Some(n) if (1..=u64::from(MAX_MAX_INTERFACES)).contains(&n) => n as u32,
             Some(n) => return Err(ConfigError::MaxInterfaces(n)),
         };
+        let metrics_detail = match flags.metrics_detail.or(file.metrics_detail) {
+            Some(text) => MetricsDetail::parse(&text)?,
+            None => MetricsDetail::Default,
+        };
 
         Ok(Self {
             listen,
@@ -243,6 +276,7 @@ impl Config {
             project_label,
             web_config_file,
             max_interfaces,
+            metrics_detail,
         })
     }
 }
@@ -306,6 +340,31 @@ mod tests {
             let err = Config::resolve(file(bad).unwrap(), FlagOverrides::default()).unwrap_err();
             assert!(err.to_string().contains("max_interfaces"), "{err}");
         }
+    }
+
+    #[test]
+    fn metrics_detail_is_default_unless_the_file_or_the_flag_says_full() {
+        let cfg = Config::resolve(FileConfig::default(), FlagOverrides::default()).unwrap();
+        assert_eq!(cfg.metrics_detail, MetricsDetail::Default);
+        let full = file("metrics_detail = \"full\"").unwrap();
+        assert_eq!(
+            Config::resolve(full, FlagOverrides::default())
+                .unwrap()
+                .metrics_detail,
+            MetricsDetail::Full
+        );
+        let back = FlagOverrides {
+            metrics_detail: Some("default".into()),
+            ..Default::default()
+        };
+        let full = file("metrics_detail = \"full\"").unwrap();
+        assert_eq!(
+            Config::resolve(full, back).unwrap().metrics_detail,
+            MetricsDetail::Default
+        );
+        let typo = file("metrics_detail = \"fulll\"").unwrap();
+        let err = Config::resolve(typo, FlagOverrides::default()).unwrap_err();
+        assert!(err.to_string().contains("use default or full"), "{err}");
     }
 
     #[test]

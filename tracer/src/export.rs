@@ -30,6 +30,9 @@ pub struct Exposition {
     pub events_lost: u64,
     /// Whether hvnet_vm_info carries the VM's project (config `project_label`).
     pub project_label: bool,
+    /// `metrics_detail = full`: every breakdown series from 0. Otherwise
+    /// breakdowns appear once non-zero (see config::MetricsDetail).
+    pub full_detail: bool,
     /// Each kernel map this scrape read, and whether the read worked. The
     /// series of an unreadable map are left out, never shown as zero.
     pub map_reads: Vec<(&'static str, bool)>,
@@ -175,6 +178,15 @@ const DIRECTION_HELP: &str = "direction is from the VM's point of view: to_vm = 
 offered to the VM (tap transmit, tc egress), from_vm = frames the VM sent (tap receive, tc \
 ingress); libvirt's domifstat swaps these";
 
+/// A breakdown series (by class, DHCP type, verdict...): always in full
+/// detail, else only once it has counted something. Series that alerts
+/// read without a breakdown label are always exported.
+fn push_breakdown(family: &mut MetricFamily, full: bool, labels: &[(&str, &str)], value: f64) {
+    if full || value != 0.0 {
+        family.mut_metric().push(counter(labels, value));
+    }
+}
+
 pub fn render(view: &Exposition) -> Result<String, prometheus::Error> {
     // The text encoder refuses families without samples (no VMs yet).
     let families: Vec<MetricFamily> = families(view)
@@ -216,8 +228,8 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
                     ("direction", direction_label(dir)),
                     ("class", class_label(cls)),
                 ];
-                packets.mut_metric().push(counter(&labels, p as f64));
-                bytes.mut_metric().push(counter(&labels, b as f64));
+                push_breakdown(&mut packets, view.full_detail, &labels, p as f64);
+                push_breakdown(&mut bytes, view.full_detail, &labels, b as f64);
             }
         }
         let mut labels = vec![
@@ -286,10 +298,12 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         MetricType::COUNTER,
     );
     for vm in &view.vms {
-        throttled.mut_metric().push(counter(
+        push_breakdown(
+            &mut throttled,
+            view.full_detail,
             &[("iface", vm.iface.as_str())],
             vm.events_throttled as f64,
-        ));
+        );
     }
     let mut vhost = family(
         "hvnet_vm_vhost_rx_calls_total",
@@ -349,6 +363,7 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
             if is_stalled { 1.0 } else { 0.0 },
         ));
         for state in VmState::ALL {
+            // One-hot in both details: "is it rx_stalled?" reads 0, never absent.
             let current = if state == health.state { 1.0 } else { 0.0 };
             vm_state.mut_metric().push(gauge(
                 &[("iface", iface), ("state", state.as_str())],
@@ -406,17 +421,21 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         let c = &dhcp.counters;
         for (d, dir) in ["to_vm", "from_vm"].into_iter().enumerate() {
             for (i, t) in MessageType::ALL.iter().enumerate() {
-                dhcp_packets.mut_metric().push(counter(
+                push_breakdown(
+                    &mut dhcp_packets,
+                    view.full_detail,
                     &[("iface", iface), ("direction", dir), ("type", t.as_str())],
                     c.packets[d][i] as f64,
-                ));
+                );
             }
         }
         for (i, s) in ClientState::ALL.iter().enumerate() {
-            retries.mut_metric().push(counter(
+            push_breakdown(
+                &mut retries,
+                view.full_detail,
                 &[("iface", iface), ("state", s.as_str())],
                 c.retries[i] as f64,
-            ));
+            );
         }
         retries_stall
             .mut_metric()
@@ -433,14 +452,19 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
                 .push(gauge(&[("iface", iface)], remaining));
         }
         for (i, v) in Verdict::ALL.iter().enumerate() {
-            transactions.mut_metric().push(counter(
+            push_breakdown(
+                &mut transactions,
+                view.full_detail,
                 &[("iface", iface), ("verdict", v.as_str())],
                 c.transactions[i] as f64,
-            ));
+            );
         }
-        malformed
-            .mut_metric()
-            .push(counter(&[("iface", iface)], c.malformed as f64));
+        push_breakdown(
+            &mut malformed,
+            view.full_detail,
+            &[("iface", iface)],
+            c.malformed as f64,
+        );
     }
 
     let mut lost = family(
@@ -776,6 +800,7 @@ mod tests {
             attach_mechanism: "tcx".into(),
             events_lost: 2,
             project_label: false,
+            full_detail: true,
             map_reads: crate::collect::SNAPSHOT_MAPS
                 .iter()
                 .map(|m| (*m, true))
@@ -784,6 +809,67 @@ mod tests {
             map_update_failures: Some([0, 0, 1, 0, 0]),
             probe_read_errors: Some(0),
         }
+    }
+
+    /// Series that carry the tap's iface label.
+    fn tap_series(text: &str, iface: &str) -> Vec<String> {
+        let needle = format!("iface=\"{iface}\"");
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains(&needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn default_detail_keeps_an_idle_tap_to_sixteen_series_and_full_shows_all() {
+        let mut view = sample();
+        let vm = &mut view.vms[0];
+        vm.traffic = TrafficCounters::default();
+        vm.drops.clear();
+        vm.vhost_rx = None;
+        vm.health = Some(VmHealth {
+            state: VmState::Idle,
+            backlog: 0,
+            stalls_total: 0,
+            stall_seconds: 0.0,
+        });
+        vm.dhcp = Some(DhcpView {
+            counters: DhcpCounters::default(),
+            lease_remaining: None,
+            lease_address: None,
+            last_verdict: None,
+        });
+        view.full_detail = true;
+        let full = tap_series(&render(&view).unwrap(), "vnet0");
+        view.full_detail = false;
+        let default = tap_series(&render(&view).unwrap(), "vnet0");
+        assert_eq!(default.len(), 16, "{default:#?}");
+        assert_eq!(full.len(), 60, "{full:#?}");
+        // What alerts read is there at 0, and every state one-hot.
+        for kept in [
+            "hvnet_dhcp_retries_during_stall_total{iface=\"vnet0\"} 0",
+            "hvnet_dhcp_replies_undelivered_total{iface=\"vnet0\"} 0",
+            "hvnet_vm_rx_stalled{iface=\"vnet0\"} 0",
+            "hvnet_vm_state{iface=\"vnet0\",state=\"idle\"} 1",
+            "hvnet_vm_state{iface=\"vnet0\",state=\"rx_stalled\"} 0",
+        ] {
+            assert!(
+                default.iter().any(|l| l == kept),
+                "{kept} missing: {default:#?}"
+            );
+        }
+        assert!(!default.iter().any(|l| l.contains("class=")));
+        // A breakdown appears once it counts something.
+        view.vms[0].traffic.by_direction_class[usize::from(direction::FROM_VM)]
+            [usize::from(class::ARP)] = CounterValue {
+            packets: 1,
+            bytes: 42,
+        };
+        let text = render(&view).unwrap();
+        assert!(text.contains(
+            "hvnet_vm_packets_total{iface=\"vnet0\",direction=\"from_vm\",class=\"arp\"} 1"
+        ));
+        assert_eq!(tap_series(&text, "vnet0").len(), 18);
     }
 
     #[test]

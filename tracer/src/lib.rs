@@ -14,6 +14,7 @@ pub mod dhcp;
 pub mod dhcp_wire;
 pub mod drops;
 pub mod duration;
+pub mod ebpf_log;
 pub mod events;
 pub mod export;
 pub mod fd_limit;

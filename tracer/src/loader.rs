@@ -103,7 +103,7 @@ pub struct TcProbes {
     attached: BTreeMap<u32, InterfaceAttachment>,
     statuses: Vec<ProbeStatus>,
     drop_reasons: HashMap<u32, String>,
-    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    logger: Option<crate::ebpf_log::EbpfLogger>,
 }
 
 impl TcProbes {
@@ -207,11 +207,17 @@ impl TcProbes {
                 attached: BTreeMap::new(),
                 statuses,
                 drop_reasons,
-                _logger: logger,
+                logger,
             },
             maps,
             events,
         ))
+    }
+
+    /// The aya-log reader, if the object has aya-log's map (the agent
+    /// polls it: see `ebpf_log`).
+    pub fn take_logger(&mut self) -> Option<crate::ebpf_log::EbpfLogger> {
+        self.logger.take()
     }
 
     /// Kernel drop reason numbers to names (`full_ring`, ...).

@@ -124,6 +124,10 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(root.join("target/release/hvnet-lab"))
                 .arg("bench-cost")
                 .env("HVNET_BIN", root.join("target/release/hvnet")))?;
+            // A dense node: 500 and 2000 idle taps.
+            run(Command::new(root.join("target/release/hvnet-lab"))
+                .arg("bench-scale")
+                .env("HVNET_BIN", root.join("target/release/hvnet")))?;
             test_run
         }
         Task::Dist => {

@@ -80,6 +80,12 @@ enum LabCommand {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// hvnet on a dense node: attach time, RSS, idle CPU, /metrics latency
+    /// and SIGTERM time with N idle taps (one run per --taps).
+    BenchScale {
+        #[arg(long = "taps", default_values_t = [500usize, 2000])]
+        taps: Vec<usize>,
+    },
     /// Set a fake VMM's fault mode: running, rx_stall or paused.
     VmmMode { control: PathBuf, mode: String },
     /// What hvnet attaches on this kernel (one fake VM, attach_mode auto),
@@ -145,6 +151,15 @@ fn main() -> anyhow::Result<()> {
             let (rows, throughput) =
                 hvnet_lab::cost::run(&hvnet_lab::unique_prefix("c"), seconds, rounds)?;
             print!("{}", hvnet_lab::cost::render(&rows, &throughput));
+            Ok(())
+        }
+        LabCommand::BenchScale { taps } => {
+            let mut results = Vec::new();
+            for n in taps {
+                eprintln!("bench-scale: {n} taps");
+                results.push(hvnet_lab::scale::run(&hvnet_lab::unique_prefix("s"), n)?);
+            }
+            print!("{}", hvnet_lab::scale::render(&results));
             Ok(())
         }
         LabCommand::VmmMode { control, mode } => {
