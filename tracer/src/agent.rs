@@ -781,20 +781,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         })
     };
 
-    let mut watcher = LinkWatcher::start()?;
-    let present = watcher.dump().await?;
-    state.reconcile(&present, &config);
-    state.evaluate();
-    log::info!(
-        "hvnet {} watching {} ({} attached, poll {:?}, stall after {:?}), listening on {}",
-        env!("CARGO_PKG_VERSION"),
-        config.interfaces.globs().join(","),
-        state.interface_count(),
-        config.poll_interval,
-        config.stall_after,
-        config.listen
-    );
-
     if serve::exposed_without_protection(&config.listen, &web_config) {
         log::warn!(
             "serving {} on non-loopback {} with {}: anyone who reaches it reads VM names, UUIDs, MACs and lease addresses; set --web.config.file with tls_server_config and basic_auth_users",
@@ -815,7 +801,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let web = Arc::new(WebState::new(config.web_config_file.clone(), web_config));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Serving before the first attach: on a dense node with TCX that takes
+    // a while (an RCU grace period per hook, see README), and health checks
+    // and scrapes meanwhile see hvnet_agent_interfaces grow.
     let server = tokio::spawn(serve::run(listener, state.clone(), web, shutdown_rx));
+
+    let mut watcher = LinkWatcher::start()?;
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        let present = crate::link_dump::dump().context("listing interfaces over rtnetlink")?;
+        state.reconcile(&present, &config);
+        state.evaluate();
+        Ok(())
+    })?;
+    log::info!(
+        "hvnet {} watching {} ({} attached, poll {:?}, stall after {:?}), listening on {}",
+        env!("CARGO_PKG_VERSION"),
+        config.interfaces.globs().join(","),
+        state.interface_count(),
+        config.poll_interval,
+        config.stall_after,
+        config.listen
+    );
 
     let outcome = poll_loop(&state, &config, &mut watcher).await;
 
@@ -857,12 +863,17 @@ async fn poll_loop(
             }
             _ = poll.tick() => true,
         };
-        match watcher.dump().await {
+        // Attaching (kernel syscalls, an RCU grace period per TCX hook) and
+        // evaluating (map reads) block: off the async workers' hands, so
+        // scrapes are answered meanwhile.
+        tokio::task::block_in_place(|| match crate::link_dump::dump() {
             Ok(present) => state.reconcile(&present, config),
-            Err(err) => log::warn!("{err}; keeping the current attachments"),
-        }
+            Err(err) => log::warn!(
+                "listing interfaces over rtnetlink: {err}; keeping the current attachments"
+            ),
+        });
         if evaluate {
-            state.evaluate();
+            tokio::task::block_in_place(|| state.evaluate());
         }
     }
 }

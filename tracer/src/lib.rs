@@ -21,6 +21,7 @@ pub mod fd_limit;
 pub mod frames;
 pub mod identity;
 pub mod ifmatch;
+pub mod link_dump;
 pub mod links;
 pub mod loader;
 pub mod optional_probes;

@@ -1,16 +1,14 @@
-//! Which interfaces exist, via rtnetlink: a dump at start, then the kernel's
-//! link events (RTNLGRP_LINK) so that taps that appear are attached within a
-//! moment and taps that vanish are forgotten. `plan` decides what to change;
-//! it is pure so that reconciliation is unit-tested without privileges.
+//! Which interfaces exist: the kernel's link events (RTNLGRP_LINK, through
+//! rtnetlink) say when to look again, so that taps that appear are attached
+//! within a moment and taps that vanish are forgotten; the look itself is a
+//! dump (`link_dump`). `plan` decides what to change; it is pure so that
+//! reconciliation is unit-tested without privileges.
 
 use std::collections::BTreeMap;
 
-use futures::{channel::mpsc::UnboundedReceiver, StreamExt, TryStreamExt};
+use futures::{channel::mpsc::UnboundedReceiver, StreamExt};
 use netlink_packet_core::NetlinkMessage;
-use netlink_packet_route::{
-    link::{LinkAttribute, LinkFlags, LinkMessage, State},
-    RouteNetlinkMessage,
-};
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{AsyncSocket, SocketAddr};
 
 use crate::ifmatch::InterfaceMatcher;
@@ -24,8 +22,6 @@ pub enum LinksError {
     Socket(std::io::Error),
     #[error("subscribing to link events: {0}")]
     Subscribe(std::io::Error),
-    #[error("listing interfaces over rtnetlink: {0}")]
-    Dump(String),
 }
 
 /// The kernel's own interface counters (IFLA_STATS64), tap's view:
@@ -63,42 +59,6 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-pub fn link_info(message: &LinkMessage) -> Option<LinkInfo> {
-    let mut name = None;
-    let mut mac = None;
-    let mut oper_state = State::Unknown;
-    let mut txqueuelen = 0;
-    let mut stats = None;
-    for attribute in &message.attributes {
-        match attribute {
-            LinkAttribute::IfName(n) => name = Some(n.clone()),
-            LinkAttribute::Address(bytes) => mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
-            LinkAttribute::OperState(state) => oper_state = *state,
-            LinkAttribute::TxQueueLen(len) => txqueuelen = *len,
-            LinkAttribute::Stats64(s) => {
-                stats = Some(NetdevStats {
-                    rx_packets: s.rx_packets,
-                    tx_packets: s.tx_packets,
-                    rx_dropped: s.rx_dropped,
-                    tx_dropped: s.tx_dropped,
-                })
-            }
-            _ => {}
-        }
-    }
-    let flags = message.header.flags;
-    Some(LinkInfo {
-        ifindex: message.header.index,
-        name: name?,
-        mac,
-        oper_state: format!("{oper_state:?}").to_lowercase(),
-        admin_up: flags.contains(LinkFlags::Up),
-        carrier: flags.contains(LinkFlags::LowerUp),
-        txqueuelen,
-        stats,
-    })
 }
 
 /// The changes that bring the attached set in line with what exists.
@@ -139,10 +99,12 @@ pub fn plan(
     Plan { detach, attach }
 }
 
-/// An rtnetlink connection: requests go through `handle`, link events
-/// arrive on `events`.
+/// An rtnetlink connection subscribed to link events (they arrive on
+/// `events`).
 pub struct LinkWatcher {
-    handle: rtnetlink::Handle,
+    // Never used for requests (the dump is `link_dump`), but the connection
+    // task ends once every handle is gone: kept for the events.
+    _handle: rtnetlink::Handle,
     events: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
 }
 
@@ -157,22 +119,10 @@ impl LinkWatcher {
             .bind(&SocketAddr::new(0, RTMGRP_LINK))
             .map_err(LinksError::Subscribe)?;
         tokio::spawn(connection);
-        Ok(Self { handle, events })
-    }
-
-    pub async fn dump(&self) -> Result<Vec<LinkInfo>, LinksError> {
-        let mut stream = self.handle.link().get().execute();
-        let mut links = Vec::new();
-        while let Some(message) = stream
-            .try_next()
-            .await
-            .map_err(|e| LinksError::Dump(e.to_string()))?
-        {
-            if let Some(info) = link_info(&message) {
-                links.push(info);
-            }
-        }
-        Ok(links)
+        Ok(Self {
+            _handle: handle,
+            events,
+        })
     }
 
     /// Waits for the next link event; `false` when the socket closed.

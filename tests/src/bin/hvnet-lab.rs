@@ -85,6 +85,9 @@ enum LabCommand {
     BenchScale {
         #[arg(long = "taps", default_values_t = [500usize, 2000])]
         taps: Vec<usize>,
+        /// attach_mode(s) to measure each size with.
+        #[arg(long = "mode", default_values_t = ["netlink".to_owned(), "tcx".to_owned()])]
+        modes: Vec<String>,
     },
     /// Set a fake VMM's fault mode: running, rx_stall or paused.
     VmmMode { control: PathBuf, mode: String },
@@ -153,11 +156,14 @@ fn main() -> anyhow::Result<()> {
             print!("{}", hvnet_lab::cost::render(&rows, &throughput));
             Ok(())
         }
-        LabCommand::BenchScale { taps } => {
+        LabCommand::BenchScale { taps, modes } => {
             let mut results = Vec::new();
             for n in taps {
-                eprintln!("bench-scale: {n} taps");
-                results.push(hvnet_lab::scale::run(&hvnet_lab::unique_prefix("s"), n)?);
+                for mode in &modes {
+                    eprintln!("bench-scale: {n} taps, attach_mode {mode}");
+                    let prefix = hvnet_lab::unique_prefix("s");
+                    results.push(hvnet_lab::scale::run(&prefix, n, mode)?);
+                }
             }
             print!("{}", hvnet_lab::scale::render(&results));
             Ok(())
