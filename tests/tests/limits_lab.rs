@@ -52,8 +52,13 @@ fn at_the_open_file_limit_attached_taps_stay_watched_and_the_rest_wait_and_attac
         &agent,
         &node.ns,
         Duration::from_secs(10),
-        "some taps waiting",
-        |s| waiting(s).is_some_and(|w| w > 0.0) && attached(s).is_some_and(|a| a > 0.0),
+        "some taps waiting, and every tap either attached or waiting",
+        |s| {
+            let (a, w) = (attached(s).unwrap_or(0.0), waiting(s).unwrap_or(0.0));
+            // Scrapes are answered while taps attach: wait for a settled
+            // reconcile (the two counts come from separate locks).
+            w > 0.0 && a > 0.0 && a + w == TAPS as f64
+        },
     )?;
     let samples = agent.scrape(&node.ns)?;
     let (now_attached, now_waiting) = (

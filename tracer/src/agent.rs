@@ -589,6 +589,9 @@ impl AgentState {
                 );
                 lock(&self.records)
                     .insert(link.ifindex, VmRecord::new(&link.name, self.stall_after));
+                // Scrapes run while taps attach: a tap is attached or
+                // waiting, never both at once.
+                lock(&self.waiting).remove(&link.ifindex);
                 lock(&self.attached).insert(link.ifindex, link);
                 None
             }
@@ -835,6 +838,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     outcome
 }
 
+/// Polls between full link dumps (see `poll_loop`): a missed link event
+/// (the event socket can overflow) heals within this many polls.
+const FULL_DUMP_EVERY: u32 = 10;
+
+/// The known links with fresh counters (RTM_GETSTATS); a link gone since
+/// keeps its last counters until the next full dump or link event.
+fn refresh_counters(mut links: Vec<LinkInfo>) -> std::io::Result<Vec<LinkInfo>> {
+    let stats = crate::link_dump::dump_stats()?;
+    for link in &mut links {
+        if let Some(fresh) = stats.get(&link.ifindex) {
+            link.stats = Some(*fresh);
+        }
+    }
+    Ok(links)
+}
+
 /// Reacts to link events at once, and every poll interval re-reads links
 /// (with their stats) and evaluates every VM, until SIGTERM or SIGINT.
 async fn poll_loop(
@@ -848,17 +867,32 @@ async fn poll_loop(
         .context("installing the SIGINT handler")?;
     let mut poll = tokio::time::interval(config.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The links as last listed; between full dumps only their counters are
+    // refreshed (a full dump builds every attribute of every link in the
+    // kernel), and a link event fetches just the links it names. Every
+    // FULL_DUMP_EVERY polls (or when an event cannot be read) everything is
+    // listed again.
+    let mut links: Option<Vec<LinkInfo>> = None;
+    let mut polls_since_full = 0u32;
     loop {
         let evaluate = tokio::select! {
             _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); return Ok(()); }
             _ = sigint.recv() => { log::info!("SIGINT: detaching"); return Ok(()); }
-            alive = watcher.changed() => {
-                if !alive {
+            change = watcher.changed() => {
+                let Some(first) = change else {
                     anyhow::bail!("the rtnetlink event socket closed unexpectedly");
-                }
+                };
                 state.link_events.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(EVENT_SETTLE).await;
-                watcher.drain();
+                let mut changes = vec![first];
+                changes.extend(watcher.drain());
+                // Only the links that changed are asked for; the rest keep
+                // what the last listing said.
+                if let Some(known) = links.take() {
+                    links = tokio::task::block_in_place(|| {
+                        links::apply_changes(known, &changes, crate::link_dump::get)
+                    });
+                }
                 false
             }
             _ = poll.tick() => true,
@@ -866,12 +900,25 @@ async fn poll_loop(
         // Attaching (kernel syscalls, an RCU grace period per TCX hook) and
         // evaluating (map reads) block: off the async workers' hands, so
         // scrapes are answered meanwhile.
-        tokio::task::block_in_place(|| match crate::link_dump::dump() {
-            Ok(present) => state.reconcile(&present, config),
-            Err(err) => log::warn!(
-                "listing interfaces over rtnetlink: {err}; keeping the current attachments"
-            ),
+        let full = polls_since_full + 1 >= FULL_DUMP_EVERY;
+        tokio::task::block_in_place(|| {
+            let listed = match links.take().filter(|_| !full) {
+                // After a link event the known links are current already.
+                Some(known) if !evaluate => Ok(known),
+                Some(known) => refresh_counters(known),
+                None => crate::link_dump::dump(),
+            };
+            match listed {
+                Ok(present) => {
+                    state.reconcile(&present, config);
+                    links = Some(present);
+                }
+                Err(err) => log::warn!(
+                    "listing interfaces over rtnetlink: {err}; keeping the current attachments"
+                ),
+            }
         });
+        polls_since_full = if full { 0 } else { polls_since_full + 1 };
         if evaluate {
             tokio::task::block_in_place(|| state.evaluate());
         }

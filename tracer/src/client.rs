@@ -496,8 +496,11 @@ mod tests {
         }]);
         let table = render_top(&top_rows(&now, Some((&before, 2.0))));
         let row = table.lines().nth(1).unwrap();
-        assert!(
-            row.contains("rx_stalled") && row.contains("100") && row.contains("10"),
+        // Column by column: "100" alone would also match the backlog 1000.
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            &cols[..5],
+            ["tap0", "rx_stalled", "100", "10", "1000"],
             "{row}"
         );
         assert!(

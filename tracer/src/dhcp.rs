@@ -437,11 +437,15 @@ impl DhcpTracker {
         let during_stall = vm_state == VmState::RxStalled;
         if is_retry {
             self.retry_streak += 1;
+            // Counted by the client state they reveal (DISCOVER, REQUEST);
+            // a repeated DECLINE or INFORM reveals none and is counted in
+            // neither total, so retries during stalls stay a subset of
+            // retries (a property test found them apart).
             if let Some(s) = state {
                 self.counters.retries[s as usize] += 1;
-            }
-            if during_stall {
-                self.counters.retries_during_stall += 1;
+                if during_stall {
+                    self.counters.retries_during_stall += 1;
+                }
             }
         } else {
             self.retry_streak = 0;
@@ -1037,5 +1041,100 @@ mod tests {
         }
         assert!(t.pending_replies() <= MAX_PENDING_REPLIES);
         assert_eq!(t.counters().packets[1][0], 100_000);
+    }
+
+    /// What a random sequence step feeds the tracker.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Client { code: u8, xid: u32, renewing: bool },
+        Reply { code: u8, xid: u32 },
+        Dequeued { xid: u32 },
+        Dropped { xid: u32 },
+        Tick,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        // A few xids only, so that retries, answers and verdicts meet.
+        prop_oneof![
+            (1u8..=8, 0u32..4, any::<bool>()).prop_map(|(code, xid, renewing)| Step::Client {
+                code,
+                xid,
+                renewing
+            }),
+            (1u8..=8, 0u32..4).prop_map(|(code, xid)| Step::Reply { code, xid }),
+            (0u32..4).prop_map(|xid| Step::Dequeued { xid }),
+            (0u32..4).prop_map(|xid| Step::Dropped { xid }),
+            Just(Step::Tick),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Any sequence of what the kernel can report, at any pace, in any
+        /// VM state: no panic, bounded memory, and counts that add up.
+        #[test]
+        fn random_sequences_keep_the_tracker_bounded_and_consistent(
+            steps in proptest::collection::vec(
+                (step(), 0.0f64..40.0, 0usize..VmState::ALL.len()),
+                0..300,
+            )
+        ) {
+            let mut t = DhcpTracker::new(2.0);
+            let mut now = 0.0;
+            let (mut client_sent, mut on_tap, mut replies_offered) = (0u64, 0u64, 0u64);
+            for (step, dt, state) in steps {
+                now += dt;
+                let vm_state = VmState::ALL[state];
+                match step {
+                    Step::Client { code, xid, renewing } => {
+                        let ciaddr = if renewing { LEASED } else { [0; 4] };
+                        let mut m = client(MessageType::from_code(code), xid, ciaddr, SERVER, [0; 4], [0; 4]);
+                        m.msg_type = Some(MessageType::from_code(code));
+                        client_sent += 1;
+                        on_tap += 1;
+                        t.observe(&m, now, vm_state);
+                    }
+                    Step::Reply { code, xid } => {
+                        replies_offered += 1;
+                        on_tap += 1;
+                        t.observe(&reply(MessageType::from_code(code), xid), now, vm_state);
+                    }
+                    Step::Dequeued { xid } => {
+                        let m = seen_as(reply(MessageType::Ack, xid), Seen::Dequeued);
+                        t.observe(&m, now, vm_state);
+                    }
+                    Step::Dropped { xid } => {
+                        replies_offered += 1;
+                        let m = seen_as(
+                            reply(MessageType::Ack, xid),
+                            Seen::Dropped { reason: "full_ring".into() },
+                        );
+                        t.observe(&m, now, vm_state);
+                    }
+                    Step::Tick => {
+                        t.tick(now, vm_state);
+                    }
+                }
+                proptest::prop_assert!(t.pending_replies() <= MAX_PENDING_REPLIES);
+            }
+            let c = t.counters();
+            let retries: u64 = c.retries.iter().sum();
+            let packets: u64 = c.packets.iter().flatten().sum();
+            let transactions: u64 = c.transactions.iter().sum();
+            proptest::prop_assert!(retries <= client_sent, "{retries} retries of {client_sent} client messages");
+            proptest::prop_assert!(c.retries_during_stall <= retries);
+            proptest::prop_assert!(packets <= on_tap, "{packets} counted of {on_tap} seen on the tap");
+            proptest::prop_assert!(transactions <= client_sent, "{transactions} transactions from {client_sent} client messages");
+            proptest::prop_assert!(
+                c.replies_undelivered <= replies_offered,
+                "{} undelivered of {replies_offered} replies", c.replies_undelivered
+            );
+            proptest::prop_assert!(c.replies_unprocessed <= replies_offered);
+            if let Some(lease) = t.lease() {
+                proptest::prop_assert!(lease.remaining(now) <= 120.0);
+            }
+        }
     }
 }

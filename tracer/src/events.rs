@@ -237,4 +237,65 @@ mod tests {
         assert!(decode_event(&[0u8; 12]).is_none());
         assert!(decode_event(&[0u8; std::mem::size_of::<PacketEvent>()]).is_some());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Whatever bytes a ring record holds (a newer kernel object, a bug,
+        /// memory the kernel reused), interpreting it never panics and never
+        /// makes up a DHCP message out of a malformed or non-DHCP event.
+        #[test]
+        fn any_event_record_is_interpreted_without_panic_and_honestly(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 80)
+        ) {
+            let ev = crate::loader::decode_event(&bytes).expect("80 bytes is a record");
+            match interpret(&ev, |r| format!("reason{r}")) {
+                Some(Observed::Dhcp { message, .. }) => {
+                    proptest::prop_assert!(matches!(
+                        ev.kind,
+                        event_kind::DHCP | event_kind::DHCP_DEQUEUED | event_kind::DHCP_DROPPED
+                    ));
+                    proptest::prop_assert_eq!(message.xid, ev.xid);
+                    if ev.kind == event_kind::DHCP {
+                        proptest::prop_assert!(ev.parse_flags & MALFORMED == 0);
+                        proptest::prop_assert!(message.msg_type.is_some());
+                    }
+                }
+                Some(Observed::MalformedDhcp { .. }) => {
+                    proptest::prop_assert_eq!(ev.kind, event_kind::DHCP);
+                }
+                Some(Observed::Arp { .. }) => proptest::prop_assert_eq!(ev.kind, event_kind::ARP),
+                None => proptest::prop_assert!(!matches!(
+                    ev.kind,
+                    event_kind::DHCP | event_kind::ARP | event_kind::DHCP_DEQUEUED | event_kind::DHCP_DROPPED
+                )),
+            }
+        }
+
+        /// A DHCP record with copied options: any option bytes are walked
+        /// without panic, and flags only ever add up.
+        #[test]
+        fn any_copied_options_decode_without_panic(
+            options in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            claimed in 0u16..600,
+            more in 0u8..2,
+        ) {
+            use tracer_common::dhcp_options::{EventWithOptions, OPTIONS_CAPTURE};
+            let mut record = EventWithOptions::default();
+            record.event.kind = event_kind::DHCP;
+            let n = options.len().min(OPTIONS_CAPTURE);
+            record.options.bytes[..n].copy_from_slice(&options[..n]);
+            record.options.len = claimed;
+            record.options.more = more;
+            // SAFETY: EventWithOptions is repr(C) plain data.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (&record as *const EventWithOptions).cast::<u8>(),
+                    std::mem::size_of::<EventWithOptions>(),
+                )
+            };
+            let ev = crate::loader::decode_event(bytes).expect("a DHCP record");
+            let _ = interpret(&ev, |r| format!("reason{r}"));
+        }
+    }
 }

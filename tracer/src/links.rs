@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use futures::{channel::mpsc::UnboundedReceiver, StreamExt};
-use netlink_packet_core::NetlinkMessage;
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{AsyncSocket, SocketAddr};
 
@@ -59,6 +59,60 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// What a link event says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkChange {
+    /// RTM_NEWLINK: the link appeared or changed (name, state, carrier).
+    Changed(u32),
+    /// RTM_DELLINK: the link is gone.
+    Removed(u32),
+    /// Something else (a message hvnet cannot read): list everything again.
+    Unknown,
+}
+
+impl LinkChange {
+    fn of(message: &NetlinkMessage<RouteNetlinkMessage>) -> Self {
+        match &message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                Self::Changed(link.header.index)
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                Self::Removed(link.header.index)
+            }
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// Applies link events to the known links, fetching each changed link
+/// alone (`fetch`); None when a full listing is needed instead (an unknown
+/// event, or a burst where one dump is cheaper than many requests).
+pub fn apply_changes(
+    mut links: Vec<LinkInfo>,
+    changes: &[LinkChange],
+    mut fetch: impl FnMut(u32) -> std::io::Result<Option<LinkInfo>>,
+) -> Option<Vec<LinkInfo>> {
+    /// More changed links than this: one dump.
+    const MAX_SINGLE_FETCHES: usize = 32;
+    if changes.len() > MAX_SINGLE_FETCHES || changes.contains(&LinkChange::Unknown) {
+        return None;
+    }
+    for change in changes {
+        match *change {
+            LinkChange::Removed(ifindex) => links.retain(|l| l.ifindex != ifindex),
+            LinkChange::Changed(ifindex) => {
+                links.retain(|l| l.ifindex != ifindex);
+                // Gone again by now (ENODEV): nothing to add.
+                if let Some(link) = fetch(ifindex).ok()? {
+                    links.push(link);
+                }
+            }
+            LinkChange::Unknown => return None,
+        }
+    }
+    Some(links)
 }
 
 /// The changes that bring the attached set in line with what exists.
@@ -125,14 +179,21 @@ impl LinkWatcher {
         })
     }
 
-    /// Waits for the next link event; `false` when the socket closed.
-    pub async fn changed(&mut self) -> bool {
-        self.events.next().await.is_some()
+    /// Waits for the next link event; None when the socket closed.
+    pub async fn changed(&mut self) -> Option<LinkChange> {
+        self.events
+            .next()
+            .await
+            .map(|(message, _)| LinkChange::of(&message))
     }
 
-    /// Drains events already queued, so a burst causes one resync.
-    pub fn drain(&mut self) {
-        while self.events.try_recv().is_ok() {}
+    /// The events already queued, so a burst causes one resync.
+    pub fn drain(&mut self) -> Vec<LinkChange> {
+        let mut changes = Vec::new();
+        while let Ok((message, _)) = self.events.try_recv() {
+            changes.push(LinkChange::of(&message));
+        }
+        changes
     }
 }
 
@@ -187,6 +248,37 @@ mod tests {
             plan(&attached, &present, &matcher(), &skip),
             Plan::default()
         );
+    }
+
+    #[test]
+    fn link_events_update_the_known_links_one_by_one() {
+        let known = vec![link(5, "tap0"), link(6, "tap1")];
+        let changes = [
+            LinkChange::Removed(5),
+            LinkChange::Changed(7),
+            LinkChange::Changed(6),
+            LinkChange::Changed(9),
+        ];
+        let got = apply_changes(known.clone(), &changes, |i| {
+            Ok(match i {
+                7 => Some(link(7, "tap2")),
+                6 => Some(link(6, "tap1-renamed")),
+                _ => None, // 9: already gone again
+            })
+        })
+        .unwrap();
+        let names: Vec<_> = got.iter().map(|l| (l.ifindex, l.name.as_str())).collect();
+        assert_eq!(names, [(7, "tap2"), (6, "tap1-renamed")]);
+        // A failed fetch, an unknown event or a burst: list everything.
+        assert!(
+            apply_changes(known.clone(), &[LinkChange::Changed(7)], |_| Err(
+                std::io::Error::other("boom")
+            ))
+            .is_none()
+        );
+        assert!(apply_changes(known.clone(), &[LinkChange::Unknown], |_| Ok(None)).is_none());
+        let burst: Vec<_> = (0..40).map(LinkChange::Changed).collect();
+        assert!(apply_changes(known, &burst, |_| Ok(None)).is_none());
     }
 
     #[test]
