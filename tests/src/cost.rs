@@ -164,13 +164,25 @@ impl Lab {
         })
     }
 
+    /// hvnet running with its programs on the tap: measurements start
+    /// once it has attached, not while it is still starting up.
     fn agent(&self) -> anyhow::Result<Agent> {
-        Agent::start(
+        let agent = Agent::start(
             &self.node,
             9478,
             &["--interfaces", "tapb*"],
             &self.dir.join("hvnet.log"),
-        )
+        )?;
+        crate::testkit::poll_until(
+            "hvnet attached to the tap",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                let samples = agent.scrape(&self.node)?;
+                Ok(crate::metrics::value(&samples, "hvnet_agent_interfaces", &[]) == Some(1.0))
+            },
+        )?;
+        Ok(agent)
     }
 
     /// The traffic of each phase, `seconds` long.
@@ -328,8 +340,15 @@ pub fn run(
         },
     ];
     let t = seconds.to_string();
-    for _ in 0..rounds {
-        for with in [true, false] {
+    for round in 0..rounds {
+        // ABBA: which side runs first alternates, so neither always gets
+        // the fresher (or the warmer) machine.
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for with in order {
             let agent = if with { Some(lab.agent()?) } else { None };
             let udp = iperf(
                 &lab.peer,

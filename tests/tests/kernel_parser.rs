@@ -4,15 +4,18 @@
 //! options; decoding the ring record walks the copy with the shared option
 //! walker, so this checks the kernel's locating, header reads and copy
 //! (offset, length, the "frame goes on" bit) against the reference.
-//! Every run must also return "continue" (fail-open) whatever the bytes.
+//! Every run must also return "continue" (fail-open) whatever the bytes,
+//! and count the frame once, in the class the reference classifier gives.
 
 use aya::{
-    maps::RingBuf,
+    maps::{PerCpuArray, RingBuf},
     programs::{TestRun, TestRunOptions},
 };
 use hvnet::{dhcp_wire, frames, loader};
 use hvnet_lab::testkit::require_root;
-use tracer_common::{event_kind, PacketEvent};
+use tracer_common::{
+    classify::classify_frame, direction, event_kind, PacketEvent, TrafficCounters,
+};
 
 /// TC_ACT_UNSPEC as the kernel reports the program's return value.
 const CONTINUE: u32 = u32::MAX;
@@ -46,8 +49,18 @@ fn kernel_and_reference_parsers_agree_on_every_frame_and_the_program_fails_open(
     ));
     // The smallest frame a tap carries (BPF_PROG_TEST_RUN refuses less).
     corpus.push(("bare ethernet header", vec![0xff; 14]));
+    // load_for_bench gives the loopback device (the test runs' skb->dev)
+    // counter slot 0.
+    let counters: PerCpuArray<_, TrafficCounters> = PerCpuArray::try_from(
+        ebpf.map("VM_COUNTERS")
+            .ok_or_else(|| anyhow::anyhow!("no VM_COUNTERS map"))?,
+    )?;
+    let totals = || -> anyhow::Result<TrafficCounters> {
+        Ok(hvnet::collect::sum_cpus(&counters.get(&0, 0)?))
+    };
     let mut checked = 0;
     for (name, frame) in &corpus {
+        let before = totals()?;
         let program = loader::bench_program(&ebpf, loader::INGRESS_PROGRAM)?;
         let result = program.test_run(TestRunOptions {
             data_in: Some(frame),
@@ -57,6 +70,20 @@ fn kernel_and_reference_parsers_agree_on_every_frame_and_the_program_fails_open(
         assert_eq!(
             result.return_value, CONTINUE,
             "{name}: the program must always continue"
+        );
+        let after = totals()?;
+        let class = classify_frame(frame);
+        let counted = after.get(direction::FROM_VM, class);
+        let was = before.get(direction::FROM_VM, class);
+        assert_eq!(
+            (counted.packets - was.packets, counted.bytes - was.bytes),
+            (1, frame.len() as u64),
+            "{name}: not counted once in class {class} (kernel vs reference classifier)"
+        );
+        assert_eq!(
+            after.packets(direction::FROM_VM),
+            before.packets(direction::FROM_VM) + 1,
+            "{name}: counted in more than one class"
         );
         let mut events = Vec::new();
         while let Some(item) = ring.next() {

@@ -28,25 +28,52 @@ pub mod class {
     pub const COUNT: usize = 4;
 }
 
-/// Key of the per-CPU packet counter map.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct CounterKey {
-    /// Interface index in the agent's network namespace.
-    pub ifindex: u32,
-    /// One of [`direction`].
-    pub direction: u8,
-    /// One of [`class`].
-    pub class: u8,
-    pub _pad: [u8; 2],
-}
-
-/// Value of the per-CPU packet counter map (one per CPU, summed by the agent).
+/// Packets and bytes of one (direction, class) of one tap.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CounterValue {
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// Every counter of one tap, indexed `[direction][class]`: the value of the
+/// per-CPU counter array (one element per tap slot, one copy per CPU,
+/// summed by the agent). The tc programs reach it with two array lookups
+/// (ifindex -> slot, slot -> counters) instead of a per-CPU hash update,
+/// which was most of their cost per frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficCounters {
+    pub by_direction_class: [[CounterValue; class::COUNT]; direction::COUNT],
+}
+
+impl TrafficCounters {
+    /// One (direction, class); zero for numbers out of range.
+    pub fn get(&self, direction: u8, class: u8) -> CounterValue {
+        self.by_direction_class
+            .get(usize::from(direction))
+            .and_then(|row| row.get(usize::from(class)))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Packets in one direction, all classes.
+    pub fn packets(&self, direction: u8) -> u64 {
+        self.by_direction_class
+            .get(usize::from(direction))
+            .map_or(0, |row| row.iter().map(|v| v.packets).sum())
+    }
+
+    /// Adds another CPU's copy (wrapping: a u64 wrap must not panic).
+    pub fn accumulate(&mut self, other: &TrafficCounters) {
+        let rows = self.by_direction_class.iter_mut();
+        for (row, other_row) in rows.zip(other.by_direction_class.iter()) {
+            for (slot, add) in row.iter_mut().zip(other_row.iter()) {
+                slot.packets = slot.packets.wrapping_add(add.packets);
+                slot.bytes = slot.bytes.wrapping_add(add.bytes);
+            }
+        }
+    }
 }
 
 /// A network device, unique on the host: ifindex is only unique within a
@@ -77,12 +104,11 @@ pub const MAX_MONITORED: u32 = 4096;
 /// Distinct (device, drop reason) pairs tracked.
 pub const DROP_MAP_ENTRIES: u32 = MAX_MONITORED * DROP_REASONS_PER_TAP;
 
-/// Keys per tap in the counter map: every (direction, class).
-pub const COUNTERS_PER_TAP: u32 = (direction::COUNT * class::COUNT) as u32;
-/// Most (ifindex, direction, class) keys the counter map holds: every
-/// monitored tap's, so no tap the agent accepts loses counts. The agent
-/// resizes all per-tap maps together at load (`max_interfaces`).
-pub const COUNTER_MAP_ENTRIES: u32 = MAX_MONITORED * COUNTERS_PER_TAP;
+/// ifindexes below this find their counter slot in the TAP_SLOT array (one
+/// load on the packet path); higher ones (a node that has created 65536
+/// interfaces since boot) in the TAP_SLOT_HIGH hash. Values in both are
+/// slot + 1, so 0 (the array's default) means "no slot".
+pub const SLOT_ARRAY_IFINDEXES: u32 = 65536;
 /// (device, drop reason) pairs kept per tap.
 pub const DROP_REASONS_PER_TAP: u32 = 8;
 
@@ -115,7 +141,7 @@ pub mod event_budget {
     pub const BURST: u64 = 200;
 }
 
-const _: () = assert!(core::mem::size_of::<CounterKey>() == 8);
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 128);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);
 const _: () = assert!(core::mem::size_of::<DevKey>() == 8);
 const _: () = assert!(core::mem::size_of::<DropKey>() == 16);
@@ -124,9 +150,9 @@ const _: () = assert!(core::mem::size_of::<DropKey>() == 16);
 mod pod {
     // SAFETY: both types are repr(C), Copy, made of integers only, and have
     // no implicit padding (sizes asserted above), so any byte pattern is valid.
-    unsafe impl aya::Pod for super::CounterKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::CounterValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TrafficCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DevKey {}
     // SAFETY: as above.

@@ -3,14 +3,24 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    CounterKey, CounterValue, DevKey, DropKey, COUNTER_MAP_ENTRIES, DROP_MAP_ENTRIES, MAX_MONITORED,
+    DevKey, DropKey, TrafficCounters, DROP_MAP_ENTRIES, MAX_MONITORED, SLOT_ARRAY_IFINDEXES,
 };
 
-/// Packets and bytes per (ifindex, direction, class), one slot per CPU so
-/// the hot path needs no atomics. The agent sums the CPUs at scrape time.
+/// Each monitored tap's counters, per (direction, class), at the slot the
+/// agent gave the tap; one copy per CPU so the hot path needs no atomics.
+/// The agent sums the CPUs at scrape time and zeroes a slot before reuse.
 #[map]
-pub static VM_COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
-    PerCpuHashMap::with_max_entries(COUNTER_MAP_ENTRIES, 0);
+pub static VM_COUNTERS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(MAX_MONITORED, 0);
+
+/// ifindex -> counter slot + 1 (0: not monitored), for ifindexes below
+/// [`SLOT_ARRAY_IFINDEXES`]: one load on the tc path, no hashing.
+#[map]
+pub static TAP_SLOT: Array<u32> = Array::with_max_entries(SLOT_ARRAY_IFINDEXES, 0);
+
+/// ifindex -> counter slot + 1 for the rare higher ifindexes.
+#[map]
+pub static TAP_SLOT_HIGH: HashMap<u32, u32> = HashMap::with_max_entries(MAX_MONITORED, 0);
 
 /// The taps the agent watches; the host-wide tracepoints ignore every
 /// other device. Maintained by the agent on attach/detach.

@@ -571,15 +571,24 @@ impl AgentState {
         // A departed VM's series under this name end now: the name's
         // series are the new tap's from its first scrape.
         lock(&self.departed).forget_name(&link.name);
+        // Counter slot and tracepoint filter first, so the first frame the
+        // tc programs see is counted.
+        if let Err(err) = lock(&self.maps).monitor(link.ifindex) {
+            lock(&self.maps).forget_interfaces(&[link.ifindex]);
+            log::warn!(
+                "{}: not attached, its counters have no place in the kernel maps: {err}; hvnet will not retry this interface until it is recreated",
+                link.name
+            );
+            self.attach_failures.fetch_add(1, Ordering::Relaxed);
+            lock(&self.failed).insert(link.ifindex, link.name);
+            return None;
+        }
         let result = lock(&self.probes).attach(link.ifindex, &link.name);
+        if result.is_err() {
+            lock(&self.maps).forget_interfaces(&[link.ifindex]);
+        }
         match result {
             Ok(()) => {
-                if let Err(err) = lock(&self.maps).monitor(link.ifindex) {
-                    log::warn!(
-                        "{}: dequeue/drop tracepoints will not see it: {err}",
-                        link.name
-                    );
-                }
                 log::info!(
                     "attached to {} (ifindex {}, mac {}, {})",
                     link.name,

@@ -6,7 +6,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use crate::{frames, loader};
 
 /// The budget: hvnet may add this much per ordinary packet.
-pub const TARGET_OVERHEAD_NS: f64 = 30.0;
+pub const TARGET_OVERHEAD_NS: f64 = 10.0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {

@@ -8,7 +8,7 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     Ebpf,
 };
-use tracer_common::{class, direction, map_slot, CounterKey, CounterValue, DevKey, DropKey};
+use tracer_common::{map_slot, DevKey, DropKey, SLOT_ARRAY_IFINDEXES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
@@ -18,63 +18,67 @@ pub enum CollectError {
     Read { map: &'static str, reason: String },
     #[error("updating the MONITORED map: {0}")]
     Monitor(String),
+    #[error("no counter slot free: all {0} are held by monitored taps (max_interfaces)")]
+    NoSlot(u32),
+    #[error("giving ifindex {ifindex} counter slot {slot}: {reason}")]
+    Slot {
+        ifindex: u32,
+        slot: u32,
+        reason: String,
+    },
 }
 
-/// Packets and bytes of one interface, indexed `[direction][class]`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TrafficCounters {
-    pub by_direction_class: [[CounterValue; class::COUNT]; direction::COUNT],
-}
+pub use tracer_common::TrafficCounters;
 
-impl TrafficCounters {
-    pub fn get(&self, direction: u8, class: u8) -> CounterValue {
-        self.by_direction_class
-            .get(usize::from(direction))
-            .and_then(|row| row.get(usize::from(class)))
-            .copied()
-            .unwrap_or_default()
-    }
-
-    /// Packets in one direction, all classes.
-    pub fn packets(&self, direction: u8) -> u64 {
-        self.by_direction_class
-            .get(usize::from(direction))
-            .map_or(0, |row| row.iter().map(|v| v.packets).sum())
-    }
-
-    fn add(&mut self, key: &CounterKey, value: CounterValue) {
-        if let Some(slot) = self
-            .by_direction_class
-            .get_mut(usize::from(key.direction))
-            .and_then(|row| row.get_mut(usize::from(key.class)))
-        {
-            slot.packets = slot.packets.wrapping_add(value.packets);
-            slot.bytes = slot.bytes.wrapping_add(value.bytes);
-        }
-    }
-}
-
-/// Sums one key's per-CPU slots. Each slot only grows, so the sum is the
-/// total; wrapping add keeps a (theoretical) u64 wrap from panicking.
-pub fn sum_cpus(values: &[CounterValue]) -> CounterValue {
+/// Sums one tap's per-CPU copies. Each copy only grows, so the sum is the
+/// total.
+pub fn sum_cpus(values: &[TrafficCounters]) -> TrafficCounters {
     values
         .iter()
-        .fold(CounterValue::default(), |acc, v| CounterValue {
-            packets: acc.packets.wrapping_add(v.packets),
-            bytes: acc.bytes.wrapping_add(v.bytes),
+        .fold(TrafficCounters::default(), |mut acc, v| {
+            acc.accumulate(v);
+            acc
         })
 }
 
-/// Folds (key, summed value) entries into per-ifindex totals.
-pub fn fold_entries<I>(entries: I) -> BTreeMap<u32, TrafficCounters>
-where
-    I: IntoIterator<Item = (CounterKey, CounterValue)>,
-{
-    let mut totals: BTreeMap<u32, TrafficCounters> = BTreeMap::new();
-    for (key, value) in entries {
-        totals.entry(key.ifindex).or_default().add(&key, value);
+/// Counter slots of the VM_COUNTERS array: each monitored tap holds one
+/// from before its tc programs attach until it is forgotten. A freed slot
+/// is zeroed when it is handed out again (nothing counts into it
+/// meanwhile), so freeing costs no map write.
+#[derive(Debug)]
+pub struct SlotTable {
+    by_ifindex: BTreeMap<u32, u32>,
+    free: Vec<u32>,
+}
+
+impl SlotTable {
+    pub fn new(capacity: u32) -> Self {
+        // Popped from the end: slot 0 first.
+        Self {
+            by_ifindex: BTreeMap::new(),
+            free: (0..capacity).rev().collect(),
+        }
     }
-    totals
+
+    /// The slot this ifindex holds, and whether it was just handed out.
+    pub fn assign(&mut self, ifindex: u32) -> Option<(u32, bool)> {
+        if let Some(&slot) = self.by_ifindex.get(&ifindex) {
+            return Some((slot, false));
+        }
+        let slot = self.free.pop()?;
+        self.by_ifindex.insert(ifindex, slot);
+        Some((slot, true))
+    }
+
+    pub fn release(&mut self, ifindex: u32) -> Option<u32> {
+        let slot = self.by_ifindex.remove(&ifindex)?;
+        self.free.push(slot);
+        Some(slot)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.by_ifindex.iter().map(|(i, s)| (*i, *s))
+    }
 }
 
 /// Everything the kernel side counted, for this agent's netns, by ifindex.
@@ -118,7 +122,10 @@ impl KernelSnapshot {
 /// hvnet's maps, owned by the agent.
 pub struct KernelMaps {
     netns: u32,
-    counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    counters: PerCpuArray<MapData, TrafficCounters>,
+    tap_slot: Array<MapData, u32>,
+    tap_slot_high: HashMap<MapData, u32, u32>,
+    slots: SlotTable,
     monitored: HashMap<MapData, DevKey, u8>,
     monitored_ifindex: Array<MapData, u64>,
     dequeued: PerCpuHashMap<MapData, DevKey, u64>,
@@ -173,9 +180,14 @@ impl KernelMaps {
     /// Takes the maps out of the loaded object. `netns` is the inode number
     /// of the agent's network namespace (tracepoints see every namespace).
     pub fn take(ebpf: &mut Ebpf, netns: u32) -> Result<Self, CollectError> {
+        let counters: PerCpuArray<MapData, TrafficCounters> = take(ebpf, "VM_COUNTERS")?;
+        let slots = SlotTable::new(counters.len());
         Ok(Self {
             netns,
-            counters: take(ebpf, "VM_COUNTERS")?,
+            counters,
+            tap_slot: take(ebpf, "TAP_SLOT")?,
+            tap_slot_high: take(ebpf, "TAP_SLOT_HIGH")?,
+            slots,
             monitored: take(ebpf, "MONITORED")?,
             monitored_ifindex: take(ebpf, "MONITORED_IFINDEX")?,
             dequeued: take(ebpf, "DEQUEUED")?,
@@ -195,8 +207,11 @@ impl KernelMaps {
         }
     }
 
-    /// Makes the host-wide probes count this interface.
+    /// Gives this interface a zeroed counter slot and makes the host-wide
+    /// probes count it. Called before its tc programs attach, so its first
+    /// frame is counted.
     pub fn monitor(&mut self, ifindex: u32) -> Result<(), CollectError> {
+        self.give_slot(ifindex)?;
         let key = self.dev(ifindex);
         // The shortcut bit first: a tap in MONITORED but not in the bitmap
         // would be missed, the reverse only costs the full check.
@@ -204,6 +219,50 @@ impl KernelMaps {
         self.monitored
             .insert(key, 1, 0)
             .map_err(|e| CollectError::Monitor(e.to_string()))
+    }
+
+    fn give_slot(&mut self, ifindex: u32) -> Result<(), CollectError> {
+        let capacity = self.counters.len();
+        let (slot, fresh) = self
+            .slots
+            .assign(ifindex)
+            .ok_or(CollectError::NoSlot(capacity))?;
+        let failed = |reason: String| CollectError::Slot {
+            ifindex,
+            slot,
+            reason,
+        };
+        if fresh {
+            // The slot's last tap's counts must not become this one's.
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| failed(e.to_string()))?;
+            let zero = PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
+                .map_err(|e| failed(e.to_string()))?;
+            if let Err(err) = self.counters.set(slot, zero, 0) {
+                self.slots.release(ifindex);
+                return Err(failed(err.to_string()));
+            }
+        }
+        let written = if ifindex < SLOT_ARRAY_IFINDEXES {
+            self.tap_slot.set(ifindex, slot + 1, 0)
+        } else {
+            self.tap_slot_high.insert(ifindex, slot + 1, 0)
+        };
+        written.map_err(|err| {
+            self.slots.release(ifindex);
+            failed(err.to_string())
+        })
+    }
+
+    /// Stops the tc programs counting for this ifindex and frees its slot.
+    fn take_slot(&mut self, ifindex: u32) {
+        if self.slots.release(ifindex).is_none() {
+            return;
+        }
+        if ifindex < SLOT_ARRAY_IFINDEXES {
+            let _ = self.tap_slot.set(ifindex, 0, 0);
+        } else {
+            let _ = self.tap_slot_high.remove(&ifindex);
+        }
     }
 
     fn set_ifindex_bit(&mut self, ifindex: u32, on: bool) -> Result<(), CollectError> {
@@ -232,17 +291,19 @@ impl KernelMaps {
                 unreadable.push((map, reason));
             }
         };
-        let mut entries = Vec::new();
-        for item in self.counters.iter() {
-            match item {
-                Ok((key, per_cpu)) => entries.push((key, sum_cpus(&per_cpu))),
-                Err(MapError::KeyNotFound) => continue,
+        // One lookup per monitored tap (its slot), not a walk of every key.
+        let mut traffic = BTreeMap::new();
+        for (ifindex, slot) in self.slots.iter() {
+            match self.counters.get(&slot, 0) {
+                Ok(per_cpu) => {
+                    traffic.insert(ifindex, sum_cpus(&per_cpu));
+                }
                 Err(err) => {
                     note(CollectError::Read {
                         map: "VM_COUNTERS",
                         reason: err.to_string(),
                     });
-                    entries.clear();
+                    traffic.clear();
                     break;
                 }
             }
@@ -309,7 +370,7 @@ impl KernelMaps {
                 BTreeMap::new()
             });
         KernelSnapshot {
-            traffic: fold_entries(entries),
+            traffic,
             dequeued,
             drops,
             vhost_rx,
@@ -321,9 +382,6 @@ impl KernelMaps {
         }
     }
 
-    /// Stops counting an interface and drops all its counters, so that a
-    /// new interface reusing the ifindex starts from zero instead of
-    /// inheriting another VM's totals.
     /// Removes every trace of these interfaces from the maps: one pass over
     /// the maps keyed by more than the interface, however many interfaces
     /// (a node starting with 2000 taps, or an evacuation removing them all,
@@ -332,25 +390,16 @@ impl KernelMaps {
         if ifindexes.is_empty() {
             return;
         }
-        let wanted: std::collections::HashSet<u32> = ifindexes.iter().copied().collect();
         let devs: std::collections::HashSet<DevKey> =
             ifindexes.iter().map(|i| self.dev(*i)).collect();
         for &ifindex in ifindexes {
+            self.take_slot(ifindex);
             let dev = self.dev(ifindex);
             let _ = self.monitored.remove(&dev);
             let _ = self.set_ifindex_bit(ifindex, false);
             let _ = self.dequeued.remove(&dev);
             let _ = self.vhost_rx.remove(&dev);
             let _ = self.throttled.remove(&ifindex);
-        }
-        let counter_keys: Vec<CounterKey> = self
-            .counters
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| wanted.contains(&k.ifindex))
-            .collect();
-        for key in &counter_keys {
-            let _ = self.counters.remove(key);
         }
         let drop_keys: Vec<DropKey> = self
             .drops
@@ -376,68 +425,54 @@ pub fn current_netns_inum() -> std::io::Result<u32> {
 mod tests {
     use super::*;
 
-    fn key(ifindex: u32, direction: u8, class: u8) -> CounterKey {
-        CounterKey {
-            ifindex,
-            direction,
-            class,
-            _pad: [0; 2],
-        }
-    }
+    use tracer_common::{class, direction, CounterValue};
 
     #[test]
-    fn cpus_are_summed_and_interfaces_kept_apart() {
-        let per_cpu = [
-            CounterValue {
-                packets: 2,
-                bytes: 120,
-            },
-            CounterValue {
-                packets: 3,
-                bytes: 180,
-            },
-        ];
-        let totals = fold_entries([
-            (key(7, direction::TO_VM, class::DHCP), sum_cpus(&per_cpu)),
-            (
-                key(7, direction::FROM_VM, class::ARP),
-                CounterValue {
-                    packets: 1,
-                    bytes: 42,
-                },
-            ),
-            (
-                key(9, direction::TO_VM, class::OTHER),
-                CounterValue {
-                    packets: 4,
-                    bytes: 400,
-                },
-            ),
-        ]);
-        let vm7 = totals[&7];
+    fn cpus_are_summed_per_direction_and_class() {
+        let mut cpu0 = TrafficCounters::default();
+        cpu0.by_direction_class[0][usize::from(class::DHCP)] = CounterValue {
+            packets: 2,
+            bytes: 120,
+        };
+        let mut cpu1 = TrafficCounters::default();
+        cpu1.by_direction_class[0][usize::from(class::DHCP)] = CounterValue {
+            packets: 3,
+            bytes: 180,
+        };
+        cpu1.by_direction_class[1][usize::from(class::ARP)] = CounterValue {
+            packets: 1,
+            bytes: 42,
+        };
+        let total = sum_cpus(&[cpu0, cpu1]);
         assert_eq!(
-            vm7.get(direction::TO_VM, class::DHCP),
+            total.get(direction::TO_VM, class::DHCP),
             CounterValue {
                 packets: 5,
                 bytes: 300
             }
         );
-        assert_eq!(vm7.get(direction::FROM_VM, class::ARP).packets, 1);
-        assert_eq!(vm7.packets(direction::TO_VM), 5);
-        assert_eq!(totals[&9].packets(direction::TO_VM), 4);
-        assert_eq!(totals[&9].packets(direction::FROM_VM), 0);
+        assert_eq!(total.get(direction::FROM_VM, class::ARP).packets, 1);
+        assert_eq!(total.packets(direction::TO_VM), 5);
+        assert_eq!(total.packets(direction::FROM_VM), 1);
+        // Numbers from a newer kernel object read as zero, not a panic.
+        assert_eq!(total.get(9, 9), CounterValue::default());
     }
 
     #[test]
-    fn out_of_range_keys_from_a_newer_kernel_object_are_ignored() {
-        let totals = fold_entries([(
-            key(3, 9, 9),
-            CounterValue {
-                packets: 1,
-                bytes: 1,
-            },
-        )]);
-        assert_eq!(totals[&3], TrafficCounters::default());
+    fn slots_are_unique_reused_after_release_and_bounded() {
+        let mut table = SlotTable::new(2);
+        assert_eq!(table.assign(10), Some((0, true)));
+        assert_eq!(table.assign(11), Some((1, true)));
+        // Asking again keeps the slot (and its counts).
+        assert_eq!(table.assign(10), Some((0, false)));
+        // Full: refused, never shared.
+        assert_eq!(table.assign(12), None);
+        assert_eq!(table.release(10), Some(0));
+        assert_eq!(table.release(10), None);
+        // The freed slot goes to the next tap, marked fresh (to be zeroed).
+        assert_eq!(table.assign(12), Some((0, true)));
+        let held: Vec<_> = table.iter().collect();
+        assert_eq!(held, vec![(11, 1), (12, 0)]);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! behind `hvnet_agent_probe_attached{probe,kind}`.
 
 use aya::{
-    programs::{FEntry, KProbe, ProgramError, RawTracePoint},
+    programs::{BtfTracePoint, FEntry, KProbe, ProgramError, RawTracePoint},
     Btf, Ebpf,
 };
 
@@ -52,6 +52,54 @@ fn raw_tracepoint(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<()
     Ok(())
 }
 
+fn btf_tracepoint(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    program: &str,
+    tracepoint: &str,
+) -> Result<(), String> {
+    let prog: &mut BtfTracePoint = typed(ebpf, program)?;
+    prog.load(tracepoint, btf).map_err(describe)?;
+    prog.attach().map_err(describe)?;
+    Ok(())
+}
+
+/// Set to `raw` to skip the BTF tracepoints and use the raw ones (the
+/// fallback), e.g. to rule them out when a kernel misbehaves.
+pub const TRACEPOINTS_ENV: &str = "HVNET_TRACEPOINTS";
+
+/// One host-wide tracepoint: the BTF program first (plain loads filter
+/// non-tap skbs for a fraction of the helper calls the raw one needs), the
+/// raw one only if the kernel refuses it. One status either way, with the
+/// kind that runs, so the probe has one `hvnet_agent_probe_attached` series.
+fn tracepoint(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    probe: &'static str,
+    (btf_program, raw_program): (&str, &str),
+    tracepoint: &str,
+    raw_only: bool,
+) -> ProbeStatus {
+    let refused = if raw_only {
+        format!("{TRACEPOINTS_ENV}=raw")
+    } else {
+        match btf_tracepoint(ebpf, btf, btf_program, tracepoint) {
+            Ok(()) => return status(probe, "tp_btf", Ok(())),
+            Err(reason) => reason,
+        }
+    };
+    let mut fallback = status(
+        probe,
+        "raw_tracepoint",
+        raw_tracepoint(ebpf, raw_program, tracepoint),
+    );
+    fallback.detail = format!(
+        "tp_btf not used ({refused}); raw tracepoint: {}",
+        fallback.detail
+    );
+    fallback
+}
+
 fn kprobe(ebpf: &mut Ebpf, program: &str, function: &str) -> Result<(), String> {
     let prog: &mut KProbe = typed(ebpf, program)?;
     prog.load().map_err(describe)?;
@@ -70,16 +118,23 @@ fn fentry(ebpf: &mut Ebpf, btf: &Btf, program: &str, function: &str) -> Result<(
 /// `tun_missing` says why the tun offsets are unknown (then the vhost
 /// probe cannot read which tap a call is for and is not attached).
 pub fn attach_all(ebpf: &mut Ebpf, btf: &Btf, tun_missing: Option<String>) -> Vec<ProbeStatus> {
+    let raw_only = std::env::var(TRACEPOINTS_ENV).is_ok_and(|v| v == "raw");
     let mut statuses = vec![
-        status(
+        tracepoint(
+            ebpf,
+            btf,
             DEQUEUE_PROBE,
-            "raw_tracepoint",
-            raw_tracepoint(ebpf, "hvnet_dequeue", "skb_copy_datagram_iovec"),
+            ("hvnet_dequeue", "hvnet_dequeue_raw"),
+            "skb_copy_datagram_iovec",
+            raw_only,
         ),
-        status(
+        tracepoint(
+            ebpf,
+            btf,
             DROP_PROBE,
-            "raw_tracepoint",
-            raw_tracepoint(ebpf, "hvnet_drop", "kfree_skb"),
+            ("hvnet_drop", "hvnet_drop_raw"),
+            "kfree_skb",
+            raw_only,
         ),
     ];
     if let Some(reason) = tun_missing {
@@ -100,7 +155,7 @@ pub fn attach_all(ebpf: &mut Ebpf, btf: &Btf, tun_missing: Option<String>) -> Ve
     }
     for s in &statuses {
         if s.attached {
-            log::info!("probe {} ({}): attached", s.probe, s.kind);
+            log::info!("probe {} ({}): {}", s.probe, s.kind, s.detail);
         } else {
             log::warn!(
                 "probe {} ({}): unavailable on this kernel, continuing without it: {}",

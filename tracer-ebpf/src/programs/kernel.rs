@@ -1,5 +1,11 @@
 //! Reading kernel structs without CO-RE: the agent resolves member offsets
 //! from this kernel's BTF and sets these globals before loading.
+//!
+//! The globals live in `.rodata`, which aya freezes read-only: the verifier
+//! then knows each offset as a constant, so a BTF-typed program (tp_btf,
+//! fentry) may read `skb + SKB_DEV_OFF` with a plain load that it checks
+//! against the kernel's own struct layout. Two ways to read, one code path:
+//! [`DirectLoad`] for BTF-typed programs, [`ProbeRead`] for the rest.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use tracer_common::DevKey;
@@ -45,6 +51,38 @@ pub fn read<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
 }
 
+/// How a program reads a kernel struct member.
+pub trait KernelMemory {
+    fn read<T: Copy>(addr: u64) -> Option<T>;
+}
+
+/// bpf_probe_read_kernel: any program type, any address. A helper call
+/// each (about 20 ns here), which on a hook that fires for every socket
+/// read on the host is most of the cost of rejecting a non-tap skb.
+pub struct ProbeRead;
+
+impl KernelMemory for ProbeRead {
+    #[inline(always)]
+    fn read<T: Copy>(addr: u64) -> Option<T> {
+        read::<T>(addr)
+    }
+}
+
+/// A plain load, for BTF-typed programs only (tp_btf, fentry): the
+/// verifier follows the pointer's BTF type through each constant offset
+/// and makes the load fault-safe (BPF_PROBE_MEM: a bad pointer reads 0).
+pub struct DirectLoad;
+
+impl KernelMemory for DirectLoad {
+    #[inline(always)]
+    fn read<T: Copy>(addr: u64) -> Option<T> {
+        // SAFETY: only reached from BTF-typed programs, where the verifier
+        // checked this access against the struct's BTF and the kernel
+        // handles a fault (the value reads as 0).
+        Some(unsafe { core::ptr::read_volatile(addr as *const T) })
+    }
+}
+
 #[inline(always)]
 fn note_read_error() {
     if let Some(slot) = PROBE_ERRORS.get_ptr_mut(PERCPU_ERRORS_INDEX) {
@@ -55,11 +93,11 @@ fn note_read_error() {
 
 /// The (netns, ifindex) of a net_device if the agent monitors it.
 #[inline(always)]
-pub fn monitored_device(dev: u64) -> Option<DevKey> {
+pub fn monitored_device<M: KernelMemory>(dev: u64) -> Option<DevKey> {
     if dev == 0 {
         return None;
     }
-    let Some(ifindex) = read::<u32>(dev + global(&DEV_IFINDEX_OFF)) else {
+    let Some(ifindex) = M::read::<u32>(dev + global(&DEV_IFINDEX_OFF)) else {
         note_read_error();
         return None;
     };
@@ -69,8 +107,8 @@ pub fn monitored_device(dev: u64) -> Option<DevKey> {
             return None;
         }
     }
-    let net = read::<u64>(dev + global(&DEV_NET_OFF))?;
-    let netns = read::<u32>(net + global(&NET_INUM_OFF))?;
+    let net = M::read::<u64>(dev + global(&DEV_NET_OFF))?;
+    let netns = M::read::<u32>(net + global(&NET_INUM_OFF))?;
     let key = DevKey { netns, ifindex };
     // SAFETY: the value is only checked for presence.
     unsafe { MONITORED.get(key) }.map(|_| key)
@@ -78,22 +116,22 @@ pub fn monitored_device(dev: u64) -> Option<DevKey> {
 
 /// The monitored device an sk_buff belongs to.
 #[inline(always)]
-pub fn skb_device(skb: u64) -> Option<DevKey> {
-    monitored_device(read::<u64>(skb + global(&SKB_DEV_OFF))?)
+pub fn skb_device<M: KernelMemory>(skb: u64) -> Option<DevKey> {
+    monitored_device::<M>(M::read::<u64>(skb + global(&SKB_DEV_OFF))?)
 }
 
 #[inline(always)]
-pub fn skb_owner(skb: u64) -> Option<u64> {
-    read::<u64>(skb + global(&SKB_SK_OFF))
+pub fn skb_owner<M: KernelMemory>(skb: u64) -> Option<u64> {
+    M::read::<u64>(skb + global(&SKB_SK_OFF))
 }
 
 /// The linear part of an sk_buff (where the frame's headers are), capped
 /// at one Ethernet frame: enough for any DHCP header.
 #[inline(always)]
-pub fn skb_linear_frame(skb: u64) -> Option<crate::programs::dhcp::KernelFrame> {
-    let data = read::<u64>(skb + global(&SKB_DATA_OFF))?;
-    let len = read::<u32>(skb + global(&SKB_LEN_OFF))?;
-    let paged = read::<u32>(skb + global(&SKB_DATA_LEN_OFF))?;
+pub fn skb_linear_frame<M: KernelMemory>(skb: u64) -> Option<crate::programs::dhcp::KernelFrame> {
+    let data = M::read::<u64>(skb + global(&SKB_DATA_OFF))?;
+    let len = M::read::<u32>(skb + global(&SKB_LEN_OFF))?;
+    let paged = M::read::<u32>(skb + global(&SKB_DATA_LEN_OFF))?;
     let linear = len.saturating_sub(paged).min(1518);
     Some(crate::programs::dhcp::KernelFrame {
         data,
@@ -103,13 +141,13 @@ pub fn skb_linear_frame(skb: u64) -> Option<crate::programs::dhcp::KernelFrame> 
 
 /// The address family of a socket (sk->__sk_common.skc_family).
 #[inline(always)]
-pub fn socket_family(sk: u64) -> Option<u16> {
-    read::<u16>(sk + global(&SK_FAMILY_OFF))
+pub fn socket_family<M: KernelMemory>(sk: u64) -> Option<u16> {
+    M::read::<u16>(sk + global(&SK_FAMILY_OFF))
 }
 
 #[inline(always)]
-pub fn skb_len(skb: u64) -> Option<u32> {
-    read::<u32>(skb + global(&SKB_LEN_OFF))
+pub fn skb_len<M: KernelMemory>(skb: u64) -> Option<u32> {
+    M::read::<u32>(skb + global(&SKB_LEN_OFF))
 }
 
 /// The tap behind tun_recvmsg's `struct socket *` (embedded in a tun_file).
@@ -120,7 +158,7 @@ pub fn tun_socket_device(sock: u64) -> Option<DevKey> {
     if tun == 0 {
         return None;
     }
-    monitored_device(read::<u64>(tun + global(&TUN_DEV_OFF))?)
+    monitored_device::<ProbeRead>(read::<u64>(tun + global(&TUN_DEV_OFF))?)
 }
 
 /// Counts an insert the kernel refused (the map is full) in slot `slot`.

@@ -1,10 +1,16 @@
-//! Host-wide raw tracepoints, filtered to monitored taps: frames the VMM
+//! Host-wide tracepoints, filtered to monitored taps: frames the VMM
 //! dequeued, and frames the kernel dropped (with the reason).
 //!
-//! Raw tracepoints need no tracefs (it is often not mounted, and `ip netns
-//! exec` hides it) and read the tracepoint's C arguments directly.
+//! Each hook has two programs with one body: a BTF tracepoint (tp_btf),
+//! whose plain loads of skb->dev and dev->ifindex make rejecting a non-tap
+//! skb almost free, and a raw tracepoint reading through
+//! bpf_probe_read_kernel, the fallback where the kernel refuses the first.
+//! Neither needs tracefs (often not mounted; `ip netns exec` hides it).
 
-use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
 use tracer_common::{direction, event_kind, map_slot, DevKey, DropKey};
 
 use crate::{
@@ -12,7 +18,10 @@ use crate::{
     maps::{DEQUEUED, DROPS},
     programs::{
         dhcp::{emit, locate_dhcp, parse_dhcp},
-        kernel::{skb_device, skb_len, skb_linear_frame, skb_owner, socket_family},
+        kernel::{
+            skb_device, skb_len, skb_linear_frame, skb_owner, socket_family, DirectLoad,
+            KernelMemory, ProbeRead,
+        },
     },
 };
 
@@ -24,37 +33,52 @@ const AF_PACKET: u16 = 17;
 /// skb_copy_datagram_iovec(const struct sk_buff *skb, int len): fires when
 /// tun_put_user copies a frame out of the tap's ring to the VMM (read(2) by
 /// QEMU, or vhost-net's tun_recvmsg).
+#[btf_tracepoint(function = "skb_copy_datagram_iovec")]
+pub fn hvnet_dequeue(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let len: u32 = ctx.arg(1);
+    count_dequeue::<DirectLoad>(skb, u64::from(len));
+    0
+}
+
+/// hvnet_dequeue for kernels that refuse the BTF tracepoint.
 #[raw_tracepoint(tracepoint = "skb_copy_datagram_iovec")]
-pub fn hvnet_dequeue(ctx: RawTracePointContext) -> i32 {
+pub fn hvnet_dequeue_raw(ctx: RawTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(0);
     let len: u64 = ctx.arg(1);
+    count_dequeue::<ProbeRead>(skb, len & 0xffff_ffff);
+    0
+}
+
+#[inline(always)]
+fn count_dequeue<M: KernelMemory>(skb: u64, len: u64) {
     // This fires for every TCP socket read on the host: the cheapest test
     // that rejects a frame of no monitored tap comes first.
-    let Some(dev) = skb_device(skb) else {
-        return 0;
+    let Some(dev) = skb_device::<M>(skb) else {
+        return;
     };
     // tcpdump on the tap (AF_PACKET) reads its own copies of the tap's
     // frames: those must not pass for the VMM draining the queue.
-    let Some(owner) = skb_owner(skb) else {
-        return 0;
+    let Some(owner) = skb_owner::<M>(skb) else {
+        return;
     };
-    if owner != 0 && socket_family(owner) == Some(AF_PACKET) {
-        return 0;
+    if owner != 0 && socket_family::<M>(owner) == Some(AF_PACKET) {
+        return;
     }
-    if len == VLAN_SPLIT_LEN && skb_len(skb).is_some_and(|total| u64::from(total) > VLAN_SPLIT_LEN)
+    if len == VLAN_SPLIT_LEN
+        && skb_len::<M>(skb).is_some_and(|total| u64::from(total) > VLAN_SPLIT_LEN)
     {
-        return 0;
+        return;
     }
     bump!(DEQUEUED, &dev, map_slot::DEQUEUED);
-    dhcp_event(skb, dev, event_kind::DHCP_DEQUEUED, 0);
-    0
+    dhcp_event::<M>(skb, dev, event_kind::DHCP_DEQUEUED, 0);
 }
 
 /// A DHCP frame that was dequeued or dropped: which message it was (xid,
 /// client MAC), so the agent can say whether a reply reached the VM.
 #[inline(always)]
-fn dhcp_event(skb: u64, dev: DevKey, kind: u8, reason: u32) {
-    let Some(frame) = skb_linear_frame(skb) else {
+fn dhcp_event<M: KernelMemory>(skb: u64, dev: DevKey, kind: u8, reason: u32) {
+    let Some(frame) = skb_linear_frame::<M>(skb) else {
         return;
     };
     let Some(at) = locate_dhcp(&frame) else {
@@ -68,32 +92,46 @@ fn dhcp_event(skb: u64, dev: DevKey, kind: u8, reason: u32) {
 
 /// kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason
 /// reason, struct sock *rx_sk): every dropped frame, with its reason.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn hvnet_drop(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let reason: u32 = ctx.arg(2);
+    count_drop::<DirectLoad>(skb, reason);
+    0
+}
+
+/// hvnet_drop for kernels that refuse the BTF tracepoint.
 #[raw_tracepoint(tracepoint = "kfree_skb")]
-pub fn hvnet_drop(ctx: RawTracePointContext) -> i32 {
+pub fn hvnet_drop_raw(ctx: RawTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(0);
     let reason: u64 = ctx.arg(2);
-    let Some(dev) = skb_device(skb) else {
-        return 0;
+    count_drop::<ProbeRead>(skb, reason as u32);
+    0
+}
+
+#[inline(always)]
+fn count_drop<M: KernelMemory>(skb: u64, reason: u32) {
+    let Some(dev) = skb_device::<M>(skb) else {
+        return;
     };
     let key = DropKey {
         dev,
-        reason: reason as u32,
+        reason,
         _pad: 0,
     };
     bump!(DROPS, &key, map_slot::DROPS);
-    dhcp_event(skb, dev, event_kind::DHCP_DROPPED, reason as u32);
-    0
+    dhcp_event::<M>(skb, dev, event_kind::DHCP_DROPPED, reason);
 }
 
 /// Does nothing: the baseline the cost benchmark measures hvnet_dequeue
 /// against, on the same tracepoint in the same run.
-#[raw_tracepoint(tracepoint = "skb_copy_datagram_iovec")]
-pub fn hvnet_empty_dequeue(_ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "skb_copy_datagram_iovec")]
+pub fn hvnet_empty_dequeue(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
 /// Does nothing: the baseline for hvnet_drop.
-#[raw_tracepoint(tracepoint = "kfree_skb")]
-pub fn hvnet_empty_drop(_ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn hvnet_empty_drop(_ctx: BtfTracePointContext) -> i32 {
     0
 }
