@@ -75,7 +75,7 @@ fn median(values: &[f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn spawn_quiet(ns: &NetNs, args: &[&str]) -> anyhow::Result<Child> {
+fn spawn_quiet(ns: &NetNs, args: &[String]) -> anyhow::Result<Child> {
     let (program, rest) = args.split_first().context("empty command")?;
     Ok(ns
         .command(program)
@@ -85,9 +85,30 @@ fn spawn_quiet(ns: &NetNs, args: &[&str]) -> anyhow::Result<Child> {
         .spawn()?)
 }
 
+/// iperf3's client and servers on CPUs of their own (where there are two):
+/// left to the scheduler, the two sides of an A/B comparison landed on
+/// different CPU layouts from round to round, and that spread (+-9 %
+/// measured) was larger than the effect being measured.
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
+
+fn pinned(cpu: usize) -> Vec<String> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus > cpu.max(1) {
+        vec!["-A".into(), cpu.to_string()]
+    } else {
+        Vec::new()
+    }
+}
+
 /// Runs an iperf3 client and returns (bits/s received, packets/s sent).
 fn iperf(ns: &NetNs, args: &[&str]) -> anyhow::Result<(f64, f64)> {
-    let out = ns.command("iperf3").args(["-J"]).args(args).output()?;
+    let out = ns
+        .command("iperf3")
+        .args(["-J"])
+        .args(pinned(CLIENT_CPU))
+        .args(args)
+        .output()?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 {args:?}: {}", String::from_utf8_lossy(&out.stderr)))?;
     if let Some(err) = json["error"].as_str() {
@@ -111,6 +132,14 @@ fn iperf(ns: &NetNs, args: &[&str]) -> anyhow::Result<(f64, f64)> {
         None => 0.0,
     };
     Ok((bits, packets))
+}
+
+fn server_args(address: &str, port: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["iperf3", "-s", "-B", address, "-p", port]
+        .map(String::from)
+        .into();
+    args.extend(pinned(SERVER_CPU));
+    args
 }
 
 pub struct Lab {
@@ -152,8 +181,8 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("{prefix}-cost"));
         std::fs::create_dir_all(&dir)?;
         let servers = vec![
-            spawn_quiet(&node, &["iperf3", "-s", "-B", NODE_ADDR, "-p", "5201"])?,
-            spawn_quiet(&node, &["iperf3", "-s", "-B", "127.0.0.1", "-p", "5202"])?,
+            spawn_quiet(&node, &server_args(NODE_ADDR, "5201"))?,
+            spawn_quiet(&node, &server_args("127.0.0.1", "5202"))?,
         ];
         std::thread::sleep(Duration::from_millis(300));
         Ok(Self {

@@ -281,6 +281,43 @@ impl KernelMaps {
             .map_err(|e| CollectError::Monitor(e.to_string()))
     }
 
+    /// Every monitored tap's counters: slots are handed out lowest first,
+    /// so one batch read of the array's head covers them all; one lookup
+    /// per slot where the kernel has no batch reads of arrays.
+    fn read_traffic(&self) -> Result<BTreeMap<u32, TrafficCounters>, CollectError> {
+        let failed = |reason: String| CollectError::Read {
+            map: "VM_COUNTERS",
+            reason,
+        };
+        let Some(highest) = self.slots.iter().map(|(_, slot)| slot).max() else {
+            return Ok(BTreeMap::new());
+        };
+        match crate::map_batch::read_per_cpu(&self.counters, highest + 1) {
+            Ok(by_slot) => self
+                .slots
+                .iter()
+                .map(|(ifindex, slot)| {
+                    by_slot
+                        .get(slot as usize)
+                        .map(|per_cpu| (ifindex, sum_cpus(per_cpu)))
+                        .ok_or_else(|| failed(format!("slot {slot} not returned")))
+                })
+                .collect(),
+            Err(err) => {
+                log::debug!("VM_COUNTERS: batch read unavailable ({err}); one lookup per tap");
+                self.slots
+                    .iter()
+                    .map(|(ifindex, slot)| {
+                        self.counters
+                            .get(&slot, 0)
+                            .map(|per_cpu| (ifindex, sum_cpus(&per_cpu)))
+                            .map_err(|e| failed(e.to_string()))
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// Reads every map; a map that cannot be read is listed in
     /// `unreadable` and the rest is still returned (one bad read must not
     /// blank a whole scrape).
@@ -291,23 +328,13 @@ impl KernelMaps {
                 unreadable.push((map, reason));
             }
         };
-        // One lookup per monitored tap (its slot), not a walk of every key.
-        let mut traffic = BTreeMap::new();
-        for (ifindex, slot) in self.slots.iter() {
-            match self.counters.get(&slot, 0) {
-                Ok(per_cpu) => {
-                    traffic.insert(ifindex, sum_cpus(&per_cpu));
-                }
-                Err(err) => {
-                    note(CollectError::Read {
-                        map: "VM_COUNTERS",
-                        reason: err.to_string(),
-                    });
-                    traffic.clear();
-                    break;
-                }
+        let traffic = match self.read_traffic() {
+            Ok(traffic) => traffic,
+            Err(err) => {
+                note(err);
+                BTreeMap::new()
             }
-        }
+        };
         let ours = |dev: &DevKey| dev.netns == self.netns;
         let mut drops: BTreeMap<u32, BTreeMap<u32, u64>> = BTreeMap::new();
         match read_u64_map(&self.drops, "DROPS") {

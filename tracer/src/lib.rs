@@ -24,6 +24,7 @@ pub mod ifmatch;
 pub mod link_dump;
 pub mod links;
 pub mod loader;
+pub mod map_batch;
 pub mod optional_probes;
 pub mod privileges;
 pub mod qemu_cmdline;
