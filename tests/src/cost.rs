@@ -293,7 +293,9 @@ pub fn run(
         }
         Ok(ebpf)
     })?;
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
+    // Run-time stats cost every BPF program on the host two clock reads a
+    // run: on for the cost phases only, never during the throughput A/B.
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("BPF_ENABLE_STATS")?;
     let mut rows = Vec::new();
     for (phase, hooks) in [
         (
@@ -344,6 +346,7 @@ pub fn run(
             });
         }
     }
+    drop(stats);
     drop(baselines);
     drop(agent);
 
