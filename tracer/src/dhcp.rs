@@ -1133,7 +1133,9 @@ mod tests {
             );
             proptest::prop_assert!(c.replies_unprocessed <= replies_offered);
             if let Some(lease) = t.lease() {
-                proptest::prop_assert!(lease.remaining(now) <= 120.0);
+                // (granted_at + 120) - now is not exactly 120 in floating
+                // point when now == granted_at: allow the rounding.
+                proptest::prop_assert!(lease.remaining(now) <= 120.0 + 1e-9);
             }
         }
     }
