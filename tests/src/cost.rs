@@ -69,10 +69,11 @@ pub struct Throughput {
     pub without: Vec<f64>,
 }
 
-fn median(values: &[f64]) -> f64 {
+/// None when nothing was measured (never shown as 0).
+fn median(values: &[f64]) -> Option<f64> {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    v.get(v.len() / 2).copied()
 }
 
 fn spawn_quiet(ns: &NetNs, args: &[String]) -> anyhow::Result<Child> {
@@ -162,22 +163,13 @@ impl Lab {
     pub fn create(prefix: &str) -> anyhow::Result<Self> {
         let node = NetNs::create(&format!("{prefix}-node"))?;
         let peer = NetNs::create(&format!("{prefix}-peer"))?;
-        node.ip(&[
-            "link",
-            "add",
+        node.veth_to(
             TAP,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            peer.name(),
-        ])?;
-        node.ip(&["addr", "add", &format!("{NODE_ADDR}/24"), "dev", TAP])?;
-        node.ip(&["link", "set", TAP, "up"])?;
-        peer.ip(&["addr", "add", &format!("{PEER_ADDR}/24"), "dev", "eth0"])?;
-        peer.ip(&["link", "set", "eth0", "up"])?;
+            None,
+            &format!("{NODE_ADDR}/24"),
+            &peer,
+            &format!("{PEER_ADDR}/24"),
+        )?;
         let dir = std::env::temp_dir().join(format!("{prefix}-cost"));
         std::fs::create_dir_all(&dir)?;
         let servers = vec![
@@ -436,14 +428,18 @@ pub fn render(rows: &[Row], throughput: &[Throughput]) -> String {
     let _ = writeln!(out, "|---|---|---|---|---|---|");
     for t in throughput {
         let (w, wo) = (median(&t.with), median(&t.without));
+        let side = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.4e}"));
+        let ratio = match (w, wo) {
+            (Some(w), Some(wo)) if wo > 0.0 => format!("{:.3}x", w / wo),
+            _ => "-".into(),
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.4e} | {:.4e} | {:.3}x | {} |",
+            "| {} | {} | {} | {} | {ratio} | {} |",
             t.what,
             t.unit,
-            w,
-            wo,
-            if wo > 0.0 { w / wo } else { 0.0 },
+            side(w),
+            side(wo),
             t.with.len()
         );
     }

@@ -47,6 +47,39 @@ impl NetNs {
         run(&mut cmd)
     }
 
+    /// A veth pair standing in for a tap: `name` here (at ifindex `index`
+    /// when given; `ip tuntap` cannot choose one) with `node_cidr`, its
+    /// peer `eth0` in `guest` with `guest_cidr`, both up.
+    pub fn veth_to(
+        &self,
+        name: &str,
+        index: Option<u32>,
+        node_cidr: &str,
+        guest: &NetNs,
+        guest_cidr: &str,
+    ) -> anyhow::Result<()> {
+        let index_text = index.map(|i| i.to_string());
+        let mut args = vec!["link", "add", name];
+        if let Some(i) = &index_text {
+            args.extend(["index", i.as_str()]);
+        }
+        args.extend([
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            guest.name(),
+        ]);
+        self.ip(&args)?;
+        self.ip(&["addr", "add", node_cidr, "dev", name])?;
+        self.ip(&["link", "set", name, "up"])?;
+        guest.ip(&["addr", "add", guest_cidr, "dev", "eth0"])?;
+        guest.ip(&["link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
     /// A command to run inside the namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");

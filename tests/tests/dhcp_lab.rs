@@ -21,10 +21,16 @@ fn fake_vmm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fake-vmm"))
 }
 
-fn value(s: &[Sample], name: &str, iface: &str, extra: &[(&str, &str)]) -> f64 {
+/// One series of one tap; None when it is missing (never read as 0).
+fn value(s: &[Sample], name: &str, iface: &str, extra: &[(&str, &str)]) -> Option<f64> {
     let mut labels = vec![("iface", iface)];
     labels.extend_from_slice(extra);
-    metrics::value(s, name, &labels).unwrap_or(0.0)
+    metrics::value(s, name, &labels)
+}
+
+/// The series exists and is at least `min`.
+fn at_least(value: Option<f64>, min: f64) -> bool {
+    value.is_some_and(|v| v >= min)
 }
 
 fn signal(child: &Child, sig: i32) {
@@ -93,12 +99,15 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
                 &[("iface", "tapu0")],
             )
             .is_some_and(|v| v > 100.0)
-                && value(
-                    s,
-                    "hvnet_dhcp_transactions_total",
-                    "tapu0",
-                    &[("verdict", "delivered")],
-                ) >= 1.0
+                && at_least(
+                    value(
+                        s,
+                        "hvnet_dhcp_transactions_total",
+                        "tapu0",
+                        &[("verdict", "delivered")],
+                    ),
+                    1.0,
+                )
         },
     )?;
     background.0.push(keep_sending(&vm)?);
@@ -120,7 +129,7 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
         &node.ns,
         Duration::from_secs(8),
         "rx_stalled",
-        |s| value(s, "hvnet_vm_rx_stalled", "tapu0", &[]) == 1.0,
+        |s| value(s, "hvnet_vm_rx_stalled", "tapu0", &[]) == Some(1.0),
     )?;
     let hvnet = hvnet_bin().display().to_string();
     let top = node
@@ -140,20 +149,26 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
         Duration::from_secs(20),
         "retries during the stall and undelivered ACKs",
         |s| {
-            value(s, "hvnet_dhcp_retries_during_stall_total", "tapu0", &[]) >= 2.0
-                && value(s, "hvnet_dhcp_replies_undelivered_total", "tapu0", &[]) >= 2.0
+            at_least(
+                value(s, "hvnet_dhcp_retries_during_stall_total", "tapu0", &[]),
+                2.0,
+            ) && at_least(
+                value(s, "hvnet_dhcp_replies_undelivered_total", "tapu0", &[]),
+                2.0,
+            )
         },
     )?;
     eprintln!("retries + undelivered ACKs seen {took:?} after the forced renewal");
     let s = agent.scrape(&node.ns)?;
-    assert!(
+    assert!(at_least(
         value(
             &s,
             "hvnet_dhcp_packets_total",
             "tapu0",
             &[("direction", "to_vm"), ("type", "ack")]
-        ) >= 2.0
-    );
+        ),
+        2.0
+    ));
     let text = agent.explain(&node.ns, "tapu0")?;
     eprintln!("--- hvnet explain tapu0 ---\n{text}---");
     assert!(
@@ -180,14 +195,15 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
 
     vm.set_mode(VmmMode::Running)?;
     eventually(&agent, &node.ns, Duration::from_secs(5), "recovery", |s| {
-        value(s, "hvnet_vm_rx_stalled", "tapu0", &[]) == 0.0
+        value(s, "hvnet_vm_rx_stalled", "tapu0", &[]) == Some(0.0)
     })?;
     let delivered_before = value(
         &agent.scrape(&node.ns)?,
         "hvnet_dhcp_transactions_total",
         "tapu0",
         &[("verdict", "delivered")],
-    );
+    )
+    .ok_or_else(|| anyhow::anyhow!("no delivered transactions series for tapu0"))?;
     std::thread::sleep(Duration::from_secs(1));
     signal(&background.0[0], libc::SIGUSR1);
     eventually(
@@ -201,7 +217,8 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
                 "hvnet_dhcp_transactions_total",
                 "tapu0",
                 &[("verdict", "delivered")],
-            ) > delivered_before
+            )
+            .is_some_and(|v| v > delivered_before)
         },
     )?;
     let text = agent.explain(&node.ns, "tapu0")?;
@@ -240,12 +257,15 @@ fn a_stopped_server_is_no_reply_not_blamed_on_the_vm() -> anyhow::Result<()> {
         Duration::from_secs(15),
         "a delivered lease",
         |s| {
-            value(
-                s,
-                "hvnet_dhcp_transactions_total",
-                "tapr0",
-                &[("verdict", "delivered")],
-            ) >= 1.0
+            at_least(
+                value(
+                    s,
+                    "hvnet_dhcp_transactions_total",
+                    "tapr0",
+                    &[("verdict", "delivered")],
+                ),
+                1.0,
+            )
         },
     )?;
     // Let udhcpc apply the lease and settle in BOUND before it is asked to
@@ -267,12 +287,15 @@ fn a_stopped_server_is_no_reply_not_blamed_on_the_vm() -> anyhow::Result<()> {
         Duration::from_secs(35),
         "a no_reply verdict",
         |s| {
-            value(
-                s,
-                "hvnet_dhcp_transactions_total",
-                "tapr0",
-                &[("verdict", "no_reply")],
-            ) >= 1.0
+            at_least(
+                value(
+                    s,
+                    "hvnet_dhcp_transactions_total",
+                    "tapr0",
+                    &[("verdict", "no_reply")],
+                ),
+                1.0,
+            )
         },
     );
     if verdict.is_err() {
@@ -284,23 +307,29 @@ fn a_stopped_server_is_no_reply_not_blamed_on_the_vm() -> anyhow::Result<()> {
     verdict?;
     let s = agent.scrape(&node.ns)?;
     assert!(
-        value(
-            &s,
-            "hvnet_dhcp_retries_total",
-            "tapr0",
-            &[("state", "rebinding")]
-        ) >= 1.0,
+        at_least(
+            value(
+                &s,
+                "hvnet_dhcp_retries_total",
+                "tapr0",
+                &[("state", "rebinding")]
+            ),
+            1.0
+        ),
         "the client retried"
     );
     assert_eq!(
         value(&s, "hvnet_dhcp_retries_during_stall_total", "tapr0", &[]),
-        0.0
+        Some(0.0)
     );
     assert_eq!(
         value(&s, "hvnet_dhcp_replies_undelivered_total", "tapr0", &[]),
-        0.0
+        Some(0.0)
     );
-    assert_eq!(value(&s, "hvnet_vm_rx_stalls_total", "tapr0", &[]), 0.0);
+    assert_eq!(
+        value(&s, "hvnet_vm_rx_stalls_total", "tapr0", &[]),
+        Some(0.0)
+    );
     let text = agent.explain(&node.ns, "tapr0")?;
     assert!(text.contains("ended: no_reply"), "{text}");
     Ok(())
@@ -353,8 +382,14 @@ fn dhclient_loses_its_lease_during_a_long_stall_and_the_timeline_says_so() -> an
     }
     eprintln!("--- hvnet explain tapx0 ---\n{text}---");
     let s = agent.scrape(&node.ns)?;
-    assert!(value(&s, "hvnet_dhcp_retries_during_stall_total", "tapx0", &[]) >= 1.0);
-    assert!(value(&s, "hvnet_dhcp_replies_undelivered_total", "tapx0", &[]) >= 1.0);
+    assert!(at_least(
+        value(&s, "hvnet_dhcp_retries_during_stall_total", "tapx0", &[]),
+        1.0
+    ));
+    assert!(at_least(
+        value(&s, "hvnet_dhcp_replies_undelivered_total", "tapx0", &[]),
+        1.0
+    ));
     assert!(
         text.contains("lease on 10.250.0.") && text.contains("EXPIRED"),
         "{text}"

@@ -235,34 +235,16 @@ fn run_batch(cmd: &[&str], script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A VM-side veth standing in for a tap, at a chosen ifindex: `ip tuntap`
-/// cannot pick one, and reuse is what this test is about.
+/// A VM-side veth standing in for a tap, at a chosen ifindex: reuse is
+/// what this test is about.
 fn veth_vm(
     node: &ComputeNode,
     guest: &NetNs,
     name: &str,
     index: Option<u32>,
 ) -> anyhow::Result<()> {
-    let mut args = vec!["link", "add", name];
-    let index_text = index.map(|i| i.to_string());
-    if let Some(i) = &index_text {
-        args.extend(["index", i.as_str()]);
-    }
-    args.extend([
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        guest.name(),
-    ]);
-    node.ns.ip(&args)?;
-    node.ns.ip(&["addr", "add", "10.250.7.1/24", "dev", name])?;
-    node.ns.ip(&["link", "set", name, "up"])?;
-    guest.ip(&["addr", "add", "10.250.7.2/24", "dev", "eth0"])?;
-    guest.ip(&["link", "set", "eth0", "up"])?;
-    Ok(())
+    node.ns
+        .veth_to(name, index, "10.250.7.1/24", guest, "10.250.7.2/24")
 }
 
 fn icmp_to_vm(s: &[metrics::Sample], iface: &str) -> Vec<f64> {

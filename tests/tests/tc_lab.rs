@@ -172,25 +172,13 @@ fn a_tap_with_an_ifindex_above_65535_is_counted_exactly() -> anyhow::Result<()> 
     require_root();
     let node = ComputeNode::create(&unique_prefix("h"))?;
     let guest = hvnet_lab::netns::NetNs::create(&format!("{}-g", node.prefix))?;
-    node.ns.ip(&[
-        "link",
-        "add",
+    node.ns.veth_to(
         "taph0",
-        "index",
-        "70000",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        guest.name(),
-    ])?;
-    node.ns
-        .ip(&["addr", "add", "10.250.77.1/24", "dev", "taph0"])?;
-    node.ns.ip(&["link", "set", "taph0", "up"])?;
-    guest.ip(&["addr", "add", "10.250.77.2/24", "dev", "eth0"])?;
-    guest.ip(&["link", "set", "eth0", "up"])?;
+        Some(70000),
+        "10.250.77.1/24",
+        &guest,
+        "10.250.77.2/24",
+    )?;
     let agent = start_agent(&node, "taph*", &[])?;
     eventually(
         &agent,

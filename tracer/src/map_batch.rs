@@ -85,7 +85,7 @@ pub fn read_per_cpu<V: Pod + Default>(
             wanted: count,
         });
     }
-    let bytes: &[u8] = bytemuck_bytes(&values);
+    let bytes: &[u8] = as_bytes(&values);
     Ok((0..elements)
         .map(|element| {
             (0..cpus)
@@ -101,7 +101,7 @@ pub fn read_per_cpu<V: Pod + Default>(
         .collect())
 }
 
-fn bytemuck_bytes(words: &[u64]) -> &[u8] {
+fn as_bytes(words: &[u64]) -> &[u8] {
     // SAFETY: u64 has no padding; the byte view covers exactly the same
     // memory and lives as long as the borrow.
     unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words)) }

@@ -95,13 +95,13 @@ fn classify(ctx: &TcContext) -> u8 {
     if data + ETH_HLEN > end {
         return class::OTHER;
     }
-    let mut ethertype = ethertype_at(data + 12);
+    let mut ethertype = be16_at(data + 12);
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         if data + ETH_HLEN + 4 > end {
             return broadcast_or_other(data);
         }
-        ethertype = ethertype_at(data + 16);
+        ethertype = be16_at(data + 16);
         l3 += 4;
     }
     if ethertype == ETH_P_ARP {
@@ -114,7 +114,7 @@ fn classify(ctx: &TcContext) -> u8 {
 }
 
 #[inline(always)]
-fn ethertype_at(addr: usize) -> u16 {
+fn be16_at(addr: usize) -> u16 {
     u16::from_be_bytes([read_u8(addr), read_u8(addr + 1)])
 }
 
@@ -131,7 +131,7 @@ fn is_dhcp_ipv4(ctx: &TcContext, l3: usize) -> bool {
         if read_u8(ip + 9) != IPPROTO_UDP {
             return false;
         }
-        (read_u8(ip), IPPROTO_UDP, ethertype_at(ip + 6))
+        (read_u8(ip), IPPROTO_UDP, be16_at(ip + 6))
     } else {
         let Ok(head) = ctx.load::<[u8; 10]>(l3) else {
             return false;
