@@ -286,14 +286,11 @@ fn a_reused_ifindex_or_name_never_inherits_another_vms_counts() -> anyhow::Resul
     // /api/v1/vms carries the ifindex (the metrics do not).
     let ifindex_of = |iface: &str| {
         let resp = hvnet_lab::http::get(&node.ns, agent.addr, "/api/v1/vms")?;
-        let vms: serde_json::Value = serde_json::from_str(&resp.body)?;
+        let vms: Vec<hvnet::api::Vm> = serde_json::from_str(&resp.body)?;
         anyhow::Ok(
-            vms.as_array()
-                .and_then(|a| {
-                    a.iter()
-                        .find(|v| v["iface"] == iface && v["departed"] == false)
-                })
-                .and_then(|v| v["ifindex"].as_u64()),
+            vms.iter()
+                .find(|v| v.iface == iface && !v.departed)
+                .map(|v| v.ifindex),
         )
     };
 

@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use hvnet::api::Vm;
 use hvnet_lab::{
     agent::Agent,
     expect::watch,
@@ -29,7 +30,6 @@ use hvnet_lab::{
     testkit::{poll_until, require_root, Background},
     unique_prefix, PEER_ADDR,
 };
-use serde_json::Value;
 
 const TAP: &str = "vnet0";
 const PORT: u16 = 9478;
@@ -45,31 +45,28 @@ fn state_is(s: &[Sample], state: &str) -> bool {
     value(s, "hvnet_vm_state", &[("state", state)]) == Some(1.0)
 }
 
-fn vms_json(agent: &Agent, node: &ComputeNode) -> anyhow::Result<Value> {
+fn vms_json(agent: &Agent, node: &ComputeNode) -> anyhow::Result<Vec<Vm>> {
     let resp = hvnet_lab::http::get(&node.ns, agent.addr, "/api/v1/vms")?;
     anyhow::ensure!(resp.status == 200, "/api/v1/vms: {}", resp.status);
     Ok(serde_json::from_str(&resp.body)?)
 }
 
-fn our_vm(vms: &Value) -> Option<&Value> {
-    vms.as_array()?
-        .iter()
-        .find(|vm| vm["iface"].as_str() == Some(TAP))
+fn our_vm(vms: &[Vm]) -> Option<&Vm> {
+    vms.iter().find(|vm| vm.iface == TAP)
 }
 
 /// hvnet's view of the VM's frames: (delivered toward it, sent by it),
 /// where delivered = seen on the tap minus the drops hvnet attributed.
-/// None when the entry lacks a field (a vanished count is not a zero).
-fn delivered_and_sent(vm: &Value) -> Option<(u64, u64)> {
-    let mut dropped = 0;
-    for drop in vm["drops"].as_array()? {
-        if drop["direction"] == "to_vm" {
-            dropped += drop["packets"].as_u64()?;
-        }
-    }
-    let to_vm = vm["to_vm"]["packets"].as_u64()?;
-    let from_vm = vm["from_vm"]["packets"].as_u64()?;
-    Some((to_vm.saturating_sub(dropped), from_vm))
+/// (An entry that lacks a field does not parse as an `api::Vm`: a vanished
+/// count is an error, never a zero.)
+fn delivered_and_sent(vm: &Vm) -> (u64, u64) {
+    let dropped: u64 = vm
+        .drops
+        .iter()
+        .filter(|d| d.direction == "to_vm")
+        .map(|d| d.packets)
+        .sum();
+    (vm.to_vm.packets.saturating_sub(dropped), vm.from_vm.packets)
 }
 
 /// Waits for a quiet moment in which hvnet's counts equal the guest's own
@@ -79,17 +76,15 @@ fn counts_match_guest(
     agent: &Agent,
     node: &ComputeNode,
     guest: &mut QemuGuest,
-) -> anyhow::Result<(GuestCounters, Value)> {
+) -> anyhow::Result<(GuestCounters, Vm)> {
     let mut last = String::new();
     for _ in 0..20 {
         let before = our_vm(&vms_json(agent, node)?).cloned();
         let counters = guest.counters()?;
         let after = our_vm(&vms_json(agent, node)?).cloned();
         if let (Some(before), Some(after)) = (before, after) {
-            let Some(hvnet) = delivered_and_sent(&after) else {
-                anyhow::bail!("/api/v1/vms entry lacks its counts: {after}");
-            };
-            if delivered_and_sent(&before) == Some(hvnet) {
+            let hvnet = delivered_and_sent(&after);
+            if delivered_and_sent(&before) == hvnet {
                 if hvnet == (counters.rx_packets, counters.tx_packets) {
                     return Ok((counters, after));
                 }
@@ -178,28 +173,27 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
         Duration::from_millis(500),
         || {
             let vms = vms_json(&agent, &node)?;
-            Ok(our_vm(&vms).is_some_and(|vm| vm["identity"]["source"] == "qemu"))
+            Ok(our_vm(&vms).is_some_and(|vm| vm.identity.source == "qemu"))
         },
     )?;
     let vms = vms_json(&agent, &node)?;
-    let vm = our_vm(&vms).cloned().unwrap_or_default();
-    assert_eq!(vm["vm_name"], spec.name.as_str());
-    assert_eq!(vm["vm_uuid"], spec.uuid.as_str());
-    assert_eq!(vm["mac"], spec.mac.as_str());
-    assert_eq!(
-        vm["identity"]["vmm_pid"].as_u64(),
-        Some(u64::from(guest.pid()))
-    );
+    let vm = our_vm(&vms)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("{TAP} left /api/v1/vms"))?;
+    assert_eq!(vm.vm_name, spec.name);
+    assert_eq!(vm.vm_uuid, spec.uuid);
+    assert_eq!(vm.mac, spec.mac);
+    assert_eq!(vm.identity.vmm_pid, Some(guest.pid()));
     // vhost=off (as on this machine, which has no /dev/vhost-net): no workers.
-    assert_eq!(vm["identity"]["vhost_workers"], serde_json::json!([]));
+    assert_eq!(vm.identity.vhost_workers, Vec::<u32>::new());
 
     // Exact counts: the guest's traffic both ways, compared with its own eth0 counters.
     guest.command(&format!("ping {PEER_ADDR}"))?;
     std::thread::sleep(Duration::from_secs(2));
     guest.command("stop-ping")?;
     let (counters, vm) = counts_match_guest(&agent, &node, &mut guest)?;
-    assert_eq!(vm["to_vm"]["bytes"].as_u64(), Some(counters.rx_bytes));
-    assert_eq!(vm["from_vm"]["bytes"].as_u64(), Some(counters.tx_bytes));
+    assert_eq!(vm.to_vm.bytes, counters.rx_bytes);
+    assert_eq!(vm.from_vm.bytes, counters.tx_bytes);
     eprintln!(
         "exact: guest {counters:?}\n/api/v1/vms entry: {}",
         serde_json::to_string_pretty(&vm)?
@@ -371,7 +365,7 @@ fn a_real_qemu_guest_is_named_counted_paused_and_its_rx_stall_caught() -> anyhow
     let (counters, _) = counts_match_guest(&agent, &node, &mut guest)?;
     eprintln!("after recovery: guest {counters:?}");
     let vms = vms_json(&agent, &node)?;
-    let report = serde_json::to_string_pretty(&our_vm(&vms).cloned().unwrap_or_default())?;
+    let report = serde_json::to_string_pretty(&our_vm(&vms))?;
     eprintln!("/api/v1/vms entry after recovery: {report}");
     if let Some(dir) = std::env::var_os("HVNET_REPORT_DIR") {
         std::fs::write(

@@ -83,7 +83,10 @@ fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() ->
         state_is(s, "taps0", "ok")
     })?;
 
-    let never_stalled = |s: &[Sample]| gauge(s, "hvnet_vm_rx_stalled", "taps0") == 1.0;
+    let stalled = |s: &[Sample]| gauge(s, "hvnet_vm_rx_stalled", "taps0") == 1.0;
+    // Present and 0 on every scrape: a missing series fails the window
+    // (NaN is not 0), it never passes for "not stalled".
+    let not_reported_healthy = |s: &[Sample]| gauge(s, "hvnet_vm_rx_stalled", "taps0") != 0.0;
     let nothing = |_: &[Sample]| false;
     // Healthy for a while under load first: no false alarm.
     assert!(watch(
@@ -92,7 +95,7 @@ fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() ->
         Duration::from_secs(4),
         "4 s of healthy load",
         |_| false,
-        never_stalled
+        not_reported_healthy
     )
     .is_err_and(|e| e.to_string().contains("timed out")));
 
@@ -111,7 +114,7 @@ fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() ->
         &node.ns,
         Duration::from_secs(10),
         "rx_stalled",
-        never_stalled,
+        stalled,
         nothing,
     )?;
     eprintln!(
@@ -185,7 +188,7 @@ fn rx_stall_is_detected_then_recovered_in_time_with_full_ring_drops_counted() ->
         &node.ns,
         Duration::from_secs(10),
         "second stall",
-        never_stalled,
+        stalled,
         nothing,
     )?;
     vm.set_mode(VmmMode::Running)?;
@@ -243,7 +246,8 @@ fn paused_and_vmm_less_vms_are_never_called_rx_stalled() -> anyhow::Result<()> {
         Duration::from_secs(4),
         "staying paused",
         |_| false,
-        stalled
+        // Every scrape must say paused: a missing series fails too.
+        |s| !state_is(s, "tapp0", "paused")
     )
     .is_err_and(|e| e.to_string().contains("timed out")));
     vm.set_mode(VmmMode::Running)?;
@@ -272,7 +276,7 @@ fn paused_and_vmm_less_vms_are_never_called_rx_stalled() -> anyhow::Result<()> {
         Duration::from_secs(4),
         "staying no_carrier",
         |_| false,
-        stalled
+        |s| !state_is(s, "tapp0", "no_carrier")
     )
     .is_err_and(|e| e.to_string().contains("timed out")));
     let samples = agent.scrape(&node.ns)?;

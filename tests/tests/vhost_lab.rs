@@ -14,7 +14,6 @@ use hvnet_lab::{
     testkit::require_root,
     unique_prefix, BRIDGE_ADDR,
 };
-use serde_json::Value;
 
 fn fake_vmm() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fake-vmm"))
@@ -36,7 +35,7 @@ fn vhost_available() -> bool {
     false
 }
 
-fn comm(tid: u64) -> String {
+fn comm(tid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{tid}/comm"))
         .map(|c| c.trim().to_owned())
         .unwrap_or_default()
@@ -107,23 +106,15 @@ fn vhost_net_counts_exactly_names_vmm_and_worker_and_sees_tun_recvmsg() -> anyho
     // The VMM and its vhost worker, named for on-call.
     let resp = hvnet_lab::http::get(&node.ns, agent.addr, "/api/v1/vms")?;
     anyhow::ensure!(resp.status == 200, "/api/v1/vms: {}", resp.status);
-    let vms: Value = serde_json::from_str(&resp.body)?;
+    let vms: Vec<hvnet::api::Vm> = serde_json::from_str(&resp.body)?;
     let ours = vms
-        .as_array()
-        .and_then(|all| all.iter().find(|v| v["iface"] == "tapv0"))
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("tapv0 missing from /api/v1/vms: {vms}"))?;
-    assert_eq!(
-        ours["identity"]["vmm_pid"].as_u64(),
-        Some(u64::from(vm.vmm_pid)),
-        "{ours}"
-    );
-    let workers: Vec<u64> = ours["identity"]["vhost_workers"]
-        .as_array()
-        .map(|w| w.iter().filter_map(Value::as_u64).collect())
-        .unwrap_or_default();
-    assert!(!workers.is_empty(), "no vhost worker named: {ours}");
-    for tid in &workers {
+        .iter()
+        .find(|v| v.iface == "tapv0")
+        .ok_or_else(|| anyhow::anyhow!("tapv0 missing from /api/v1/vms: {}", resp.body))?;
+    assert_eq!(ours.identity.vmm_pid, Some(vm.vmm_pid), "{ours:?}");
+    let workers = &ours.identity.vhost_workers;
+    assert!(!workers.is_empty(), "no vhost worker named: {ours:?}");
+    for tid in workers {
         assert_eq!(comm(*tid), format!("vhost-{}", vm.vmm_pid), "worker {tid}");
     }
     let explain = agent.explain(&node.ns, "tapv0")?;

@@ -102,7 +102,7 @@ fn a_secured_agent_checks_certificates_and_passwords_and_reloads_its_web_config(
         "{}",
         reply.headers
     );
-    let error: hvnet::serve::routes::ApiError = serde_json::from_str(&reply.body)?;
+    let error: hvnet::api::ApiError = serde_json::from_str(&reply.body)?;
     assert_eq!(error.status, 401);
     let wrong = Curl {
         user: Some(("prom".into(), "guess".into())),
@@ -124,11 +124,11 @@ fn a_secured_agent_checks_certificates_and_passwords_and_reloads_its_web_config(
     // API errors are JSON; a name with a space is one escaped segment.
     let reply = full.get(&node.ns, &url("/api/v1/vms/web%201/explain"))?;
     assert_eq!(reply.status, 404);
-    let error: hvnet::serve::routes::ApiError = serde_json::from_str(&reply.body)?;
+    let error: hvnet::api::ApiError = serde_json::from_str(&reply.body)?;
     assert!(error.error.contains("\"web 1\""), "{}", error.error);
     let reply = full.get(&node.ns, &url("/api/v1/nothing"))?;
     assert_eq!(reply.status, 404);
-    serde_json::from_str::<hvnet::serve::routes::ApiError>(&reply.body)?;
+    serde_json::from_str::<hvnet::api::ApiError>(&reply.body)?;
 
     // Reload on change: a new user, no client certificate required.
     write_web_config(
@@ -292,7 +292,7 @@ fn a_secured_agent_checks_certificates_and_passwords_and_reloads_its_web_config(
         || {
             let reply = second.get(&node.ns, &url("/api/v1/vms"))?;
             if reply.status == 429 {
-                let error: hvnet::serve::routes::ApiError = serde_json::from_str(&reply.body)?;
+                let error: hvnet::api::ApiError = serde_json::from_str(&reply.body)?;
                 assert_eq!(error.status, 429);
             }
             Ok(reply.status == 429)

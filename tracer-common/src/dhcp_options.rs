@@ -4,9 +4,8 @@
 //! userspace walks them here. A loop with data-dependent steps is what older
 //! verifiers cannot prune (Debian 12's 6.1 refused the in-kernel walk after
 //! a million instructions); a copy of bounded length is cheap on every
-//! kernel. The reference parser (`tracer::dhcp_wire`) walks the same window
-//! with this same code, so kernel and reference agree by construction on
-//! everything but locating and copying, which the parity test checks.
+//! kernel. Userspace parsing (`crate::parse::parse_dhcp_frame`) walks the
+//! same window with this same code.
 
 use crate::{parse_flag, MAX_DHCP_OPTIONS};
 

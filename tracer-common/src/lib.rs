@@ -7,6 +7,8 @@
 
 pub mod classify;
 pub mod dhcp_options;
+pub mod frame;
+pub mod parse;
 
 /// Traffic direction, always from the VM's point of view.
 ///

@@ -1,24 +1,17 @@
-//! `hvnet run`: wires config, loader, links, collect, stall and export.
-//!
-//! Start-up order matters for "bad input loses nothing": everything that
-//! can fail without touching the kernel (config, capabilities, the listen
-//! port, BTF) is checked before a single program is attached.
+//! The agent's state: which taps are attached, what the kernel maps say,
+//! each VM's stall and DHCP analysis, who the VMs are; and the consistent
+//! views of it that /metrics and /api/v1 serve. `daemon` drives it.
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        Mutex, MutexGuard,
     },
     time::Duration,
 };
 
-use anyhow::Context as _;
-use tokio::{
-    net::TcpListener,
-    signal::unix::SignalKind,
-    sync::{broadcast, watch},
-};
+use tokio::sync::broadcast;
 use tracer_common::direction;
 
 use crate::{
@@ -26,14 +19,13 @@ use crate::{
     config::Config,
     departed::DepartedSeries,
     drops::{drop_direction, reason_name},
-    events::{interpret, EventReader, Observed},
+    events::{interpret, Observed},
     export::{DhcpView, DropCount, Exposition, VmHealth, VmView},
     identity::{Identity, IdentityResolver},
-    links::{self, LinkInfo, LinkWatcher},
-    loader::{monotonic_now, ProbeStatus, TcProbes},
+    links::{self, LinkInfo},
+    loader::{monotonic_now, TcProbes},
+    optional_probes::ProbeStatus,
     optional_probes::{DEQUEUE_PROBE, DROP_PROBE},
-    privileges,
-    serve::{self, ActiveWebConfig, WebState},
     stall::{Observation, VmState},
     timeline::{render_explanation, wall_clock, Entry, Explanation},
     vm::VmRecord,
@@ -41,10 +33,6 @@ use crate::{
 
 /// Lines kept for slow /api/v1/events readers before they skip ahead.
 const EVENT_STREAM_BACKLOG: usize = 1024;
-
-/// Link events come in bursts (create, set master, set up): wait this long
-/// after the first one and handle the burst once.
-const EVENT_SETTLE: Duration = Duration::from_millis(20);
 
 /// Why a matching tap is not attached yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +78,7 @@ pub struct AgentState {
     records: Mutex<BTreeMap<u32, VmRecord>>,
     stream: broadcast::Sender<String>,
     attach_failures: AtomicU64,
-    link_events: AtomicU64,
+    pub(crate) link_events: AtomicU64,
     probe_statuses: Vec<ProbeStatus>,
     drop_reasons: HashMap<u32, String>,
     has_dequeue_probe: bool,
@@ -120,7 +108,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl AgentState {
-    fn new(probes: TcProbes, maps: KernelMaps, config: &Config) -> Self {
+    pub(crate) fn new(probes: TcProbes, maps: KernelMaps, config: &Config) -> Self {
         let stall_after = config.stall_after;
         let probe_statuses = probes.probe_statuses();
         let mechanism = probes.mechanism().as_str();
@@ -376,7 +364,7 @@ impl AgentState {
     }
 
     /// Handles one batch of kernel DHCP/ARP events.
-    fn handle_events(&self, batch: &[tracer_common::PacketEvent]) {
+    pub(crate) fn handle_events(&self, batch: &[tracer_common::PacketEvent]) {
         let now = self.now();
         let mut published = Vec::new();
         let mut records = lock(&self.records);
@@ -464,7 +452,7 @@ impl AgentState {
     }
 
     /// Brings attachments in line with the interfaces that exist now.
-    fn reconcile(&self, present: &[LinkInfo], config: &Config) {
+    pub(crate) fn reconcile(&self, present: &[LinkInfo], config: &Config) {
         let attached_names: BTreeMap<u32, String> = lock(&self.attached)
             .iter()
             .map(|(i, l)| (*i, l.name.clone()))
@@ -660,7 +648,7 @@ impl AgentState {
     }
 
     /// One poll: counters -> per-VM state machines -> health for export.
-    fn evaluate(&self) {
+    pub(crate) fn evaluate(&self) {
         let snapshot = lock(&self.maps).read();
         for (map, reason) in &snapshot.unreadable {
             log::warn!("reading map {map}: {reason}");
@@ -745,191 +733,8 @@ impl AgentState {
         }
     }
 
-    fn detach_everything(&self) -> usize {
+    pub(crate) fn detach_everything(&self) -> usize {
         lock(&self.attached).clear();
         lock(&self.probes).detach_all()
-    }
-}
-
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    // A broken web config must stop the start before anything is attached.
-    let web_config = ActiveWebConfig::load(config.web_config_file.as_deref())?;
-    privileges::check()?;
-    match crate::fd_limit::raise_to_hard_limit() {
-        Ok((before, after)) if after > before => {
-            log::info!("open-file limit raised from {before} to {after}")
-        }
-        Ok(_) => {}
-        Err(err) => log::warn!("cannot raise the open-file limit: {err}"),
-    }
-    let listener = TcpListener::bind(config.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {}: is another hvnet or exporter using it? choose another with --listen",
-            config.listen
-        )
-    })?;
-    let (mut probes, maps, events) =
-        TcProbes::load(&config.btf, config.attach_mode, config.max_interfaces)?;
-    match probes.take_logger() {
-        Some(logger) => {
-            tokio::spawn(crate::ebpf_log::forward(logger));
-        }
-        None => log::debug!("the eBPF object has no aya-log map: its programs do not log"),
-    }
-    let state = Arc::new(AgentState::new(probes, maps, &config));
-    let mut reader = EventReader::new(events)?;
-    let events_task = {
-        let state = state.clone();
-        tokio::spawn(async move {
-            loop {
-                match reader.next_batch().await {
-                    Ok(batch) => state.handle_events(&batch),
-                    Err(err) => {
-                        log::error!("{err}; DHCP events stop, counters and stall detection go on");
-                        return;
-                    }
-                }
-            }
-        })
-    };
-
-    if serve::exposed_without_protection(&config.listen, &web_config) {
-        log::warn!(
-            "serving {} on non-loopback {} with {}: anyone who reaches it reads VM names, UUIDs, MACs and lease addresses; set --web.config.file with tls_server_config and basic_auth_users",
-            "/metrics and /api/v1",
-            config.listen,
-            web_config.describe()
-        );
-    }
-    let scheme = if web_config.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    log::info!(
-        "serving {scheme}://{}/ ({})",
-        config.listen,
-        web_config.describe()
-    );
-    let web = Arc::new(WebState::new(config.web_config_file.clone(), web_config));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    // Serving before the first attach: on a dense node with TCX that takes
-    // a while (an RCU grace period per hook, see README), and health checks
-    // and scrapes meanwhile see hvnet_agent_interfaces grow.
-    let server = tokio::spawn(serve::run(listener, state.clone(), web, shutdown_rx));
-
-    let mut watcher = LinkWatcher::start()?;
-    tokio::task::block_in_place(|| -> anyhow::Result<()> {
-        let present = crate::link_dump::dump().context("listing interfaces over rtnetlink")?;
-        state.reconcile(&present, &config);
-        state.evaluate();
-        Ok(())
-    })?;
-    log::info!(
-        "hvnet {} watching {} ({} attached, poll {:?}, stall after {:?}), listening on {}",
-        env!("CARGO_PKG_VERSION"),
-        config.interfaces.globs().join(","),
-        state.interface_count(),
-        config.poll_interval,
-        config.stall_after,
-        config.listen
-    );
-
-    let outcome = poll_loop(&state, &config, &mut watcher).await;
-
-    events_task.abort();
-    let detached = state.detach_everything();
-    log::info!("detached from {detached} interface(s); exiting");
-    let _ = shutdown_tx.send(true);
-    if let Ok(Err(err)) = tokio::time::timeout(Duration::from_secs(2), server).await {
-        log::warn!("http server task: {err}");
-    }
-    outcome
-}
-
-/// Polls between full link dumps (see `poll_loop`): a missed link event
-/// (the event socket can overflow) heals within this many polls.
-const FULL_DUMP_EVERY: u32 = 10;
-
-/// The known links with fresh counters (RTM_GETSTATS); a link gone since
-/// keeps its last counters until the next full dump or link event.
-fn refresh_counters(mut links: Vec<LinkInfo>) -> std::io::Result<Vec<LinkInfo>> {
-    let stats = crate::link_dump::dump_stats()?;
-    for link in &mut links {
-        if let Some(fresh) = stats.get(&link.ifindex) {
-            link.stats = Some(*fresh);
-        }
-    }
-    Ok(links)
-}
-
-/// Reacts to link events at once, and every poll interval re-reads links
-/// (with their stats) and evaluates every VM, until SIGTERM or SIGINT.
-async fn poll_loop(
-    state: &AgentState,
-    config: &Config,
-    watcher: &mut LinkWatcher,
-) -> anyhow::Result<()> {
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
-        .context("installing the SIGINT handler")?;
-    let mut poll = tokio::time::interval(config.poll_interval);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The links as last listed; between full dumps only their counters are
-    // refreshed (a full dump builds every attribute of every link in the
-    // kernel), and a link event fetches just the links it names. Every
-    // FULL_DUMP_EVERY polls (or when an event cannot be read) everything is
-    // listed again.
-    let mut links: Option<Vec<LinkInfo>> = None;
-    let mut polls_since_full = 0u32;
-    loop {
-        let evaluate = tokio::select! {
-            _ = sigterm.recv() => { log::info!("SIGTERM: detaching"); return Ok(()); }
-            _ = sigint.recv() => { log::info!("SIGINT: detaching"); return Ok(()); }
-            change = watcher.changed() => {
-                let Some(first) = change else {
-                    anyhow::bail!("the rtnetlink event socket closed unexpectedly");
-                };
-                state.link_events.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(EVENT_SETTLE).await;
-                let mut changes = vec![first];
-                changes.extend(watcher.drain());
-                // Only the links that changed are asked for; the rest keep
-                // what the last listing said.
-                if let Some(known) = links.take() {
-                    links = tokio::task::block_in_place(|| {
-                        links::apply_changes(known, &changes, crate::link_dump::get)
-                    });
-                }
-                false
-            }
-            _ = poll.tick() => true,
-        };
-        // Attaching (kernel syscalls, an RCU grace period per TCX hook) and
-        // evaluating (map reads) block: off the async workers' hands, so
-        // scrapes are answered meanwhile.
-        let full = polls_since_full + 1 >= FULL_DUMP_EVERY;
-        tokio::task::block_in_place(|| {
-            let listed = match links.take().filter(|_| !full) {
-                // After a link event the known links are current already.
-                Some(known) if !evaluate => Ok(known),
-                Some(known) => refresh_counters(known),
-                None => crate::link_dump::dump(),
-            };
-            match listed {
-                Ok(present) => {
-                    state.reconcile(&present, config);
-                    links = Some(present);
-                }
-                Err(err) => log::warn!(
-                    "listing interfaces over rtnetlink: {err}; keeping the current attachments"
-                ),
-            }
-        });
-        polls_since_full = if full { 0 } else { polls_since_full + 1 };
-        if evaluate {
-            tokio::task::block_in_place(|| state.evaluate());
-        }
     }
 }

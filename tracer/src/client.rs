@@ -13,8 +13,9 @@ use tokio::io::AsyncWriteExt as _;
 use url::Url;
 
 use crate::{
+    api::{ApiError, Vm},
     config::{FileConfig, DEFAULT_LISTEN},
-    serve::{routes::ApiError, web_config::WebConfig},
+    serve::web_config::WebConfig,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -265,7 +266,7 @@ impl AgentClient {
         })
     }
 
-    pub async fn vms(&self) -> Result<serde_json::Value, ClientError> {
+    pub async fn vms(&self) -> Result<Vec<Vm>, ClientError> {
         self.get_json(&["api", "v1", "vms"]).await
     }
 
@@ -402,57 +403,51 @@ pub struct TopRow {
 }
 
 /// `hvnet top` rows from `/api/v1/vms` (two samples give rates).
-pub fn top_rows(now: &serde_json::Value, before: Option<(&serde_json::Value, f64)>) -> Vec<TopRow> {
-    let Some(vms) = now.as_array() else {
-        return Vec::new();
-    };
-    let previous = |vm: &serde_json::Value| {
+pub fn top_rows(now: &[Vm], before: Option<(&[Vm], f64)>) -> Vec<TopRow> {
+    let previous = |vm: &Vm| {
         before.and_then(|(prev, secs)| {
-            prev.as_array()?
-                .iter()
-                .find(|p| p["iface"] == vm["iface"])
+            prev.iter()
+                .find(|p| p.iface == vm.iface)
                 .map(|old| (old, secs))
         })
     };
-    vms.iter()
+    now.iter()
         .map(|vm| {
-            let rate = |key: &str| {
-                let (old, secs) = previous(vm)?;
-                let delta = vm[key]["packets"]
-                    .as_u64()?
-                    .saturating_sub(old[key]["packets"].as_u64()?);
-                Some(delta as f64 / secs.max(0.001))
+            let old = previous(vm);
+            let rate = |packets: fn(&Vm) -> u64| {
+                old.map(|(old, secs)| {
+                    packets(vm).saturating_sub(packets(old)) as f64 / secs.max(0.001)
+                })
             };
             // ACKs handed over but asked for again since the last refresh say
             // more than the verdict of the last exchange ("delivered").
-            let unprocessed =
-                |v: &serde_json::Value| v["dhcp"]["counters"]["replies_unprocessed"].as_u64();
-            let newly_unprocessed = previous(vm)
+            let unprocessed = |v: &Vm| v.dhcp.as_ref().map(|d| d.counters.replies_unprocessed);
+            let newly_unprocessed = old
                 .and_then(|(old, _)| Some(unprocessed(vm)? > unprocessed(old)?))
                 .unwrap_or(false);
             let last_dhcp = if newly_unprocessed {
                 "reply_unprocessed"
             } else {
-                vm["dhcp"]["last_verdict"].as_str().unwrap_or("-")
+                vm.dhcp
+                    .as_ref()
+                    .and_then(|d| d.last_verdict)
+                    .map_or("-", |v| v.as_str())
             };
-            let state = if vm["departed"] == true {
+            let state = if vm.departed {
                 "gone"
             } else {
-                vm["health"]["state"].as_str().unwrap_or("-")
+                vm.health.as_ref().map_or("-", |h| h.state.as_str())
             };
             TopRow {
-                iface: vm["iface"].as_str().unwrap_or("?").to_owned(),
-                vm_name: vm["vm_name"].as_str().unwrap_or("").to_owned(),
+                iface: vm.iface.clone(),
+                vm_name: vm.vm_name.clone(),
                 state: state.to_owned(),
-                to_vm_pps: rate("to_vm"),
-                from_vm_pps: rate("from_vm"),
-                backlog: vm["health"]["backlog"].as_u64(),
-                drops: vm["drops"]
-                    .as_array()
-                    .map(|d| d.iter().filter_map(|x| x["packets"].as_u64()).sum())
-                    .unwrap_or(0),
+                to_vm_pps: rate(|v| v.to_vm.packets),
+                from_vm_pps: rate(|v| v.from_vm.packets),
+                backlog: vm.health.as_ref().map(|h| h.backlog),
+                drops: vm.drops.iter().map(|d| d.packets).sum(),
                 last_dhcp: last_dhcp.to_owned(),
-                lease_remaining_seconds: vm["dhcp"]["lease_remaining"].as_f64(),
+                lease_remaining_seconds: vm.dhcp.as_ref().and_then(|d| d.lease_remaining),
             }
         })
         .collect()
@@ -485,15 +480,65 @@ pub fn render_top(rows: &[TopRow]) -> String {
 mod tests {
     use super::*;
 
+    use crate::{
+        api::{Dhcp, Drops, Health, Traffic},
+        dhcp::Verdict,
+        stall::VmState,
+    };
+
+    fn vm(iface: &str) -> Vm {
+        Vm {
+            iface: iface.into(),
+            ..Default::default()
+        }
+    }
+
+    fn traffic(packets: u64) -> Traffic {
+        Traffic {
+            packets,
+            ..Default::default()
+        }
+    }
+
+    fn health(state: VmState, backlog: u64) -> Option<Health> {
+        Some(Health {
+            state,
+            backlog,
+            stalls_total: 0,
+            stall_seconds: 0.0,
+        })
+    }
+
+    fn dhcp(verdict: Option<Verdict>, unprocessed: u64) -> Option<Dhcp> {
+        let mut dhcp = Dhcp {
+            last_verdict: verdict,
+            ..Default::default()
+        };
+        dhcp.counters.replies_unprocessed = unprocessed;
+        Some(dhcp)
+    }
+
     #[test]
     fn top_shows_rates_state_and_lease() {
-        let before = serde_json::json!([{"iface": "tap0", "to_vm": {"packets": 100}, "from_vm": {"packets": 50}}]);
-        let now = serde_json::json!([{
-            "iface": "tap0", "to_vm": {"packets": 300}, "from_vm": {"packets": 70},
-            "health": {"state": "rx_stalled", "backlog": 1000},
-            "drops": [{"packets": 412}],
-            "dhcp": {"last_verdict": "reply_undelivered", "lease_remaining": 41.2}
-        }]);
+        let before = vec![Vm {
+            to_vm: traffic(100),
+            from_vm: traffic(50),
+            ..vm("tap0")
+        }];
+        let now = vec![Vm {
+            to_vm: traffic(300),
+            from_vm: traffic(70),
+            health: health(VmState::RxStalled, 1000),
+            drops: vec![Drops {
+                packets: 412,
+                ..Default::default()
+            }],
+            dhcp: dhcp(Some(Verdict::ReplyUndelivered), 0).map(|d| Dhcp {
+                lease_remaining: Some(41.2),
+                ..d
+            }),
+            ..vm("tap0")
+        }];
         let table = render_top(&top_rows(&now, Some((&before, 2.0))));
         let row = table.lines().nth(1).unwrap();
         // Column by column: "100" alone would also match the backlog 1000.
@@ -514,12 +559,22 @@ mod tests {
 
     #[test]
     fn top_flags_unprocessed_acks_and_departed_taps() {
-        let before = serde_json::json!([{"iface": "tap0", "dhcp": {"counters": {"replies_unprocessed": 1}}}]);
-        let now = serde_json::json!([
-            {"iface": "tap0", "health": {"state": "ok"},
-             "dhcp": {"last_verdict": "delivered", "counters": {"replies_unprocessed": 2}}},
-            {"iface": "tap1", "departed": true, "health": {"state": "rx_stalled"}}
-        ]);
+        let before = vec![Vm {
+            dhcp: dhcp(None, 1),
+            ..vm("tap0")
+        }];
+        let now = vec![
+            Vm {
+                health: health(VmState::Ok, 0),
+                dhcp: dhcp(Some(Verdict::Delivered), 2),
+                ..vm("tap0")
+            },
+            Vm {
+                departed: true,
+                health: health(VmState::RxStalled, 0),
+                ..vm("tap1")
+            },
+        ];
         let table = render_top(&top_rows(&now, Some((&before, 1.0))));
         let rows: Vec<&str> = table.lines().skip(1).collect();
         assert!(rows[0].contains("reply_unprocessed"), "{table}");

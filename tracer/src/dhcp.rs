@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::stall::VmState;
 
@@ -120,7 +120,7 @@ impl ClientState {
     ];
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// The server's answer reached the VM (the VMM dequeued it).
@@ -332,7 +332,7 @@ impl Lease {
 }
 
 /// Counters exported per VM.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DhcpCounters {
     /// [to_vm, from_vm] x MessageType::ALL
     pub packets: [[u64; 8]; 2],

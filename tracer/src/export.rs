@@ -7,13 +7,13 @@ use prometheus::{
     proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
     Encoder, TextEncoder,
 };
-use serde::Serialize;
 use tracer_common::{class, direction, CounterValue};
 
 use crate::{
+    api,
     collect::TrafficCounters,
     dhcp::{ClientState, DhcpCounters, MessageType, Verdict},
-    loader::ProbeStatus,
+    optional_probes::ProbeStatus,
     stall::VmState,
 };
 
@@ -58,7 +58,7 @@ impl Exposition {
 }
 
 /// A VM's DHCP picture at scrape time.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct DhcpView {
     pub counters: DhcpCounters,
     /// Seconds left on the lease the VM holds (from the last ACK it got).
@@ -67,9 +67,9 @@ pub struct DhcpView {
     pub last_verdict: Option<Verdict>,
 }
 
-/// One monitored tap and what crossed it (in /api/v1/vms as is, with the
-/// traffic counters laid out per direction by [`VmJson`]).
-#[derive(Debug, Clone, Default, Serialize)]
+/// One monitored tap and what crossed it (served in /api/v1/vms as
+/// [`api::Vm`]).
+#[derive(Debug, Clone, Default)]
 pub struct VmView {
     pub iface: String,
     pub ifindex: u32,
@@ -81,7 +81,6 @@ pub struct VmView {
     pub oper_state: String,
     pub vm_uuid: String,
     pub vm_name: String,
-    #[serde(skip)]
     pub traffic: TrafficCounters,
     pub drops: Vec<DropCount>,
     /// Frames the dequeue tracepoint saw the VMM read (None: probe unavailable).
@@ -103,7 +102,7 @@ pub struct VmView {
 }
 
 /// Frames dropped on a VM's tap for one reason.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DropCount {
     pub direction: &'static str,
     pub reason: String,
@@ -111,7 +110,7 @@ pub struct DropCount {
 }
 
 /// The stall detector's view of a VM at the last poll.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VmHealth {
     pub state: VmState,
     pub backlog: u64,
@@ -680,57 +679,83 @@ fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
     metric
 }
 
-/// `/api/v1/vms` entry: the view, with its traffic per direction.
-#[derive(Debug, Serialize)]
-pub struct VmJson<'a> {
-    #[serde(flatten)]
-    pub view: &'a VmView,
-    pub to_vm: DirectionJson,
-    pub from_vm: DirectionJson,
+/// `/api/v1/vms`: every VM's view as the API's wire type.
+pub fn vms_json(view: &Exposition) -> Vec<api::Vm> {
+    view.vms.iter().map(api_vm).collect()
 }
 
-#[derive(Debug, Serialize)]
-pub struct DirectionJson {
-    pub packets: u64,
-    pub bytes: u64,
-    pub by_class: std::collections::BTreeMap<&'static str, CounterValueJson>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct CounterValueJson {
-    pub packets: u64,
-    pub bytes: u64,
-}
-
-pub fn vms_json(view: &Exposition) -> Vec<VmJson<'_>> {
-    let direction_json = |vm: &VmView, dir: u8| {
+fn api_vm(vm: &VmView) -> api::Vm {
+    let traffic = |dir: u8| {
         let by_class = CLASSES
             .iter()
             .map(|&cls| {
                 let v = vm.traffic.get(dir, cls);
                 (
-                    class_label(cls),
-                    CounterValueJson {
+                    class_label(cls).to_owned(),
+                    api::Counter {
                         packets: v.packets,
                         bytes: v.bytes,
                     },
                 )
             })
             .collect();
-        DirectionJson {
+        api::Traffic {
             packets: vm.traffic.packets(dir),
             bytes: CLASSES.iter().map(|&c| vm.traffic.get(dir, c).bytes).sum(),
             by_class,
         }
     };
-    view.vms
-        .iter()
-        .map(|vm| VmJson {
-            view: vm,
-            to_vm: direction_json(vm, direction::TO_VM),
-            from_vm: direction_json(vm, direction::FROM_VM),
-        })
-        .collect()
+    let id = &vm.identity;
+    api::Vm {
+        iface: vm.iface.clone(),
+        ifindex: vm.ifindex,
+        mac: vm.mac.clone(),
+        tap_mac: vm.tap_mac.clone(),
+        identity: api::VmIdentity {
+            vm_name: id.vm_name.clone(),
+            vm_uuid: id.vm_uuid.clone(),
+            mac: id.mac.clone(),
+            project: id.project.clone(),
+            flavor: id.flavor.clone(),
+            domain: id.domain.clone(),
+            neutron_port: id.neutron_port.clone(),
+            source: id.source.to_owned(),
+            vmm_pid: id.vmm_pid,
+            vhost_workers: id.vhost_workers.clone(),
+        },
+        oper_state: vm.oper_state.clone(),
+        vm_uuid: vm.vm_uuid.clone(),
+        vm_name: vm.vm_name.clone(),
+        drops: vm
+            .drops
+            .iter()
+            .map(|d| api::Drops {
+                direction: d.direction.to_owned(),
+                reason: d.reason.clone(),
+                packets: d.packets,
+            })
+            .collect(),
+        dequeued: vm.dequeued,
+        netdev_tx_packets: vm.netdev_tx_packets,
+        vhost_rx: vm.vhost_rx,
+        events_throttled: vm.events_throttled,
+        queue_len: vm.queue_len,
+        health: vm.health.as_ref().map(|h| api::Health {
+            state: h.state,
+            backlog: h.backlog,
+            stalls_total: h.stalls_total,
+            stall_seconds: h.stall_seconds,
+        }),
+        dhcp: vm.dhcp.as_ref().map(|d| api::Dhcp {
+            counters: d.counters.clone(),
+            lease_remaining: d.lease_remaining,
+            lease_address: d.lease_address.clone(),
+            last_verdict: d.last_verdict,
+        }),
+        departed: vm.departed,
+        to_vm: traffic(direction::TO_VM),
+        from_vm: traffic(direction::FROM_VM),
+    }
 }
 
 #[cfg(test)]
@@ -808,6 +833,75 @@ mod tests {
             waiting: vec![("fd_limit", 0), ("capacity", 0)],
             map_update_failures: Some([0, 0, 1, 0, 0]),
             probe_read_errors: Some(0),
+        }
+    }
+
+    /// The whole `/metrics` page for a fixed state (a stalled VM with DHCP
+    /// trouble, a healthy VM named by libvirt, a departed tap), held
+    /// against committed files: a renamed, dropped or relabelled series
+    /// fails here. After a deliberate change, regenerate and review the
+    /// diff: `HVNET_UPDATE_GOLDEN=1 cargo test -p tracer golden`.
+    #[test]
+    fn golden_metrics_pages() {
+        let mut view = sample();
+        let mut healthy = view.vms[0].clone();
+        healthy.iface = "tap1a2b".into();
+        healthy.ifindex = 9;
+        healthy.vm_name = "web-1".into();
+        healthy.vm_uuid = "4f1c2f9e-0000-4000-8000-000000000001".into();
+        healthy.identity = crate::identity::Identity {
+            vm_name: "web-1".into(),
+            vm_uuid: healthy.vm_uuid.clone(),
+            project: "tenant-a".into(),
+            source: "libvirt",
+            ..Default::default()
+        };
+        healthy.drops.clear();
+        healthy.health = Some(VmHealth {
+            state: VmState::Ok,
+            backlog: 0,
+            stalls_total: 0,
+            stall_seconds: 0.0,
+        });
+        if let Some(dhcp) = healthy.dhcp.as_mut() {
+            dhcp.counters = DhcpCounters::default();
+            dhcp.last_verdict = Some(Verdict::Delivered);
+        }
+        let mut departed = view.vms[0].clone();
+        departed.iface = "tapgone".into();
+        departed.ifindex = 11;
+        departed.vm_name = "tapgone".into();
+        departed.departed = true;
+        view.vms.extend([healthy, departed]);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/metrics");
+        for (file, full_detail, project_label) in
+            [("default.prom", false, false), ("full.prom", true, true)]
+        {
+            view.full_detail = full_detail;
+            view.project_label = project_label;
+            let text = render(&view).unwrap();
+            let path = dir.join(file);
+            if std::env::var_os("HVNET_UPDATE_GOLDEN").is_some() {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &text).unwrap();
+                continue;
+            }
+            let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!("{}: {e}; create it with HVNET_UPDATE_GOLDEN=1", path.display())
+            });
+            let first_difference = text
+                .lines()
+                .zip(want.lines())
+                .position(|(got, want)| got != want);
+            assert!(
+                text == want,
+                "{file}: /metrics differs from the golden page (first differing line {:?}: got {:?}, want {:?}; {} vs {} lines)",
+                first_difference.map(|i| i + 1),
+                first_difference.and_then(|i| text.lines().nth(i)),
+                first_difference.and_then(|i| want.lines().nth(i)),
+                text.lines().count(),
+                want.lines().count()
+            );
         }
     }
 
@@ -1015,11 +1109,19 @@ mod tests {
         assert_eq!(vms[0].to_vm.packets, 3);
         assert_eq!(vms[0].to_vm.bytes, 1026);
         assert_eq!(vms[0].from_vm.by_class["arp"].packets, 2);
-        // The view's own fields sit beside the per-direction traffic.
-        let json = serde_json::to_value(&vms).unwrap();
-        assert_eq!(json[0]["iface"], "vnet0");
-        assert_eq!(json[0]["health"]["state"], "rx_stalled");
-        assert_eq!(json[0]["departed"], false);
-        assert!(json[0].get("traffic").is_none());
+        // The view's own fields sit beside the per-direction traffic, and
+        // the JSON reads back as the same API type (what the CLI does).
+        let json = serde_json::to_string(&vms).unwrap();
+        let back: Vec<crate::api::Vm> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, vms);
+        assert_eq!(back[0].iface, "vnet0");
+        assert_eq!(
+            back[0].health.as_ref().map(|h| h.state),
+            Some(VmState::RxStalled)
+        );
+        assert!(!back[0].departed);
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(value[0]["health"]["state"], "rx_stalled");
+        assert!(value[0].get("traffic").is_none());
     }
 }

@@ -1,5 +1,5 @@
 //! Builders for well-formed Ethernet frames: the benchmark's representative
-//! traffic, golden classification tests, and the lab's kernel-vs-reference
+//! traffic, golden classification tests, and the lab's eBPF-vs-userspace
 //! classifier check all use the same bytes.
 
 pub const BROADCAST_MAC: [u8; 6] = [0xff; 6];

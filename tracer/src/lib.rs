@@ -3,15 +3,16 @@
 //! Data flows one way: config -> loader/links (kernel) -> collect -> export.
 
 pub mod agent;
+pub mod api;
 pub mod bench;
 pub mod btf;
 pub mod cli;
 pub mod client;
 pub mod collect;
 pub mod config;
+pub mod daemon;
 pub mod departed;
 pub mod dhcp;
-pub mod dhcp_wire;
 pub mod drops;
 pub mod duration;
 pub mod ebpf_log;
@@ -27,8 +28,11 @@ pub mod loader;
 pub mod map_batch;
 pub mod optional_probes;
 pub mod privileges;
+pub mod program_error;
 pub mod qemu_cmdline;
 pub mod serve;
 pub mod stall;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 pub mod timeline;
 pub mod vm;

@@ -26,7 +26,8 @@ use crate::{
     btf::KernelBtf,
     collect::{current_netns_inum, KernelMaps},
     config::AttachMode,
-    optional_probes,
+    optional_probes::{self, ProbeStatus},
+    program_error::describe_program_error,
 };
 
 /// The eBPF object built by build.rs from tracer-ebpf.
@@ -77,16 +78,6 @@ impl TcMechanism {
             Self::Netlink => "netlink",
         }
     }
-}
-
-/// One row of the kernel capability matrix shown in
-/// `hvnet_agent_probe_attached{probe,kind}` and logged at start-up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProbeStatus {
-    pub probe: &'static str,
-    pub kind: &'static str,
-    pub attached: bool,
-    pub detail: String,
 }
 
 /// hvnet's two tc programs on one interface.
@@ -484,18 +475,6 @@ fn program_error(name: &str, err: &ProgramError) -> LoaderError {
     }
 }
 
-/// aya's errors keep the useful part (errno, verifier log) in the source chain.
-pub(crate) fn describe_program_error(err: &ProgramError) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
-
 /// Loads the object and returns the tc programs the benchmark runs; kept
 /// here so that only this module knows the object and program names.
 pub fn load_for_bench() -> Result<Ebpf, LoaderError> {
@@ -591,7 +570,7 @@ pub fn decode_event(bytes: &[u8]) -> Option<tracer_common::PacketEvent> {
         std::ptr::read_unaligned(bytes.as_ptr().cast::<dhcp_options::EventWithOptions>())
     };
     // The kernel copied the options; they are walked here, by the same
-    // code the reference parser uses.
+    // code userspace parsing uses.
     let mut event = record.event;
     dhcp_options::walk(record.options.captured(), record.options.more != 0).apply(&mut event);
     Some(event)

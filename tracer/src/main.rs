@@ -2,11 +2,11 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use hvnet::{
-    agent, bench,
+    bench,
     cli::{Cli, Command},
     client::{self, AgentClient},
     config::{Config, FileConfig},
-    privileges,
+    daemon, privileges,
 };
 
 fn main() -> ExitCode {
@@ -33,7 +33,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => FileConfig::default(),
             };
             let config = Config::resolve(file, args.overrides())?;
-            runtime()?.block_on(agent::run(config))?;
+            runtime()?.block_on(daemon::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Events(args) => {

@@ -7,7 +7,17 @@ use aya::{
     Btf, Ebpf,
 };
 
-use crate::loader::{describe_program_error, ProbeStatus};
+use crate::program_error::describe_program_error;
+
+/// One row of the kernel capability matrix shown in
+/// `hvnet_agent_probe_attached{probe,kind}` and logged at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeStatus {
+    pub probe: &'static str,
+    pub kind: &'static str,
+    pub attached: bool,
+    pub detail: String,
+}
 
 pub const DEQUEUE_PROBE: &str = "rx_dequeue";
 pub const DROP_PROBE: &str = "skb_drop";

@@ -6,9 +6,9 @@
 //! silent is a paused VM (or a guest that took its interface down); a tap
 //! without carrier has no VMM at all. Neither is this fault.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Frames toward the VM are being dequeued (or there are none).

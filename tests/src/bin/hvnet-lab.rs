@@ -431,7 +431,7 @@ fn demo(
         );
     }
     let started = Instant::now();
-    let mut previous: Option<(Instant, serde_json::Value)> = None;
+    let mut previous: Option<(Instant, Vec<hvnet::api::Vm>)> = None;
     let mut tick = 0u32;
     let mut script: Vec<(u64, IncidentStep)> = if incident && !guests.is_empty() {
         vec![
@@ -474,10 +474,16 @@ fn demo(
         match http::get(&node.ns, agent.addr, "/api/v1/vms") {
             Ok(resp) => {
                 let now = Instant::now();
-                let vms: serde_json::Value = serde_json::from_str(&resp.body).unwrap_or_default();
+                let vms: Vec<hvnet::api::Vm> = match serde_json::from_str(&resp.body) {
+                    Ok(vms) => vms,
+                    Err(err) => {
+                        println!("agent answered /api/v1/vms with something else: {err}");
+                        continue;
+                    }
+                };
                 let before = previous
                     .as_ref()
-                    .map(|(at, v)| (v, at.elapsed().as_secs_f64()));
+                    .map(|(at, v)| (v.as_slice(), at.elapsed().as_secs_f64()));
                 println!(
                     "{}",
                     hvnet::client::render_top(&hvnet::client::top_rows(&vms, before))

@@ -1,8 +1,9 @@
-//! DHCP (BOOTP over UDP 67/68) and ARP parsing for events, bounded and
-//! verifier-safe: every read is a checked load (bpf_skb_load_bytes in tc,
-//! bpf_probe_read_kernel within skb->len in tracepoints), there is no loop,
-//! and any failure yields a flagged event or none, never a fault. Only
-//! DHCP/ARP frames pay for this.
+//! DHCP and ARP events: how the programs read a frame (the tc packet, an
+//! sk_buff's data from a tracepoint) for the shared parser in
+//! `tracer_common::parse`, and how events reach userspace (per-tap budget,
+//! ring buffer, loss counted). Every read is checked, there is no loop, and
+//! any failure yields a flagged event or none, never a fault. Only DHCP/ARP
+//! frames pay for this.
 //!
 //! DHCP options are not walked here: the tc programs copy them (a bounded
 //! length, one helper call) and userspace walks them with
@@ -15,152 +16,37 @@ use aya_ebpf::{
 };
 use tracer_common::{
     dhcp_options::{EventWithOptions, OPTIONS_CAPTURE},
-    direction, event_kind, parse_flag, DevKey, PacketEvent,
+    direction,
+    frame::FrameBytes,
+    parse::{arp_offset, locate_dhcp, parse_arp, parse_dhcp_header},
+    parse_flag, DevKey, PacketEvent,
 };
 
-use crate::{
-    maps::{EVENTS, EVENTS_LOST},
-    programs::kernel::read,
-};
+use crate::maps::{EVENTS, EVENTS_LOST};
 
-const BOOTP_FIXED: usize = 236;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const IPPROTO_UDP: u8 = 17;
-
-/// Reads a frame at byte offsets, whatever holds it.
-pub trait Frame {
-    fn load<T: Copy>(&self, offset: usize) -> Option<T>;
-}
-
+/// A tc program's packet. Reads inside the linear part are plain loads
+/// after a bounds check against data_end (what the verifier wants for
+/// direct packet access); reads past it (headers not linear, e.g. some
+/// GSO frames from a guest) fall back to bpf_skb_load_bytes, which
+/// bounds-checks for us.
 pub struct TcFrame<'a>(pub &'a TcContext);
 
-impl Frame for TcFrame<'_> {
+impl FrameBytes for TcFrame<'_> {
     #[inline(always)]
-    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
-        self.0.load::<T>(offset).ok()
-    }
-}
-
-/// A frame in kernel memory (an sk_buff's linear data) seen from a tracepoint.
-pub struct KernelFrame {
-    pub data: u64,
-    pub len: usize,
-}
-
-impl Frame for KernelFrame {
-    #[inline(always)]
-    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
-        if offset + core::mem::size_of::<T>() > self.len {
-            return None;
+    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        // LLVM turns `at + 1 <= end` into `at < end`, and the verifier
+        // learns no range from `pkt < pkt_end` when the pointer's constant
+        // offset is 0: one-byte reads check for two bytes. A frame whose
+        // last byte is the one read takes the helper path: same answer.
+        let fast_len = if N < 2 { 2 } else { N };
+        let at = self.0.data() + offset;
+        if at + fast_len <= self.0.data_end() {
+            // SAFETY: [at, at + N) lies inside the packet (checked just
+            // above, as the verifier requires); unaligned reads are fine.
+            return Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
         }
-        read::<T>(self.data + offset as u64)
+        self.0.load::<[u8; N]>(offset).ok()
     }
-}
-
-/// Where a DHCP message sits in a frame.
-#[derive(Clone, Copy)]
-pub struct DhcpLocation {
-    pub l3: usize,
-    pub l4: usize,
-    pub vlan: u16,
-}
-
-/// Finds a DHCP message (IPv4, first fragment, UDP between 67/68, one
-/// optional VLAN tag), or None.
-#[inline(always)]
-pub fn locate_dhcp<F: Frame>(frame: &F) -> Option<DhcpLocation> {
-    let mut ethertype = u16::from_be(frame.load::<u16>(12)?);
-    let mut l3 = 14;
-    let mut vlan = 0;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        vlan = u16::from_be(frame.load::<u16>(14)?) & 0x0fff;
-        ethertype = u16::from_be(frame.load::<u16>(16)?);
-        l3 = 18;
-    }
-    if ethertype != ETH_P_IP {
-        return None;
-    }
-    let head = frame.load::<[u8; 10]>(l3)?;
-    if head[0] >> 4 != 4 || head[9] != IPPROTO_UDP {
-        return None;
-    }
-    let ihl = usize::from(head[0] & 0x0f) * 4;
-    if ihl < 20 || u16::from_be_bytes([head[6], head[7]]) & 0x1fff != 0 {
-        return None;
-    }
-    let ports = frame.load::<[u8; 4]>(l3 + ihl)?;
-    let src = u16::from_be_bytes([ports[0], ports[1]]);
-    let dst = u16::from_be_bytes([ports[2], ports[3]]);
-    if !((src == 67 || src == 68) && (dst == 67 || dst == 68)) {
-        return None;
-    }
-    Some(DhcpLocation {
-        l3,
-        l4: l3 + ihl,
-        vlan,
-    })
-}
-
-/// Fills a DHCP event from the fixed BOOTP header of the message at `at`.
-/// Always returns an event: what could not be read is in parse_flags.
-#[inline(always)]
-pub fn parse_dhcp<F: Frame>(frame: &F, at: DhcpLocation) -> PacketEvent {
-    let mut ev = PacketEvent {
-        kind: event_kind::DHCP,
-        vlan: at.vlan,
-        ..Default::default()
-    };
-    if let Some(mac) = frame.load::<[u8; 6]>(0) {
-        ev.dst_mac = mac;
-    }
-    if let Some(addrs) = frame.load::<[u8; 8]>(at.l3 + 12) {
-        ev.src_ip = [addrs[0], addrs[1], addrs[2], addrs[3]];
-        ev.dst_ip = [addrs[4], addrs[5], addrs[6], addrs[7]];
-    }
-    let Some(fixed) = frame.load::<[u8; 44]>(at.l4 + 8) else {
-        ev.parse_flags |= parse_flag::TRUNCATED;
-        return ev;
-    };
-    ev.op = fixed[0];
-    ev.xid = u32::from_be_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]);
-    ev.secs = u16::from_be_bytes([fixed[8], fixed[9]]);
-    ev.flags = u16::from_be_bytes([fixed[10], fixed[11]]);
-    ev.ciaddr = [fixed[12], fixed[13], fixed[14], fixed[15]];
-    ev.yiaddr = [fixed[16], fixed[17], fixed[18], fixed[19]];
-    ev.chaddr = [
-        fixed[28], fixed[29], fixed[30], fixed[31], fixed[32], fixed[33],
-    ];
-    ev
-}
-
-/// Where the magic cookie (and the options) of the message at `at` start.
-#[inline(always)]
-fn cookie_offset(at: DhcpLocation) -> usize {
-    at.l4 + 8 + BOOTP_FIXED
-}
-
-/// An ARP frame's opcode and addresses (Ethernet/IPv4 ARP only).
-#[inline(always)]
-pub fn parse_arp<F: Frame>(frame: &F, l3: usize) -> Option<PacketEvent> {
-    let arp = frame.load::<[u8; 28]>(l3)?;
-    // htype 1 (Ethernet), ptype 0x0800, hlen 6, plen 4.
-    if arp[0..6] != [0, 1, 8, 0, 6, 4] {
-        return None;
-    }
-    let mut ev = PacketEvent {
-        kind: event_kind::ARP,
-        msg_type: arp[7],
-        ..Default::default()
-    };
-    ev.chaddr = [arp[8], arp[9], arp[10], arp[11], arp[12], arp[13]];
-    ev.src_ip = [arp[14], arp[15], arp[16], arp[17]];
-    ev.dst_ip = [arp[24], arp[25], arp[26], arp[27]];
-    if let Some(mac) = frame.load::<[u8; 6]>(0) {
-        ev.dst_mac = mac;
-    }
-    Some(ev)
 }
 
 /// The event's time if the tap's budget admits one more event on this CPU;
@@ -303,26 +189,22 @@ pub fn tc_event(ctx: &TcContext, ifindex: u32, dir: u8, is_dhcp: bool) {
     let dev = DevKey { netns: 0, ifindex };
     if is_dhcp {
         if let Some(at) = locate_dhcp(&frame) {
-            let ev = parse_dhcp(&frame, at);
+            let ev = parse_dhcp_header(&frame, at);
             if ev.parse_flags & parse_flag::TRUNCATED != 0 {
                 // No fixed header, so no options either.
                 emit(ev, dev, dir);
             } else {
-                emit_with_options(ctx, ev, dev, dir, cookie_offset(at));
+                emit_with_options(ctx, ev, dev, dir, at.cookie_offset());
             }
         }
         return;
     }
     // ARP: everything the VM sends, and only replies toward it (requests
     // for other hosts are flooded to every tap and say nothing about it).
-    let l3 = match frame.load::<u16>(12).map(u16::from_be) {
-        Some(0x0806) => 14,
-        Some(ETH_P_8021Q) | Some(ETH_P_8021AD) => 18,
-        _ => return,
+    let Some(ev) = arp_offset(&frame).and_then(|l3| parse_arp(&frame, l3)) else {
+        return;
     };
-    if let Some(ev) = parse_arp(&frame, l3) {
-        if dir == direction::FROM_VM || ev.msg_type == 2 {
-            emit(ev, dev, dir);
-        }
+    if dir == direction::FROM_VM || ev.msg_type == 2 {
+        emit(ev, dev, dir);
     }
 }

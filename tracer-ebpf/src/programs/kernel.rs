@@ -8,7 +8,7 @@
 //! [`DirectLoad`] for BTF-typed programs, [`ProbeRead`] for the rest.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use tracer_common::DevKey;
+use tracer_common::{frame::FrameBytes, DevKey};
 
 use crate::maps::{MONITORED, MONITORED_IFINDEX, PERCPU_ERRORS_INDEX, PROBE_ERRORS};
 
@@ -125,15 +125,31 @@ pub fn skb_owner<M: KernelMemory>(skb: u64) -> Option<u64> {
     M::read::<u64>(skb + global(&SKB_SK_OFF))
 }
 
+/// A frame in kernel memory (an sk_buff's linear data) seen from a tracepoint.
+pub struct KernelFrame {
+    pub data: u64,
+    pub len: usize,
+}
+
+impl FrameBytes for KernelFrame {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        if offset + N > self.len {
+            return None;
+        }
+        read::<[u8; N]>(self.data + offset as u64)
+    }
+}
+
 /// The linear part of an sk_buff (where the frame's headers are), capped
 /// at one Ethernet frame: enough for any DHCP header.
 #[inline(always)]
-pub fn skb_linear_frame<M: KernelMemory>(skb: u64) -> Option<crate::programs::dhcp::KernelFrame> {
+pub fn skb_linear_frame<M: KernelMemory>(skb: u64) -> Option<KernelFrame> {
     let data = M::read::<u64>(skb + global(&SKB_DATA_OFF))?;
     let len = M::read::<u32>(skb + global(&SKB_LEN_OFF))?;
     let paged = M::read::<u32>(skb + global(&SKB_DATA_LEN_OFF))?;
     let linear = len.saturating_sub(paged).min(1518);
-    Some(crate::programs::dhcp::KernelFrame {
+    Some(KernelFrame {
         data,
         len: linear as usize,
     })

@@ -11,13 +11,17 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use tracer_common::{direction, event_kind, map_slot, DevKey, DropKey};
+use tracer_common::{
+    direction, event_kind, map_slot,
+    parse::{locate_dhcp, parse_dhcp_header},
+    DevKey, DropKey,
+};
 
 use crate::{
     bump,
     maps::{DEQUEUED, DROPS},
     programs::{
-        dhcp::{emit, locate_dhcp, parse_dhcp},
+        dhcp::emit,
         kernel::{
             skb_device, skb_len, skb_linear_frame, skb_owner, socket_family, DirectLoad,
             KernelMemory, ProbeRead,
@@ -84,7 +88,7 @@ fn dhcp_event<M: KernelMemory>(skb: u64, dev: DevKey, kind: u8, reason: u32) {
     let Some(at) = locate_dhcp(&frame) else {
         return;
     };
-    let mut ev = parse_dhcp(&frame, at);
+    let mut ev = parse_dhcp_header(&frame, at);
     ev.kind = kind;
     ev.drop_reason = reason;
     emit(ev, dev, direction::TO_VM);

@@ -11,7 +11,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{basic_auth, routes::api_error, WebState};
+use super::{api_error::api_error, basic_auth, WebState};
 
 /// The agent's endpoints take no request bodies; anything bigger than
 /// this is refused before a handler runs.

@@ -2,6 +2,7 @@
 //! configuration (TLS, basic auth, headers: the exporter-toolkit file) and
 //! its reload on change or SIGHUP.
 
+pub mod api_error;
 pub mod basic_auth;
 pub mod guard;
 pub mod landing;

@@ -13,13 +13,15 @@ use axum::{
     routing::get,
     Json, Router,
 };
-use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::{
     agent::{AgentState, LookupError},
     export,
-    serve::{guard, landing, WebState},
+    serve::{
+        api_error::{api_error, api_error_with},
+        guard, landing, WebState,
+    },
 };
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -48,32 +50,6 @@ pub fn router(state: RouteState) -> Router {
             guard::authenticate_and_decorate,
         ))
         .with_state(state)
-}
-
-/// The API's error body: `{"error": "...", "status": 404}` (plus the
-/// candidates when a VM name is ambiguous).
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
-pub struct ApiError {
-    pub error: String,
-    pub status: u16,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub candidates: Vec<String>,
-}
-
-pub fn api_error(status: StatusCode, error: impl Into<String>) -> Response {
-    api_error_with(status, error.into(), Vec::new())
-}
-
-fn api_error_with(status: StatusCode, error: String, candidates: Vec<String>) -> Response {
-    (
-        status,
-        Json(ApiError {
-            error,
-            status: status.as_u16(),
-            candidates,
-        }),
-    )
-        .into_response()
 }
 
 async fn landing_page(State(state): State<RouteState>) -> Response {

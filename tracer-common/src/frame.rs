@@ -1,0 +1,44 @@
+//! Reading a frame at byte offsets, whatever holds it: a byte slice in
+//! userspace, the packet of a tc program, an sk_buff's data read from a
+//! tracepoint. The classification and DHCP parsing ([`crate::classify`],
+//! [`crate::parse`]) are written once over this trait, so the eBPF programs
+//! and userspace run the same code.
+
+/// A frame's bytes, read at offsets. Every read is checked: a read past
+/// the end is `None`, never a fault (the eBPF verifier needs exactly this).
+pub trait FrameBytes {
+    /// `N` bytes from `offset`, or None if the frame is shorter.
+    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
+
+    #[inline(always)]
+    fn u8_at(&self, offset: usize) -> Option<u8> {
+        self.bytes::<1>(offset).map(|[b]| b)
+    }
+
+    #[inline(always)]
+    fn be16_at(&self, offset: usize) -> Option<u16> {
+        self.bytes::<2>(offset).map(u16::from_be_bytes)
+    }
+}
+
+impl FrameBytes for [u8] {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.get(offset..offset.checked_add(N)?)?.try_into().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FrameBytes;
+
+    #[test]
+    fn reads_are_bounded_by_the_slice() {
+        let frame: &[u8] = &[1, 2, 3];
+        assert_eq!(frame.bytes::<2>(1), Some([2, 3]));
+        assert_eq!(frame.bytes::<2>(2), None);
+        assert_eq!(frame.be16_at(0), Some(0x0102));
+        assert_eq!(frame.u8_at(3), None);
+        assert_eq!(frame.bytes::<1>(usize::MAX), None);
+    }
+}

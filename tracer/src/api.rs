@@ -1,0 +1,115 @@
+//! The `/api/v1` wire types: what the agent serves, and what the CLI and
+//! the lab tests read back (one definition, so the two cannot drift).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    dhcp::{DhcpCounters, Verdict},
+    stall::VmState,
+};
+
+/// The API's error body: `{"error": "...", "status": 404}` (plus the
+/// candidates when a VM name is ambiguous).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    pub error: String,
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<String>,
+}
+
+/// One monitored tap (and the VM behind it) in `/api/v1/vms`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Vm {
+    pub iface: String,
+    pub ifindex: u32,
+    /// The guest NIC's MAC where an identity source knows it, else the tap's.
+    pub mac: String,
+    /// The tap's own MAC (libvirt: the guest's with fe: in front).
+    pub tap_mac: String,
+    pub identity: VmIdentity,
+    pub oper_state: String,
+    pub vm_uuid: String,
+    pub vm_name: String,
+    pub drops: Vec<Drops>,
+    /// Frames the dequeue tracepoint saw the VMM read (None: probe unavailable).
+    pub dequeued: Option<u64>,
+    /// The tap's own tx_packets (frames the VMM read), as of the last poll.
+    pub netdev_tx_packets: Option<u64>,
+    /// tun_recvmsg calls, where the vhost probe attached.
+    pub vhost_rx: Option<u64>,
+    /// DHCP/ARP events not sent: the tap was over its event budget.
+    pub events_throttled: u64,
+    /// The tap's txqueuelen: the most frames that can wait toward the VM.
+    pub queue_len: u32,
+    /// None until the first poll evaluated this VM.
+    pub health: Option<Health>,
+    pub dhcp: Option<Dhcp>,
+    /// The tap is gone; its final counters are shown for the grace period.
+    pub departed: bool,
+    /// Frames the host offered to the VM (tap transmit).
+    pub to_vm: Traffic,
+    /// Frames the VM sent (tap receive).
+    pub from_vm: Traffic,
+}
+
+/// Who a tap belongs to, and which source said so.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmIdentity {
+    pub vm_name: String,
+    pub vm_uuid: String,
+    pub mac: String,
+    pub project: String,
+    pub flavor: String,
+    pub domain: String,
+    pub neutron_port: String,
+    /// libvirt, qemu, neutron_name or tap.
+    pub source: String,
+    pub vmm_pid: Option<u32>,
+    pub vhost_workers: Vec<u32>,
+}
+
+/// Frames dropped on a tap for one reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drops {
+    /// to_vm or from_vm.
+    pub direction: String,
+    pub reason: String,
+    pub packets: u64,
+}
+
+/// The stall detector's view of a VM at the last poll.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub state: VmState,
+    pub backlog: u64,
+    pub stalls_total: u64,
+    pub stall_seconds: f64,
+}
+
+/// A VM's DHCP picture.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Dhcp {
+    pub counters: DhcpCounters,
+    /// Seconds left on the lease the VM holds (from the last ACK it got).
+    pub lease_remaining: Option<f64>,
+    pub lease_address: Option<String>,
+    pub last_verdict: Option<Verdict>,
+}
+
+/// Packets and bytes one way through a tap, in total and per class
+/// (dhcp, arp, broadcast, other).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub by_class: BTreeMap<String, Counter>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
