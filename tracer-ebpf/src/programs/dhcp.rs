@@ -28,8 +28,24 @@ use crate::maps::{EVENTS, EVENTS_LOST};
 /// after a bounds check against data_end (what the verifier wants for
 /// direct packet access); reads past it (headers not linear, e.g. some
 /// GSO frames from a guest) fall back to bpf_skb_load_bytes, which
-/// bounds-checks for us.
-pub struct TcFrame<'a>(pub &'a TcContext);
+/// bounds-checks for us. data and data_end are read once: no helper the
+/// parser calls moves the packet.
+pub struct TcFrame<'a> {
+    ctx: &'a TcContext,
+    data: usize,
+    end: usize,
+}
+
+impl<'a> TcFrame<'a> {
+    #[inline(always)]
+    pub fn new(ctx: &'a TcContext) -> Self {
+        Self {
+            ctx,
+            data: ctx.data(),
+            end: ctx.data_end(),
+        }
+    }
+}
 
 impl FrameBytes for TcFrame<'_> {
     #[inline(always)]
@@ -39,13 +55,13 @@ impl FrameBytes for TcFrame<'_> {
         // offset is 0: one-byte reads check for two bytes. A frame whose
         // last byte is the one read takes the helper path: same answer.
         let fast_len = if N < 2 { 2 } else { N };
-        let at = self.0.data() + offset;
-        if at + fast_len <= self.0.data_end() {
+        let at = self.data + offset;
+        if at + fast_len <= self.end {
             // SAFETY: [at, at + N) lies inside the packet (checked just
             // above, as the verifier requires); unaligned reads are fine.
             return Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
         }
-        self.0.load::<[u8; N]>(offset).ok()
+        self.ctx.load::<[u8; N]>(offset).ok()
     }
 }
 
@@ -185,7 +201,7 @@ fn within_budget(ifindex: u32, now: u64) -> bool {
 /// tc side: a DHCP or ARP frame crossing the tap.
 #[inline(always)]
 pub fn tc_event(ctx: &TcContext, ifindex: u32, dir: u8, is_dhcp: bool) {
-    let frame = TcFrame(ctx);
+    let frame = TcFrame::new(ctx);
     let dev = DevKey { netns: 0, ifindex };
     if is_dhcp {
         if let Some(at) = locate_dhcp(&frame) {

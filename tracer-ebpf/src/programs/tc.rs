@@ -39,7 +39,7 @@ fn count_frame(ctx: &TcContext, direction: u8) {
     // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // The shared classifier, run on the packet (fast path: plain loads).
-    let class = classify(&dhcp::TcFrame(ctx));
+    let class = classify(&dhcp::TcFrame::new(ctx));
     if class == class::DHCP || class == class::ARP {
         dhcp::tc_event(ctx, ifindex, direction, class == class::DHCP);
     }
