@@ -57,12 +57,15 @@ pub(crate) fn udp_offset<F: FrameBytes + ?Sized>(frame: &F, l3: usize) -> Option
     if frame.u8_at(l3 + 9)? != IPPROTO_UDP {
         return None;
     }
-    let version_ihl = frame.u8_at(l3)?;
+    // Version, header length and fragment offset in one read (one bounds
+    // check where the bytes are packet memory).
+    let head = frame.bytes::<8>(l3)?;
+    let version_ihl = head[0];
     if version_ihl >> 4 != 4 {
         return None;
     }
     let ihl = usize::from(version_ihl & 0x0f) * 4;
-    if ihl < 20 || frame.be16_at(l3 + 6)? & 0x1fff != 0 {
+    if ihl < 20 || u16::from_be_bytes([head[6], head[7]]) & 0x1fff != 0 {
         return None;
     }
     Some(l3 + ihl)

@@ -52,8 +52,31 @@ pub fn router(state: RouteState) -> Router {
         .with_state(state)
 }
 
+/// Runs `read` on the blocking pool: kernel map reads and waits for a lock
+/// the poll loop holds while it attaches stay off the async workers, so
+/// one slow read never stalls every connection.
+async fn read_agent<T: Send + 'static>(
+    agent: &Arc<AgentState>,
+    read: impl FnOnce(&AgentState) -> T + Send + 'static,
+) -> Result<T, Response> {
+    let agent = agent.clone();
+    tokio::task::spawn_blocking(move || read(&agent))
+        .await
+        .map_err(|err| {
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the agent's state: {err}\n"),
+            )
+                .into_response()
+        })
+}
+
 async fn landing_page(State(state): State<RouteState>) -> Response {
-    match state.agent.exposition() {
+    let exposition = match read_agent(&state.agent, |a| a.exposition()).await {
+        Ok(exposition) => exposition,
+        Err(response) => return response,
+    };
+    match exposition {
         Ok(view) => (
             [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
             landing::render(&view, &landing::node_name()),
@@ -68,11 +91,16 @@ async fn landing_page(State(state): State<RouteState>) -> Response {
 }
 
 async fn metrics(State(state): State<RouteState>) -> Response {
-    let rendered = state
-        .agent
-        .exposition()
-        .map_err(|e| e.to_string())
-        .and_then(|view| export::render(&view).map_err(|e| e.to_string()));
+    let rendered = read_agent(&state.agent, |a| {
+        a.exposition()
+            .map_err(|e| e.to_string())
+            .and_then(|view| export::render(&view).map_err(|e| e.to_string()))
+    })
+    .await;
+    let rendered = match rendered {
+        Ok(rendered) => rendered,
+        Err(response) => return response,
+    };
     match rendered {
         Ok(text) => ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response(),
         Err(err) => {
@@ -87,7 +115,11 @@ async fn metrics(State(state): State<RouteState>) -> Response {
 }
 
 async fn healthz(State(state): State<RouteState>) -> Response {
-    match state.agent.exposition() {
+    let exposition = match read_agent(&state.agent, |a| a.exposition()).await {
+        Ok(exposition) => exposition,
+        Err(response) => return response,
+    };
+    match exposition {
         Ok(view) => {
             format!("ok: {} interface(s) attached\n", view.attached_count()).into_response()
         }
@@ -100,21 +132,33 @@ async fn healthz(State(state): State<RouteState>) -> Response {
 }
 
 async fn vms(State(state): State<RouteState>) -> Response {
-    match state.agent.exposition() {
+    let exposition = match read_agent(&state.agent, |a| a.exposition()).await {
+        Ok(exposition) => exposition,
+        Err(response) => return response,
+    };
+    match exposition {
         Ok(view) => Json(export::vms_json(&view)).into_response(),
         Err(err) => api_error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
     }
 }
 
 async fn explain(State(state): State<RouteState>, Path(name): Path<String>) -> Response {
-    match state.agent.explain(&name) {
+    let explained = match read_agent(&state.agent, move |a| a.explain(&name)).await {
+        Ok(explained) => explained,
+        Err(response) => return response,
+    };
+    match explained {
         Ok(text) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response(),
         Err(err) => lookup_error(err),
     }
 }
 
 async fn timeline(State(state): State<RouteState>, Path(name): Path<String>) -> Response {
-    match state.agent.timeline(&name) {
+    let entries = match read_agent(&state.agent, move |a| a.timeline(&name)).await {
+        Ok(entries) => entries,
+        Err(response) => return response,
+    };
+    match entries {
         Ok(entries) => Json(entries).into_response(),
         Err(err) => lookup_error(err),
     }

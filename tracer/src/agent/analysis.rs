@@ -1,0 +1,148 @@
+//! Per-VM analysis: kernel DHCP/ARP events into each VM's record, and
+//! every poll the counters into each VM's stall detector.
+
+use tracer_common::direction;
+
+use super::{lock, AgentState};
+use crate::{
+    collect::KernelSnapshot,
+    drops::{drop_direction, reason_name},
+    events::{interpret, Observed},
+    links::LinkInfo,
+    stall::{Observation, VmState},
+};
+
+impl AgentState {
+    /// Handles one batch of kernel DHCP/ARP events.
+    pub(crate) fn handle_events(&self, batch: &[tracer_common::PacketEvent]) {
+        let now = self.now();
+        let mut published = Vec::new();
+        let mut records = lock(&self.records);
+        for ev in batch {
+            let Some(observed) = interpret(ev, |r| reason_name(&self.drop_reasons, r)) else {
+                continue;
+            };
+            match observed {
+                Observed::Dhcp {
+                    ifindex,
+                    mono,
+                    message,
+                } => {
+                    if let Some(record) = records.get_mut(&ifindex) {
+                        published.extend(record.dhcp_message(&message, mono, now));
+                    }
+                }
+                Observed::MalformedDhcp {
+                    ifindex,
+                    mono,
+                    from_vm,
+                    flags,
+                } => {
+                    if let Some(record) = records.get_mut(&ifindex) {
+                        published.push(record.malformed(mono, now, from_vm, flags));
+                    }
+                }
+                Observed::Arp {
+                    ifindex,
+                    mono,
+                    from_vm,
+                    op,
+                    sender,
+                    target,
+                } => {
+                    if let Some(record) = records.get_mut(&ifindex) {
+                        published.extend(record.arp(mono, now, from_vm, op, sender, target));
+                    }
+                }
+            }
+        }
+        drop(records);
+        self.publish(&published);
+    }
+
+    /// One poll: counters -> per-VM state machines -> health for export.
+    pub(crate) fn evaluate(&self) {
+        let snapshot = lock(&self.maps).read();
+        for (map, reason) in &snapshot.unreadable {
+            log::warn!("reading map {map}: {reason}");
+        }
+        // Judging stalls on a partial picture would read as counters
+        // going back to zero: wait for the next poll instead.
+        if !snapshot.readable("VM_COUNTERS") || !snapshot.readable("DROPS") {
+            return;
+        }
+        let now = self.now();
+        lock(&self.departed).prune(now);
+        let attached = lock(&self.attached).clone();
+        let mut published = Vec::new();
+        let mut records = lock(&self.records);
+        for (ifindex, link) in &attached {
+            let Some(record) = records.get_mut(ifindex) else {
+                continue;
+            };
+            let observation = self.observation(&snapshot, link, now);
+            let (transition, entries) = record.poll(observation, now);
+            if let Some(transition) = transition {
+                let message = format!(
+                    "VM on {}: {} -> {}: {}",
+                    link.name,
+                    transition.from.as_str(),
+                    transition.to.as_str(),
+                    transition.describe()
+                );
+                if transition.to == VmState::RxStalled {
+                    log::warn!("{message}");
+                } else {
+                    log::info!("{message}");
+                }
+            }
+            published.extend(entries);
+        }
+        drop(records);
+        self.publish(&published);
+    }
+
+    fn observation(&self, snapshot: &KernelSnapshot, link: &LinkInfo, now: f64) -> Observation {
+        let traffic = snapshot
+            .traffic
+            .get(&link.ifindex)
+            .copied()
+            .unwrap_or_default();
+        let stats = link.stats.unwrap_or_default();
+        let (dropped_to_vm, full_ring_drops) = if self.has_drop_probe {
+            let by_reason = snapshot.drops.get(&link.ifindex);
+            let mut to_vm = 0;
+            let mut full_ring = 0;
+            for (reason, count) in by_reason.into_iter().flatten() {
+                let name = reason_name(&self.drop_reasons, *reason);
+                if drop_direction(&name) == "to_vm" {
+                    to_vm += count;
+                }
+                if name == "full_ring" {
+                    full_ring += count;
+                }
+            }
+            (to_vm, full_ring)
+        } else {
+            (stats.tx_dropped, stats.tx_dropped)
+        };
+        Observation {
+            at: now,
+            offered: traffic.packets(direction::TO_VM),
+            from_vm: traffic.packets(direction::FROM_VM),
+            // The tap's tx_packets is incremented in tun_put_user, i.e. only
+            // for frames the VMM really read: the authoritative count. The
+            // tracepoint is the witness where netdev stats are missing.
+            dequeued: match (link.stats, self.has_dequeue_probe) {
+                (Some(stats), _) => stats.tx_packets,
+                (None, true) => snapshot.dequeued.get(&link.ifindex).copied().unwrap_or(0),
+                (None, false) => 0,
+            },
+            netdev_dequeued: stats.tx_packets,
+            dropped_to_vm,
+            full_ring_drops,
+            carrier: link.admin_up && link.carrier,
+            queue_len: link.txqueuelen,
+        }
+    }
+}

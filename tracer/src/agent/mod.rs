@@ -1,0 +1,165 @@
+//! The agent's state: which taps are attached, what the kernel maps say,
+//! each VM's stall and DHCP analysis, who the VMs are; and the consistent
+//! views of it that /metrics and /api/v1 serve. `daemon` drives it.
+//!
+//! One concern per file: `attachments` (reconcile taps with the kernel:
+//! attach, detach, wait for capacity or descriptors), `analysis` (kernel
+//! events and polls into each VM's record), `identities` (who is behind a
+//! tap), `views` (what scrapes, the API and `explain` see).
+//!
+//! Lock order: every lock is taken for a short, blocking-free section and
+//! released before the next one is taken, with two exceptions, which always
+//! nest in this order: `records` before `identities` (find_record), and
+//! `maps` is never held while another lock is taken. No lock is held across
+//! an await: the poll loop runs these methods inside block_in_place and the
+//! HTTP handlers inside spawn_blocking.
+
+mod analysis;
+mod attachments;
+mod identities;
+mod views;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{atomic::AtomicU64, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use tokio::sync::broadcast;
+
+use crate::{
+    collect::KernelMaps,
+    config::Config,
+    departed::DepartedSeries,
+    identity::{Identity, IdentityResolver},
+    links::LinkInfo,
+    loader::{monotonic_now, TcProbes},
+    optional_probes::{ProbeStatus, DEQUEUE_PROBE, DROP_PROBE},
+    timeline::Entry,
+    vm::VmRecord,
+};
+
+/// Lines kept for slow /api/v1/events readers before they skip ahead.
+const EVENT_STREAM_BACKLOG: usize = 1024;
+
+/// Why a matching tap is not attached yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitReason {
+    /// The open-file limit is reached.
+    FdLimit,
+    /// max_interfaces taps are attached already (the maps are full).
+    Capacity,
+}
+
+impl WaitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FdLimit => "fd_limit",
+            Self::Capacity => "capacity",
+        }
+    }
+}
+
+/// Why a VM name given to explain/timeline matched no single VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    #[error("no monitored VM or interface named {0:?}")]
+    NotFound(String),
+    #[error("{name:?} names more than one monitored interface: {}", candidates.join(", "))]
+    Ambiguous {
+        name: String,
+        candidates: Vec<String>,
+    },
+}
+
+/// State shared by the poll loop and the HTTP handlers. Locks are held
+/// only for map reads and attach calls, never across an await.
+pub struct AgentState {
+    probes: Mutex<TcProbes>,
+    maps: Mutex<KernelMaps>,
+    attached: Mutex<BTreeMap<u32, LinkInfo>>,
+    failed: Mutex<BTreeMap<u32, String>>,
+    /// Taps not attached yet, and why (retried every poll).
+    waiting: Mutex<BTreeMap<u32, (String, WaitReason)>>,
+    /// Most taps attached at once (the kernel maps hold this many).
+    max_interfaces: usize,
+    records: Mutex<BTreeMap<u32, VmRecord>>,
+    stream: broadcast::Sender<String>,
+    attach_failures: AtomicU64,
+    pub(crate) link_events: AtomicU64,
+    probe_statuses: Vec<ProbeStatus>,
+    drop_reasons: HashMap<u32, String>,
+    has_dequeue_probe: bool,
+    has_drop_probe: bool,
+    mechanism: &'static str,
+    stall_after: Duration,
+    resolver: IdentityResolver,
+    identities: Mutex<HashMap<String, Identity>>,
+    identity_refreshed: Mutex<f64>,
+    project_label: bool,
+    metrics_detail: crate::config::MetricsDetail,
+    departed: Mutex<DepartedSeries>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock leaves plain data behind; keep serving.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl AgentState {
+    pub(crate) fn new(probes: TcProbes, maps: KernelMaps, config: &Config) -> Self {
+        let stall_after = config.stall_after;
+        let probe_statuses = probes.probe_statuses();
+        let mechanism = probes.mechanism().as_str();
+        let drop_reasons = probes.drop_reasons().clone();
+        let has_dequeue_probe = probes.has_probe(DEQUEUE_PROBE);
+        let has_drop_probe = probes.has_probe(DROP_PROBE);
+        Self {
+            probes: Mutex::new(probes),
+            maps: Mutex::new(maps),
+            attached: Mutex::new(BTreeMap::new()),
+            failed: Mutex::new(BTreeMap::new()),
+            waiting: Mutex::new(BTreeMap::new()),
+            max_interfaces: config.max_interfaces as usize,
+            records: Mutex::new(BTreeMap::new()),
+            stream: broadcast::channel(EVENT_STREAM_BACKLOG).0,
+            attach_failures: AtomicU64::new(0),
+            link_events: AtomicU64::new(0),
+            probe_statuses,
+            drop_reasons,
+            has_dequeue_probe,
+            has_drop_probe,
+            mechanism,
+            stall_after,
+            resolver: IdentityResolver::new(&config.libvirt_run_dir, &config.proc_root),
+            identities: Mutex::new(HashMap::new()),
+            identity_refreshed: Mutex::new(f64::NEG_INFINITY),
+            project_label: config.project_label,
+            metrics_detail: config.metrics_detail,
+            departed: Mutex::new(DepartedSeries::new(config.series_grace)),
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.stream.subscribe()
+    }
+
+    fn publish(&self, entries: &[Entry]) {
+        for entry in entries {
+            if let Ok(line) = serde_json::to_string(entry) {
+                // No subscriber is fine.
+                let _ = self.stream.send(line);
+            }
+        }
+    }
+
+    pub fn interface_count(&self) -> usize {
+        lock(&self.attached).len()
+    }
+
+    fn now(&self) -> f64 {
+        monotonic_now()
+    }
+}
