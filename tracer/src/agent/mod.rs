@@ -7,12 +7,14 @@
 //! events and polls into each VM's record), `identities` (who is behind a
 //! tap), `views` (what scrapes, the API and `explain` see).
 //!
-//! Lock order: every lock is taken for a short, blocking-free section and
-//! released before the next one is taken, with two exceptions, which always
-//! nest in this order: `records` before `identities` (find_record), and
-//! `maps` is never held while another lock is taken. No lock is held across
-//! an await: the poll loop runs these methods inside block_in_place and the
-//! HTTP handlers inside spawn_blocking.
+//! Lock order: every lock is taken for a short section and released before
+//! the next one is taken, except two nestings, always in this order:
+//! `records` then `identities` (a view or `explain` names the VM), and
+//! `identities` then `identity_refreshed`. `maps` and `probes` are never
+//! held while another lock is taken (a guard is never kept in an `if let`
+//! scrutinee whose block locks again). No lock is held across an await: the
+//! poll loop runs these methods inside block_in_place and the HTTP handlers
+//! inside spawn_blocking.
 
 mod analysis;
 mod attachments;
