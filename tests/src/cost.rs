@@ -271,9 +271,9 @@ pub fn run(
     // The empty programs beside hvnet's: tc on the same tap (TCX, both
     // directions), raw tracepoints on the same tracepoints.
     let baselines = lab.node.enter(|| {
-        let mut ebpf = hvnet::loader::load_empty_baselines()?;
+        let mut ebpf = hvnet::kernel::loader::load_empty_baselines()?;
         let program: &mut SchedClassifier = ebpf
-            .program_mut(hvnet::loader::EMPTY_PROGRAM)
+            .program_mut(hvnet::kernel::loader::EMPTY_PROGRAM)
             .context("no empty tc program")?
             .try_into()?;
         for direction in [TcAttachType::Ingress, TcAttachType::Egress] {

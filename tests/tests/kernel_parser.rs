@@ -12,7 +12,8 @@ use aya::{
     programs::{TestRun, TestRunOptions},
 };
 use hvnet::{
-    frames, loader,
+    frames,
+    kernel::loader,
     test_support::{corpus::malformed_corpus, pcap::read_pcap},
 };
 use hvnet_lab::testkit::require_root;
@@ -59,7 +60,7 @@ fn the_ebpf_and_userspace_builds_of_the_parser_agree_on_every_frame_and_the_prog
             .ok_or_else(|| anyhow::anyhow!("no VM_COUNTERS map"))?,
     )?;
     let totals = || -> anyhow::Result<TrafficCounters> {
-        Ok(hvnet::collect::sum_cpus(&counters.get(&0, 0)?))
+        Ok(hvnet::kernel::collect::sum_cpus(&counters.get(&0, 0)?))
     };
     let mut checked = 0;
     for (name, frame) in &corpus {

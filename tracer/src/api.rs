@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    dhcp::{DhcpCounters, Verdict},
-    stall::VmState,
+    analysis::dhcp::{DhcpCounters, Verdict},
+    analysis::stall::VmState,
 };
 
 /// The API's error body: `{"error": "...", "status": 404}` (plus the

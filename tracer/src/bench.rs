@@ -3,7 +3,7 @@
 
 use aya::programs::{TestRun, TestRunOptions};
 
-use crate::{frames, loader};
+use crate::{frames, kernel::loader};
 
 /// The budget: hvnet may add this much per ordinary packet.
 pub const TARGET_OVERHEAD_NS: f64 = 10.0;

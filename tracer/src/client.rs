@@ -481,9 +481,9 @@ mod tests {
     use super::*;
 
     use crate::{
+        analysis::dhcp::Verdict,
+        analysis::stall::VmState,
         api::{Dhcp, Drops, Health, Traffic},
-        dhcp::Verdict,
-        stall::VmState,
     };
 
     fn vm(iface: &str) -> Vm {

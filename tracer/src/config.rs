@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::{
     duration::{parse_duration, parse_duration_or_zero, DurationError},
-    ifmatch::{InterfaceGlobError, InterfaceMatcher},
+    interfaces::ifmatch::{InterfaceGlobError, InterfaceMatcher},
 };
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9478";

@@ -13,10 +13,10 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use crate::{
     agent::AgentState,
     config::Config,
-    events::EventReader,
-    links::{self, LinkInfo, LinkWatcher},
-    loader::TcProbes,
-    privileges,
+    interfaces::links::{self, LinkInfo, LinkWatcher},
+    kernel::events::EventReader,
+    kernel::loader::TcProbes,
+    kernel::privileges,
     serve::{self, ActiveWebConfig, WebState},
 };
 
@@ -28,7 +28,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // A broken web config must stop the start before anything is attached.
     let web_config = ActiveWebConfig::load(config.web_config_file.as_deref())?;
     privileges::check()?;
-    match crate::fd_limit::raise_to_hard_limit() {
+    match crate::kernel::fd_limit::raise_to_hard_limit() {
         Ok((before, after)) if after > before => {
             log::info!("open-file limit raised from {before} to {after}")
         }
@@ -45,7 +45,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         TcProbes::load(&config.btf, config.attach_mode, config.max_interfaces)?;
     match probes.take_logger() {
         Some(logger) => {
-            tokio::spawn(crate::ebpf_log::forward(logger));
+            tokio::spawn(crate::kernel::ebpf_log::forward(logger));
         }
         None => log::debug!("the eBPF object has no aya-log map: its programs do not log"),
     }
@@ -93,7 +93,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut watcher = LinkWatcher::start()?;
     tokio::task::block_in_place(|| -> anyhow::Result<()> {
-        let present = crate::link_dump::dump().context("listing interfaces over rtnetlink")?;
+        let present =
+            crate::interfaces::link_dump::dump().context("listing interfaces over rtnetlink")?;
         state.reconcile(&present, &config);
         state.evaluate();
         Ok(())
@@ -127,7 +128,7 @@ const FULL_DUMP_EVERY: u32 = 10;
 /// The known links with fresh counters (RTM_GETSTATS); a link gone since
 /// keeps its last counters until the next full dump or link event.
 fn refresh_counters(mut links: Vec<LinkInfo>) -> std::io::Result<Vec<LinkInfo>> {
-    let stats = crate::link_dump::dump_stats()?;
+    let stats = crate::interfaces::link_dump::dump_stats()?;
     for link in &mut links {
         if let Some(fresh) = stats.get(&link.ifindex) {
             link.stats = Some(*fresh);
@@ -172,7 +173,7 @@ async fn poll_loop(
                 // what the last listing said.
                 if let Some(known) = links.take() {
                     links = tokio::task::block_in_place(|| {
-                        links::apply_changes(known, &changes, crate::link_dump::get)
+                        links::apply_changes(known, &changes, crate::interfaces::link_dump::get)
                     });
                 }
                 false
@@ -188,7 +189,7 @@ async fn poll_loop(
                 // After a link event the known links are current already.
                 Some(known) if !evaluate => Ok(known),
                 Some(known) => refresh_counters(known),
-                None => crate::link_dump::dump(),
+                None => crate::interfaces::link_dump::dump(),
             };
             match listed {
                 Ok(present) => {

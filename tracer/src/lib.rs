@@ -1,38 +1,32 @@
 //! hvnet: a hypervisor-side eBPF tracer for KVM/libvirt compute nodes.
 //!
-//! Data flows one way: config -> loader/links (kernel) -> collect -> export.
+//! The layers, bottom up (a module imports only from layers below it):
+//! - `kernel`: load and attach the eBPF programs, read their maps and
+//!   events, the kernel's BTF and limits;
+//! - `interfaces`: the node's interfaces over rtnetlink (which taps exist);
+//! - `identity`: who is behind a tap (libvirt, QEMU, Neutron names);
+//! - `analysis`: per-VM stall detection, DHCP tracking, timelines;
+//! - `agent`: the running agent's state, tying the above together;
+//! - `export`, `api`, `serve`: what /metrics and /api/v1 show, and the
+//!   secured web server;
+//! - `daemon` (`hvnet run`), `client`, `cli`, `bench`: the commands.
+//!
+//! Data flows one way: config -> kernel/interfaces -> agent -> export.
 
 pub mod agent;
+pub mod analysis;
 pub mod api;
 pub mod bench;
-pub mod btf;
 pub mod cli;
 pub mod client;
-pub mod collect;
 pub mod config;
 pub mod daemon;
-pub mod departed;
-pub mod dhcp;
-pub mod drops;
 pub mod duration;
-pub mod ebpf_log;
-pub mod events;
 pub mod export;
-pub mod fd_limit;
 pub mod frames;
 pub mod identity;
-pub mod ifmatch;
-pub mod link_dump;
-pub mod links;
-pub mod loader;
-pub mod map_batch;
-pub mod optional_probes;
-pub mod privileges;
-pub mod program_error;
-pub mod qemu_cmdline;
+pub mod interfaces;
+pub mod kernel;
 pub mod serve;
-pub mod stall;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
-pub mod timeline;
-pub mod vm;

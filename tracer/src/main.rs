@@ -6,7 +6,8 @@ use hvnet::{
     cli::{Cli, Command},
     client::{self, AgentClient},
     config::{Config, FileConfig},
-    daemon, privileges,
+    daemon,
+    kernel::privileges,
 };
 
 fn main() -> ExitCode {

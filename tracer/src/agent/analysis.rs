@@ -5,11 +5,11 @@ use tracer_common::direction;
 
 use super::{lock, AgentState};
 use crate::{
-    collect::KernelSnapshot,
-    drops::{drop_direction, reason_name},
-    events::{interpret, Observed},
-    links::LinkInfo,
-    stall::{Observation, VmState},
+    analysis::stall::{Observation, VmState},
+    interfaces::links::LinkInfo,
+    kernel::collect::KernelSnapshot,
+    kernel::drops::{drop_direction, reason_name},
+    kernel::events::{interpret, Observed},
 };
 
 impl AgentState {

@@ -5,10 +5,10 @@ use std::{collections::BTreeMap, sync::atomic::Ordering};
 
 use super::{lock, AgentState, WaitReason};
 use crate::{
+    analysis::vm::VmRecord,
     config::Config,
     export::VmView,
-    links::{self, LinkInfo},
-    vm::VmRecord,
+    interfaces::links::{self, LinkInfo},
 };
 
 impl AgentState {
@@ -64,7 +64,8 @@ impl AgentState {
             .max_interfaces
             .saturating_sub(lock(&self.attached).len());
         // Cannot tell: try them all.
-        let (fd_budget, open, limit) = crate::fd_limit::attach_budget().unwrap_or((u64::MAX, 0, 0));
+        let (fd_budget, open, limit) =
+            crate::kernel::fd_limit::attach_budget().unwrap_or((u64::MAX, 0, 0));
         let mut waiting = BTreeMap::new();
         // Counters left by earlier interfaces with these ifindexes are not
         // theirs: cleared in one pass before attaching.
@@ -92,8 +93,8 @@ impl AgentState {
             if fds > 0 {
                 log::warn!(
                     "{fds} interface(s) wait for file descriptors: the open-file limit is reached ({open} of {limit} in use, {} kept for polling); raise LimitNOFILE (about {} per tap); retrying every poll",
-                    crate::fd_limit::FD_RESERVE,
-                    crate::fd_limit::FDS_PER_ATTACH
+                    crate::kernel::fd_limit::FD_RESERVE,
+                    crate::kernel::fd_limit::FDS_PER_ATTACH
                 );
             }
             if capacity > 0 {
@@ -148,7 +149,7 @@ impl AgentState {
                 lock(&self.attached).insert(link.ifindex, link);
                 None
             }
-            Err(err) if crate::fd_limit::is_fd_exhaustion(&format!("{err:#}")) => {
+            Err(err) if crate::kernel::fd_limit::is_fd_exhaustion(&format!("{err:#}")) => {
                 log::warn!("{err}: out of file descriptors; retrying next poll");
                 Some(link.name)
             }

@@ -18,6 +18,7 @@
 
 mod analysis;
 mod attachments;
+mod departed;
 mod identities;
 mod views;
 
@@ -29,16 +30,16 @@ use std::{
 
 use tokio::sync::broadcast;
 
+use self::departed::DepartedSeries;
 use crate::{
-    collect::KernelMaps,
+    analysis::timeline::Entry,
+    analysis::vm::VmRecord,
     config::Config,
-    departed::DepartedSeries,
     identity::{Identity, IdentityResolver},
-    links::LinkInfo,
-    loader::{monotonic_now, TcProbes},
-    optional_probes::{ProbeStatus, DEQUEUE_PROBE, DROP_PROBE},
-    timeline::Entry,
-    vm::VmRecord,
+    interfaces::links::LinkInfo,
+    kernel::collect::KernelMaps,
+    kernel::loader::{monotonic_now, TcProbes},
+    kernel::optional_probes::{ProbeStatus, DEQUEUE_PROBE, DROP_PROBE},
 };
 
 /// Lines kept for slow /api/v1/events readers before they skip ahead.

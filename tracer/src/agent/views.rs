@@ -5,12 +5,12 @@ use std::{collections::BTreeMap, sync::atomic::Ordering};
 
 use super::{lock, AgentState, LookupError, WaitReason};
 use crate::{
-    collect::{CollectError, KernelSnapshot},
-    drops::{drop_direction, reason_name},
+    analysis::timeline::{render_explanation, wall_clock, Entry, Explanation},
+    analysis::vm::VmRecord,
     export::{DhcpView, DropCount, Exposition, VmHealth, VmView},
-    links::LinkInfo,
-    timeline::{render_explanation, wall_clock, Entry, Explanation},
-    vm::VmRecord,
+    interfaces::links::LinkInfo,
+    kernel::collect::{CollectError, KernelSnapshot},
+    kernel::drops::{drop_direction, reason_name},
 };
 
 impl AgentState {
@@ -53,7 +53,7 @@ impl AgentState {
             },
             map_update_failures: snapshot.map_update_failures,
             probe_read_errors: snapshot.probe_read_errors,
-            map_reads: crate::collect::SNAPSHOT_MAPS
+            map_reads: crate::kernel::collect::SNAPSHOT_MAPS
                 .iter()
                 .map(|map| (*map, snapshot.readable(map)))
                 .collect(),

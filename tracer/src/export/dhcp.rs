@@ -3,7 +3,7 @@
 use prometheus::proto::{MetricFamily, MetricType};
 
 use super::{counter, family, gauge, push_breakdown, Exposition};
-use crate::dhcp::{ClientState, MessageType, Verdict};
+use crate::analysis::dhcp::{ClientState, MessageType, Verdict};
 
 /// Each VM's DHCP exchanges, retries, verdicts and lease.
 pub(super) fn dhcp_families(view: &Exposition) -> Vec<MetricFamily> {

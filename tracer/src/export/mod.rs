@@ -18,10 +18,10 @@ use prometheus::{
 use tracer_common::{class, direction};
 
 use crate::{
-    collect::TrafficCounters,
-    dhcp::{DhcpCounters, Verdict},
-    optional_probes::ProbeStatus,
-    stall::VmState,
+    analysis::dhcp::{DhcpCounters, Verdict},
+    analysis::stall::VmState,
+    kernel::collect::TrafficCounters,
+    kernel::optional_probes::ProbeStatus,
 };
 
 /// Everything one scrape shows, gathered under the agent's locks and then
@@ -329,7 +329,7 @@ mod tests {
             events_lost: 2,
             project_label: false,
             full_detail: true,
-            map_reads: crate::collect::SNAPSHOT_MAPS
+            map_reads: crate::kernel::collect::SNAPSHOT_MAPS
                 .iter()
                 .map(|m| (*m, true))
                 .collect(),

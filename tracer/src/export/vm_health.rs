@@ -4,7 +4,7 @@
 use prometheus::proto::{MetricFamily, MetricType};
 
 use super::{counter, family, gauge, push_breakdown, Exposition};
-use crate::stall::VmState;
+use crate::analysis::stall::VmState;
 
 /// Each VM's receive path: drops, backlog, stall state, dequeues, vhost.
 pub(super) fn vm_health_families(view: &Exposition) -> Vec<MetricFamily> {

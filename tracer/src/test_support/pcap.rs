@@ -55,15 +55,15 @@ mod tests {
 
     /// The tracker's message for a captured frame, through the same
     /// interpretation the agent gives kernel events.
-    fn as_message(d: &PacketEvent, toward_vm: bool) -> crate::dhcp::DhcpMessage {
+    fn as_message(d: &PacketEvent, toward_vm: bool) -> crate::analysis::dhcp::DhcpMessage {
         let mut ev = *d;
         ev.direction = if toward_vm {
             direction::TO_VM
         } else {
             direction::FROM_VM
         };
-        match crate::events::interpret(&ev, |_| String::new()) {
-            Some(crate::events::Observed::Dhcp { message, .. }) => message,
+        match crate::kernel::events::interpret(&ev, |_| String::new()) {
+            Some(crate::kernel::events::Observed::Dhcp { message, .. }) => message,
             other => panic!("not a DHCP message: {other:?}"),
         }
     }
@@ -73,7 +73,7 @@ mod tests {
     /// SIGUSR2 release).
     #[test]
     fn golden_udhcpc_and_dnsmasq_capture() {
-        use crate::dhcp::{client_state, ClientState};
+        use crate::analysis::dhcp::{client_state, ClientState};
         let msgs = capture("udhcpc.pcap");
         let types: Vec<u8> = msgs.iter().map(|m| m.msg_type).collect();
         assert_eq!(types, [1, 1, 1, 2, 2, 2, 1, 2, 3, 5, 3, 5, 7]);
@@ -112,8 +112,10 @@ mod tests {
     /// restart with its lease file (INIT-REBOOT).
     #[test]
     fn golden_dhclient_and_dnsmasq_capture() {
-        use crate::dhcp::{client_state, ClientState, DhcpTracker, MessageType, Seen, Verdict};
-        use crate::stall::VmState;
+        use crate::analysis::dhcp::{
+            client_state, ClientState, DhcpTracker, MessageType, Seen, Verdict,
+        };
+        use crate::analysis::stall::VmState;
         let msgs = capture("dhclient.pcap");
         let types: Vec<u8> = msgs.iter().map(|m| m.msg_type).collect();
         assert_eq!(types, [1, 2, 3, 5, 3, 5]);

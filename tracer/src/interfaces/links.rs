@@ -11,7 +11,7 @@ use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{AsyncSocket, SocketAddr};
 
-use crate::ifmatch::InterfaceMatcher;
+use crate::interfaces::ifmatch::InterfaceMatcher;
 
 /// RTNLGRP_LINK as a legacy multicast group bit (1 << (group - 1)).
 const RTMGRP_LINK: u32 = 1;

@@ -7,7 +7,7 @@ use aya::{
     Btf, Ebpf,
 };
 
-use crate::program_error::describe_program_error;
+use crate::kernel::program_error::describe_program_error;
 
 /// One row of the kernel capability matrix shown in
 /// `hvnet_agent_probe_attached{probe,kind}` and logged at start-up.

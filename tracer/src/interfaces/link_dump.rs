@@ -14,7 +14,7 @@ use std::{collections::HashMap, io};
 
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
-use crate::links::{LinkInfo, NetdevStats};
+use crate::interfaces::links::{LinkInfo, NetdevStats};
 
 const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;

@@ -292,7 +292,7 @@ impl KernelMaps {
         let Some(highest) = self.slots.iter().map(|(_, slot)| slot).max() else {
             return Ok(BTreeMap::new());
         };
-        match crate::map_batch::read_per_cpu(&self.counters, highest + 1) {
+        match crate::kernel::map_batch::read_per_cpu(&self.counters, highest + 1) {
             Ok(by_slot) => self
                 .slots
                 .iter()

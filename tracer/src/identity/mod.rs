@@ -6,6 +6,8 @@
 //! itself. Files are read, libvirt is never called (its API can hang on
 //! domain locks while a VM is in trouble: exactly when hvnet is needed).
 
+pub mod qemu_cmdline;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -14,7 +16,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::qemu_cmdline::{looks_like_vmm, parse_qemu_cmdline, TapHandle};
+use qemu_cmdline::{looks_like_vmm, parse_qemu_cmdline, TapHandle};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Identity {

@@ -10,8 +10,9 @@
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
+use tracer_common::parse_flag;
 
-use crate::stall::VmState;
+use crate::analysis::stall::VmState;
 
 /// Replies not dequeued this long after being offered count as undelivered.
 pub const DEFAULT_UNDELIVERED_AFTER: f64 = 3.0;
@@ -741,6 +742,24 @@ fn worse(a: ReplyFate, b: ReplyFate) -> ReplyFate {
         (ReplyFate::Dropped, _) | (_, ReplyFate::Dropped) => ReplyFate::Dropped,
         _ => ReplyFate::None,
     }
+}
+
+/// Names of the parse problems the kernel flagged on a DHCP event.
+pub fn flag_names(flags: u16) -> Vec<&'static str> {
+    [
+        (parse_flag::BAD_COOKIE, "bad_cookie"),
+        (parse_flag::TRUNCATED, "truncated"),
+        (parse_flag::OPTION_OVERFLOW, "option_overflow"),
+        (parse_flag::OPTION_LIMIT, "option_limit"),
+        (parse_flag::NO_MESSAGE_TYPE, "no_message_type"),
+        (parse_flag::OVERLOAD, "overload"),
+        (parse_flag::BAD_OPTION_LENGTH, "bad_option_length"),
+        (parse_flag::CAPTURE_LIMIT, "capture_limit"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
 }
 
 #[cfg(test)]

@@ -2,10 +2,11 @@
 //! detector, the DHCP tracker and the timeline that ties them together.
 
 use crate::{
-    dhcp::{DhcpMessage, DhcpNote, DhcpTracker},
-    events::flag_names,
-    stall::{Observation, RxStallDetector, Transition, VmState},
-    timeline::{describe_note, describe_transition, note_kind, wall_clock, Entry, Timeline},
+    analysis::dhcp::{flag_names, DhcpMessage, DhcpNote, DhcpTracker},
+    analysis::stall::{Observation, RxStallDetector, Transition, VmState},
+    analysis::timeline::{
+        describe_note, describe_transition, note_kind, wall_clock, Entry, Timeline,
+    },
 };
 
 pub struct VmRecord {

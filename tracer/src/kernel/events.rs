@@ -6,7 +6,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tracer_common::{direction, event_kind, parse_flag, PacketEvent};
 
-use crate::dhcp::{DhcpMessage, MessageType, Seen};
+use crate::analysis::dhcp::{DhcpMessage, MessageType, Seen};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -43,23 +43,6 @@ pub enum Observed {
         sender: [u8; 4],
         target: [u8; 4],
     },
-}
-
-pub fn flag_names(flags: u16) -> Vec<&'static str> {
-    [
-        (parse_flag::BAD_COOKIE, "bad_cookie"),
-        (parse_flag::TRUNCATED, "truncated"),
-        (parse_flag::OPTION_OVERFLOW, "option_overflow"),
-        (parse_flag::OPTION_LIMIT, "option_limit"),
-        (parse_flag::NO_MESSAGE_TYPE, "no_message_type"),
-        (parse_flag::OVERLOAD, "overload"),
-        (parse_flag::BAD_OPTION_LENGTH, "bad_option_length"),
-        (parse_flag::CAPTURE_LIMIT, "capture_limit"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, name)| name)
-    .collect()
 }
 
 /// Interprets one event; `drop_reason` names kernel drop reasons.
@@ -145,7 +128,7 @@ impl EventReader {
         let ring = guard.get_inner_mut();
         let mut batch = Vec::new();
         while let Some(item) = ring.next() {
-            if let Some(ev) = crate::loader::decode_event(&item) {
+            if let Some(ev) = crate::kernel::loader::decode_event(&item) {
                 batch.push(ev);
             }
         }
@@ -226,14 +209,14 @@ mod tests {
             Some(Observed::MalformedDhcp { .. })
         ));
         assert_eq!(
-            flag_names(parse_flag::TRUNCATED | parse_flag::OVERLOAD),
+            crate::analysis::dhcp::flag_names(parse_flag::TRUNCATED | parse_flag::OVERLOAD),
             ["truncated", "overload"]
         );
     }
 
     #[test]
     fn records_of_the_wrong_size_are_ignored() {
-        use crate::loader::decode_event;
+        use crate::kernel::loader::decode_event;
         assert!(decode_event(&[0u8; 12]).is_none());
         assert!(decode_event(&[0u8; std::mem::size_of::<PacketEvent>()]).is_some());
     }
@@ -248,7 +231,7 @@ mod tests {
         fn any_event_record_is_interpreted_without_panic_and_honestly(
             bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 80)
         ) {
-            let ev = crate::loader::decode_event(&bytes).expect("80 bytes is a record");
+            let ev = crate::kernel::loader::decode_event(&bytes).expect("80 bytes is a record");
             match interpret(&ev, |r| format!("reason{r}")) {
                 Some(Observed::Dhcp { message, .. }) => {
                     proptest::prop_assert!(matches!(
@@ -294,7 +277,7 @@ mod tests {
                     std::mem::size_of::<EventWithOptions>(),
                 )
             };
-            let ev = crate::loader::decode_event(bytes).expect("a DHCP record");
+            let ev = crate::kernel::loader::decode_event(bytes).expect("a DHCP record");
             let _ = interpret(&ev, |r| format!("reason{r}"));
         }
     }

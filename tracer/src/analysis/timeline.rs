@@ -7,8 +7,8 @@ use std::{collections::VecDeque, time::SystemTime};
 use serde::Serialize;
 
 use crate::{
-    dhcp::{ClientState, DhcpNote, MessageType},
-    stall::{Transition, VmState},
+    analysis::dhcp::{ClientState, DhcpNote, MessageType},
+    analysis::stall::{Transition, VmState},
 };
 
 pub const MAX_ENTRIES: usize = 128;

@@ -23,11 +23,11 @@ use aya::{
 };
 
 use crate::{
-    btf::KernelBtf,
-    collect::{current_netns_inum, KernelMaps},
     config::AttachMode,
-    optional_probes::{self, ProbeStatus},
-    program_error::describe_program_error,
+    kernel::btf::KernelBtf,
+    kernel::collect::{current_netns_inum, KernelMaps},
+    kernel::optional_probes::{self, ProbeStatus},
+    kernel::program_error::describe_program_error,
 };
 
 /// The eBPF object built by build.rs from tracer-ebpf.
@@ -94,7 +94,7 @@ pub struct TcProbes {
     attached: BTreeMap<u32, InterfaceAttachment>,
     statuses: Vec<ProbeStatus>,
     drop_reasons: HashMap<u32, String>,
-    logger: Option<crate::ebpf_log::EbpfLogger>,
+    logger: Option<crate::kernel::ebpf_log::EbpfLogger>,
 }
 
 impl TcProbes {
@@ -208,7 +208,7 @@ impl TcProbes {
 
     /// The aya-log reader, if the object has aya-log's map (the agent
     /// polls it: see `ebpf_log`).
-    pub fn take_logger(&mut self) -> Option<crate::ebpf_log::EbpfLogger> {
+    pub fn take_logger(&mut self) -> Option<crate::kernel::ebpf_log::EbpfLogger> {
         self.logger.take()
     }
 
@@ -357,7 +357,7 @@ struct TunOffsets {
     source: String,
 }
 
-fn tun_members(btf: &KernelBtf) -> Result<(u32, u32, u32), crate::btf::BtfError> {
+fn tun_members(btf: &KernelBtf) -> Result<(u32, u32, u32), crate::kernel::btf::BtfError> {
     Ok((
         btf.member_offset("tun_file", "socket")?,
         btf.member_offset("tun_file", "tun")?,
@@ -400,7 +400,7 @@ fn tun_offsets(
 /// One line each for what the programs will read on this kernel: the
 /// kernel matrix and operators read these.
 fn log_kernel_capabilities(
-    skb: &crate::btf::SkbOffsets,
+    skb: &crate::kernel::btf::SkbOffsets,
     tun: &Result<TunOffsets, String>,
     drop_reasons: &HashMap<u32, String>,
 ) {
