@@ -4,6 +4,12 @@
 //! offsets they need here, at start-up, and passes them as load-time
 //! globals; drop reasons are looked up by name because their numbers
 //! differ between kernels.
+//!
+//! Why not aya's own `Btf`: in aya 0.14 (aya-obj 0.3) it parses the same
+//! data but keeps type lookup and struct members crate-private
+//! (`type_by_id`, `members` are `pub(crate)`); only a type's id by name is
+//! public, which gives no offsets. aya's `Btf` is still what the programs
+//! are loaded against (tp_btf, fentry); this reader only answers offsets.
 
 use std::collections::HashMap;
 
