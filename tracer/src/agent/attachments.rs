@@ -149,7 +149,7 @@ impl AgentState {
                 lock(&self.attached).insert(link.ifindex, link);
                 None
             }
-            Err(err) if crate::kernel::fd_limit::is_fd_exhaustion(&format!("{err:#}")) => {
+            Err(err) if crate::kernel::fd_limit::is_fd_exhaustion(&err) => {
                 log::warn!("{err}: out of file descriptors; retrying next poll");
                 Some(link.name)
             }

@@ -20,6 +20,9 @@ mod analysis;
 mod attachments;
 mod departed;
 mod identities;
+mod kernel_side;
+#[cfg(test)]
+mod tests;
 mod views;
 
 use std::{
@@ -31,6 +34,7 @@ use std::{
 use tokio::sync::broadcast;
 
 use self::departed::DepartedSeries;
+pub use self::kernel_side::{ProbeInfo, TapAttachments, TapCounters};
 use crate::{
     analysis::timeline::Entry,
     analysis::vm::VmRecord,
@@ -39,7 +43,7 @@ use crate::{
     interfaces::links::LinkInfo,
     kernel::collect::KernelMaps,
     kernel::loader::{monotonic_now, TcProbes},
-    kernel::optional_probes::{ProbeStatus, DEQUEUE_PROBE, DROP_PROBE},
+    kernel::optional_probes::ProbeStatus,
 };
 
 /// Lines kept for slow /api/v1/events readers before they skip ahead.
@@ -78,8 +82,8 @@ pub enum LookupError {
 /// State shared by the poll loop and the HTTP handlers. Locks are held
 /// only for map reads and attach calls, never across an await.
 pub struct AgentState {
-    probes: Mutex<TcProbes>,
-    maps: Mutex<KernelMaps>,
+    probes: Mutex<Box<dyn TapAttachments>>,
+    maps: Mutex<Box<dyn TapCounters>>,
     attached: Mutex<BTreeMap<u32, LinkInfo>>,
     failed: Mutex<BTreeMap<u32, String>>,
     /// Taps not attached yet, and why (retried every poll).
@@ -113,12 +117,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl AgentState {
     pub(crate) fn new(probes: TcProbes, maps: KernelMaps, config: &Config) -> Self {
+        let info = ProbeInfo::of(&probes);
+        Self::with_kernel_side(Box::new(probes), Box::new(maps), info, config)
+    }
+
+    /// The agent over any kernel side (the orchestration tests use fakes).
+    pub fn with_kernel_side(
+        probes: Box<dyn TapAttachments>,
+        maps: Box<dyn TapCounters>,
+        info: ProbeInfo,
+        config: &Config,
+    ) -> Self {
         let stall_after = config.stall_after;
-        let probe_statuses = probes.probe_statuses();
-        let mechanism = probes.mechanism().as_str();
-        let drop_reasons = probes.drop_reasons().clone();
-        let has_dequeue_probe = probes.has_probe(DEQUEUE_PROBE);
-        let has_drop_probe = probes.has_probe(DROP_PROBE);
         Self {
             probes: Mutex::new(probes),
             maps: Mutex::new(maps),
@@ -130,11 +140,11 @@ impl AgentState {
             stream: broadcast::channel(EVENT_STREAM_BACKLOG).0,
             attach_failures: AtomicU64::new(0),
             link_events: AtomicU64::new(0),
-            probe_statuses,
-            drop_reasons,
-            has_dequeue_probe,
-            has_drop_probe,
-            mechanism,
+            probe_statuses: info.statuses,
+            drop_reasons: info.drop_reasons,
+            has_dequeue_probe: info.has_dequeue_probe,
+            has_drop_probe: info.has_drop_probe,
+            mechanism: info.mechanism,
             stall_after,
             resolver: IdentityResolver::new(&config.libvirt_run_dir, &config.proc_root),
             identities: Mutex::new(HashMap::new()),
