@@ -113,3 +113,56 @@ pub struct Counter {
     pub packets: u64,
     pub bytes: u64,
 }
+
+/// One line of a VM's timeline (`/api/v1/vms/{name}/timeline`, and the
+/// `timeline` of `hvnet explain --json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// Unix time (seconds) of the first occurrence.
+    pub at: f64,
+    pub iface: String,
+    /// stall, dhcp, arp, ...
+    pub kind: String,
+    pub text: String,
+    pub repeats: u32,
+    /// Unix time of the latest repeat (equals `at` when none).
+    pub last_at: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TimelineEntry;
+    use crate::analysis::timeline::Entry;
+
+    /// The agent serves its own timeline entries; the CLI reads them back
+    /// as the wire type, field for field.
+    #[test]
+    fn served_timeline_entries_read_back_as_the_wire_type() {
+        let served = Entry {
+            at: 1_764_000_000.5,
+            mono: 12.0,
+            iface: "tap0".into(),
+            kind: "dhcp",
+            text: "ACK xid 0x1 undelivered".into(),
+            repeats: 2,
+            last_at: 1_764_000_009.5,
+            detail: Some(serde_json::json!({"xid": 1})),
+        };
+        let json = serde_json::to_string(&[&served]).expect("serializable");
+        let read: Vec<TimelineEntry> = serde_json::from_str(&json).expect("the wire type");
+        assert_eq!(
+            read,
+            [TimelineEntry {
+                at: served.at,
+                iface: served.iface.clone(),
+                kind: served.kind.to_owned(),
+                text: served.text.clone(),
+                repeats: 2,
+                last_at: served.last_at,
+                detail: served.detail.clone(),
+            }]
+        );
+    }
+}

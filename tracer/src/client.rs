@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt as _;
 use url::Url;
 
 use crate::{
-    api::{ApiError, Vm},
+    api::{ApiError, TimelineEntry, Vm},
     config::{FileConfig, DEFAULT_LISTEN},
     serve::web_config::WebConfig,
 };
@@ -293,7 +293,7 @@ pub struct ExplainJson {
     pub vm: String,
     pub agent: String,
     pub explanation: String,
-    pub timeline: serde_json::Value,
+    pub timeline: Vec<TimelineEntry>,
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ClientError> {
