@@ -181,13 +181,15 @@ pub fn render(view: &Exposition) -> Result<String, prometheus::Error> {
 /// One collector per area, as node_exporter has: each builds its own
 /// families from the view, in the order they are exposed.
 fn families(view: &Exposition) -> Vec<MetricFamily> {
+    // Moved, never cloned: at 2000 taps a scrape is 32k series.
     let all = [
         vm_traffic::vm_traffic_families(view),
         vm_health::vm_health_families(view),
         dhcp::dhcp_families(view),
         agent::agent_families(view),
     ]
-    .concat();
+    .into_iter()
+    .flatten();
     // A map this scrape could not read: its series are left out rather
     // than shown as zero (a counter dropping to zero reads as a reset).
     let hidden: &[(&str, &str)] = &[
@@ -198,28 +200,27 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         ("EVENTS_LOST", "hvnet_agent_events_lost_total"),
         ("EVENTS_THROTTLED", "hvnet_vm_events_throttled_total"),
     ];
-    all.into_iter()
-        .filter(|f| {
-            !hidden
-                .iter()
-                .any(|(map, name)| f.name() == *name && !view.map_readable(map))
-        })
-        .map(|mut f| {
-            if f.name() == "hvnet_vm_dequeued_packets_total" && !view.map_readable("DEQUEUED") {
-                let kept: Vec<Metric> = f
-                    .take_metric()
-                    .into_iter()
-                    .filter(|m| {
-                        !m.get_label()
-                            .iter()
-                            .any(|l| l.name() == "source" && l.value() == "tracepoint")
-                    })
-                    .collect();
-                f.set_metric(kept);
-            }
-            f
-        })
-        .collect()
+    all.filter(|f| {
+        !hidden
+            .iter()
+            .any(|(map, name)| f.name() == *name && !view.map_readable(map))
+    })
+    .map(|mut f| {
+        if f.name() == "hvnet_vm_dequeued_packets_total" && !view.map_readable("DEQUEUED") {
+            let kept: Vec<Metric> = f
+                .take_metric()
+                .into_iter()
+                .filter(|m| {
+                    !m.get_label()
+                        .iter()
+                        .any(|l| l.name() == "source" && l.value() == "tracepoint")
+                })
+                .collect();
+            f.set_metric(kept);
+        }
+        f
+    })
+    .collect()
 }
 
 fn family(name: &str, help: &str, kind: MetricType) -> MetricFamily {
