@@ -73,10 +73,12 @@ impl AgentState {
         }
         let now = self.now();
         lock(&self.departed).prune(now);
-        let attached = lock(&self.attached).clone();
+        // attached, then records (the documented order): read in place,
+        // not cloned, every poll.
+        let attached = lock(&self.attached);
         let mut published = Vec::new();
         let mut records = lock(&self.records);
-        for (ifindex, link) in &attached {
+        for (ifindex, link) in attached.iter() {
             let Some(record) = records.get_mut(ifindex) else {
                 continue;
             };
@@ -99,6 +101,7 @@ impl AgentState {
             published.extend(entries);
         }
         drop(records);
+        drop(attached);
         self.publish(&published);
     }
 

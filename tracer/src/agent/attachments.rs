@@ -43,8 +43,9 @@ impl AgentState {
         let mut attached = lock(&self.attached);
         for link in present {
             if let Some(known) = attached.get_mut(&link.ifindex) {
-                if known.name == link.name {
-                    *known = link.clone();
+                // Most polls change nothing on most taps: no clone then.
+                if known.name == link.name && known != link {
+                    known.clone_from(link);
                 }
             }
         }

@@ -8,9 +8,10 @@
 //! tap), `views` (what scrapes, the API and `explain` see).
 //!
 //! Lock order: every lock is taken for a short section and released before
-//! the next one is taken, except two nestings, always in this order:
-//! `records` then `identities` (a view or `explain` names the VM), and
-//! `identities` then `identity_refreshed`. `maps` and `probes` are never
+//! the next one is taken, except these nestings, always in this order:
+//! `attached` then `records` (a poll evaluates every tap), `records` then
+//! `identities` (a view or `explain` names the VM), and `identities` then
+//! `identity_refreshed`. `maps` and `probes` are never
 //! held while another lock is taken (a guard is never kept in an `if let`
 //! scrutinee whose block locks again). No lock is held across an await: the
 //! poll loop runs these methods inside block_in_place and the HTTP handlers
