@@ -31,6 +31,16 @@ fn attached(s: &[Sample]) -> Option<f64> {
     metrics::value(s, "hvnet_agent_interfaces", &[])
 }
 
+/// (attached, waiting for descriptors); an error when either series is
+/// missing: a vanished series is never a 0.
+fn attached_and_waiting(s: &[Sample]) -> anyhow::Result<(f64, f64)> {
+    let attached = attached(s).ok_or_else(|| anyhow::anyhow!("hvnet_agent_interfaces missing"))?;
+    let waiting = waiting(s).ok_or_else(|| {
+        anyhow::anyhow!("hvnet_agent_interfaces_waiting{{reason=\"fd_limit\"}} missing")
+    })?;
+    Ok((attached, waiting))
+}
+
 #[test]
 fn at_the_open_file_limit_attached_taps_stay_watched_and_the_rest_wait_and_attach_later(
 ) -> anyhow::Result<()> {
@@ -54,17 +64,13 @@ fn at_the_open_file_limit_attached_taps_stay_watched_and_the_rest_wait_and_attac
         Duration::from_secs(10),
         "some taps waiting, and every tap either attached or waiting",
         |s| {
-            let (a, w) = (attached(s).unwrap_or(0.0), waiting(s).unwrap_or(0.0));
             // Scrapes are answered while taps attach: wait for a settled
             // reconcile (the two counts come from separate locks).
-            w > 0.0 && a > 0.0 && a + w == TAPS as f64
+            attached_and_waiting(s).is_ok_and(|(a, w)| w > 0.0 && a > 0.0 && a + w == TAPS as f64)
         },
     )?;
     let samples = agent.scrape(&node.ns)?;
-    let (now_attached, now_waiting) = (
-        attached(&samples).unwrap_or(0.0),
-        waiting(&samples).unwrap_or(0.0),
-    );
+    let (now_attached, now_waiting) = attached_and_waiting(&samples)?;
     eprintln!("nofile {NOFILE}: {now_attached} taps attached, {now_waiting} waiting");
     assert_eq!(now_attached + now_waiting, TAPS as f64);
     let log = agent.log_text();
@@ -81,10 +87,7 @@ fn at_the_open_file_limit_attached_taps_stay_watched_and_the_rest_wait_and_attac
             .collect();
         assert!(failed.is_empty(), "map reads failed: {failed:?}");
         // (More may attach as the exact count of open descriptors allows.)
-        let (a, w) = (
-            attached(&samples).unwrap_or(-1.0),
-            waiting(&samples).unwrap_or(-1.0),
-        );
+        let (a, w) = attached_and_waiting(&samples)?;
         assert_eq!(a + w, TAPS as f64);
         let states = samples
             .iter()
@@ -100,7 +103,7 @@ fn at_the_open_file_limit_attached_taps_stay_watched_and_the_rest_wait_and_attac
         agent.log_text()
     );
 
-    let now_waiting = waiting(&agent.scrape(&node.ns)?).unwrap_or(0.0);
+    let (_, now_waiting) = attached_and_waiting(&agent.scrape(&node.ns)?)?;
     assert!(now_waiting > 0.0, "the limit must still hold taps back");
     // Descriptors freed (VMs gone): the waiting taps are attached.
     let gone: Vec<String> = agent
@@ -119,8 +122,8 @@ fn at_the_open_file_limit_attached_taps_stay_watched_and_the_rest_wait_and_attac
         Duration::from_secs(10),
         "the waiting taps attached",
         |s| {
-            let (a, w) = (attached(s).unwrap_or(-1.0), waiting(s).unwrap_or(-1.0));
-            a > 0.0 && a + w == left as f64 && w < now_waiting
+            attached_and_waiting(s)
+                .is_ok_and(|(a, w)| a > 0.0 && a + w == left as f64 && w < now_waiting)
         },
     )?;
     let samples = agent.scrape(&node.ns)?;
