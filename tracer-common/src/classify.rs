@@ -5,11 +5,11 @@
 
 use crate::{class, frame::FrameBytes};
 
-pub(crate) const ETH_HLEN: usize = 14;
+const ETH_HLEN: usize = 14;
 pub(crate) const ETH_P_IP: u16 = 0x0800;
 pub(crate) const ETH_P_ARP: u16 = 0x0806;
-pub(crate) const ETH_P_8021Q: u16 = 0x8100;
-pub(crate) const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_UDP: u8 = 17;
 const BOOTPS: u16 = 67;
 const BOOTPC: u16 = 68;
@@ -23,25 +23,54 @@ const BOOTPC: u16 = 68;
 /// before it is known to be neither ARP, DHCP nor broadcast.
 #[inline(always)]
 pub fn classify<F: FrameBytes + ?Sized>(frame: &F) -> u8 {
-    let Some(ethertype) = frame.be16_at(12) else {
+    let Some(payload) = ether_payload(frame) else {
         return class::OTHER;
     };
-    let mut ethertype = ethertype;
-    let mut l3 = ETH_HLEN;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let Some(inner) = frame.be16_at(16) else {
-            return broadcast_or_other(frame);
-        };
-        ethertype = inner;
-        l3 += 4;
-    }
-    if ethertype == ETH_P_ARP {
+    if payload.ethertype == ETH_P_ARP {
         return class::ARP;
     }
-    if ethertype == ETH_P_IP && udp_offset(frame, l3).is_some_and(|l4| is_dhcp_udp(frame, l4)) {
+    if payload.ethertype == ETH_P_IP
+        && udp_offset(frame, payload.offset).is_some_and(|l4| is_dhcp_udp(frame, l4))
+    {
         return class::DHCP;
     }
     broadcast_or_other(frame)
+}
+
+/// An Ethernet frame's EtherType and where its payload starts, looked up
+/// behind at most one 802.1Q/802.1ad tag.
+pub(crate) struct EtherPayload {
+    pub ethertype: u16,
+    pub offset: usize,
+    /// The tag's VLAN id, 0 if untagged.
+    pub vlan: u16,
+}
+
+/// The payload of an Ethernet frame; None if the frame ends inside its
+/// Ethernet header. A tag the frame cuts short leaves EtherType 0 (neither
+/// ARP nor IP): the frame is still classified by its destination.
+#[inline(always)]
+pub(crate) fn ether_payload<F: FrameBytes + ?Sized>(frame: &F) -> Option<EtherPayload> {
+    let ethertype = frame.be16_at(12)?;
+    if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+        return Some(EtherPayload {
+            ethertype,
+            offset: ETH_HLEN,
+            vlan: 0,
+        });
+    }
+    let (vlan, inner) = match frame.bytes::<4>(ETH_HLEN) {
+        Some(tag) => (
+            u16::from_be_bytes([tag[0], tag[1]]) & 0x0fff,
+            u16::from_be_bytes([tag[2], tag[3]]),
+        ),
+        None => (0, 0),
+    };
+    Some(EtherPayload {
+        ethertype: inner,
+        offset: ETH_HLEN + 4,
+        vlan,
+    })
 }
 
 /// [`classify`] for a byte slice.

@@ -7,7 +7,7 @@
 //! failures become parse flags, never faults.
 
 use crate::{
-    classify::{is_dhcp_udp, udp_offset, ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP},
+    classify::{ether_payload, is_dhcp_udp, udp_offset, ETH_P_ARP, ETH_P_IP},
     dhcp_options::{self, OPTIONS_CAPTURE},
     event_kind,
     frame::FrameBytes,
@@ -40,23 +40,19 @@ impl DhcpLocation {
 /// optional VLAN tag), or None.
 #[inline(always)]
 pub fn locate_dhcp<F: FrameBytes + ?Sized>(frame: &F) -> Option<DhcpLocation> {
-    let mut ethertype = frame.be16_at(12)?;
-    let mut l3 = ETH_HLEN;
-    let mut vlan = 0;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let tag = frame.bytes::<4>(14)?;
-        vlan = u16::from_be_bytes([tag[0], tag[1]]) & 0x0fff;
-        ethertype = u16::from_be_bytes([tag[2], tag[3]]);
-        l3 += 4;
-    }
-    if ethertype != ETH_P_IP {
+    let payload = ether_payload(frame)?;
+    if payload.ethertype != ETH_P_IP {
         return None;
     }
-    let l4 = udp_offset(frame, l3)?;
+    let l4 = udp_offset(frame, payload.offset)?;
     if !is_dhcp_udp(frame, l4) {
         return None;
     }
-    Some(DhcpLocation { l3, l4, vlan })
+    Some(DhcpLocation {
+        l3: payload.offset,
+        l4,
+        vlan: payload.vlan,
+    })
 }
 
 /// A DHCP event from the fixed BOOTP header of the message at `at`. Always
@@ -96,11 +92,8 @@ pub fn parse_dhcp_header<F: FrameBytes + ?Sized>(frame: &F, at: DhcpLocation) ->
 /// VLAN tag).
 #[inline(always)]
 pub fn arp_offset<F: FrameBytes + ?Sized>(frame: &F) -> Option<usize> {
-    match frame.be16_at(12)? {
-        ETH_P_ARP => Some(ETH_HLEN),
-        ETH_P_8021Q | ETH_P_8021AD if frame.be16_at(16)? == ETH_P_ARP => Some(ETH_HLEN + 4),
-        _ => None,
-    }
+    let payload = ether_payload(frame)?;
+    (payload.ethertype == ETH_P_ARP).then_some(payload.offset)
 }
 
 /// An ARP packet's opcode and addresses (Ethernet/IPv4 ARP only).

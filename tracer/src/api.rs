@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     analysis::dhcp::{DhcpCounters, Verdict},
     analysis::stall::VmState,
+    identity::Identity,
 };
 
 /// The API's error body: `{"error": "...", "status": 404}` (plus the
@@ -29,7 +30,9 @@ pub struct Vm {
     pub mac: String,
     /// The tap's own MAC (libvirt: the guest's with fe: in front).
     pub tap_mac: String,
-    pub identity: VmIdentity,
+    /// Who the VM is, and which source (libvirt, qemu, neutron_name,
+    /// tap) said so.
+    pub identity: Identity,
     pub oper_state: String,
     pub vm_uuid: String,
     pub vm_name: String,
@@ -53,22 +56,6 @@ pub struct Vm {
     pub to_vm: Traffic,
     /// Frames the VM sent (tap receive).
     pub from_vm: Traffic,
-}
-
-/// Who a tap belongs to, and which source said so.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmIdentity {
-    pub vm_name: String,
-    pub vm_uuid: String,
-    pub mac: String,
-    pub project: String,
-    pub flavor: String,
-    pub domain: String,
-    pub neutron_port: String,
-    /// libvirt, qemu, neutron_name or tap.
-    pub source: String,
-    pub vmm_pid: Option<u32>,
-    pub vhost_workers: Vec<u32>,
 }
 
 /// Frames dropped on a tap for one reason.

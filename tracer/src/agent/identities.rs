@@ -58,7 +58,7 @@ impl AgentState {
             .cloned()
             .unwrap_or_else(|| Identity {
                 vm_name: iface.to_owned(),
-                source: "tap",
+                source: "tap".into(),
                 ..Default::default()
             })
     }

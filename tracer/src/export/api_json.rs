@@ -31,24 +31,12 @@ fn api_vm(vm: &VmView) -> api::Vm {
             by_class,
         }
     };
-    let id = &vm.identity;
     api::Vm {
         iface: vm.iface.clone(),
         ifindex: vm.ifindex,
         mac: vm.mac.clone(),
         tap_mac: vm.tap_mac.clone(),
-        identity: api::VmIdentity {
-            vm_name: id.vm_name.clone(),
-            vm_uuid: id.vm_uuid.clone(),
-            mac: id.mac.clone(),
-            project: id.project.clone(),
-            flavor: id.flavor.clone(),
-            domain: id.domain.clone(),
-            neutron_port: id.neutron_port.clone(),
-            source: id.source.to_owned(),
-            vmm_pid: id.vmm_pid,
-            vhost_workers: id.vhost_workers.clone(),
-        },
+        identity: vm.identity.clone(),
         oper_state: vm.oper_state.clone(),
         vm_uuid: vm.vm_uuid.clone(),
         vm_name: vm.vm_name.clone(),

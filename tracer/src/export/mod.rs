@@ -357,7 +357,7 @@ mod tests {
             vm_name: "web-1".into(),
             vm_uuid: healthy.vm_uuid.clone(),
             project: "tenant-a".into(),
-            source: "libvirt",
+            source: "libvirt".into(),
             ..Default::default()
         };
         healthy.drops.clear();

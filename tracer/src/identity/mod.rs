@@ -14,11 +14,11 @@ use std::{
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use qemu_cmdline::{looks_like_vmm, parse_qemu_cmdline, TapHandle};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub vm_name: String,
     pub vm_uuid: String,
@@ -30,7 +30,7 @@ pub struct Identity {
     /// The Neutron port UUID prefix from the tap name, when it follows that scheme.
     pub neutron_port: String,
     /// Which source named it: libvirt, qemu, neutron_name, tap.
-    pub source: &'static str,
+    pub source: String,
     /// The VMM (QEMU) process: libvirt's status file or the tap's holder.
     pub vmm_pid: Option<u32>,
     /// Its vhost worker threads (tids): where to look (`/proc/<tid>/stack`)
@@ -42,7 +42,7 @@ impl Identity {
     /// Named only by the tap (or its Neutron naming): worth looking again
     /// soon, a VM's status file or its QEMU may just be appearing.
     pub fn is_weak(&self) -> bool {
-        matches!(self.source, "tap" | "neutron_name")
+        matches!(self.source.as_str(), "tap" | "neutron_name")
     }
 
     /// The details an on-call engineer needs to find the VM and its VMM:
@@ -175,7 +175,7 @@ pub fn parse_libvirt_xml(path: &str, xml: &str) -> Result<DomainTaps, IdentityEr
                 flavor: flavor.clone(),
                 domain: domain_name.clone(),
                 neutron_port: neutron_port(dev).unwrap_or_default(),
-                source: "libvirt",
+                source: "libvirt".into(),
                 vmm_pid,
                 vhost_workers: Vec::new(),
             },
@@ -387,7 +387,7 @@ impl IdentityResolver {
                     vm_name: nic.vm_name,
                     vm_uuid: nic.vm_uuid,
                     mac: nic.mac,
-                    source: "qemu",
+                    source: "qemu".into(),
                     vmm_pid: Some(pid),
                     ..Default::default()
                 };
@@ -444,13 +444,13 @@ impl IdentityResolver {
                     neutron_port(tap).map(|port| Identity {
                         vm_name: (*tap).to_owned(),
                         neutron_port: port,
-                        source: "neutron_name",
+                        source: "neutron_name".into(),
                         ..Default::default()
                     })
                 })
                 .unwrap_or_else(|| Identity {
                     vm_name: (*tap).to_owned(),
-                    source: "tap",
+                    source: "tap".into(),
                     ..Default::default()
                 });
             let mut identity = identity;
@@ -624,12 +624,12 @@ mod tests {
         );
         assert!(ids["tap9"].vhost_workers.is_empty());
         assert_eq!(
-            (ids["vnet0"].source, ids["vnet0"].vm_name.as_str()),
+            (ids["vnet0"].source.as_str(), ids["vnet0"].vm_name.as_str()),
             ("libvirt", "web-1")
         );
         assert_eq!(
             (
-                ids["vnet1"].source,
+                ids["vnet1"].source.as_str(),
                 ids["vnet1"].vm_name.as_str(),
                 ids["vnet1"].mac.as_str()
             ),
@@ -637,7 +637,7 @@ mod tests {
         );
         assert_eq!(ids["tap3f2a1c9d-1e"].source, "neutron_name");
         assert_eq!(
-            (ids["tap9"].source, ids["tap9"].vm_name.as_str()),
+            (ids["tap9"].source.as_str(), ids["tap9"].vm_name.as_str()),
             ("tap", "tap9")
         );
     }
