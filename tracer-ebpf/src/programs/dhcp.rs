@@ -200,23 +200,24 @@ fn within_budget(ifindex: u32, now: u64) -> bool {
 
 /// tc side: a DHCP or ARP frame crossing the tap.
 #[inline(always)]
-pub fn tc_event(frame: &TcFrame, ifindex: u32, dir: u8, is_dhcp: bool) {
+pub fn tc_event(ctx: &TcContext, ifindex: u32, dir: u8, is_dhcp: bool) {
+    let frame = TcFrame::new(ctx);
     let dev = DevKey { netns: 0, ifindex };
     if is_dhcp {
-        if let Some(at) = locate_dhcp(frame) {
-            let ev = parse_dhcp_header(frame, at);
+        if let Some(at) = locate_dhcp(&frame) {
+            let ev = parse_dhcp_header(&frame, at);
             if ev.parse_flags & parse_flag::TRUNCATED != 0 {
                 // No fixed header, so no options either.
                 emit(ev, dev, dir);
             } else {
-                emit_with_options(frame.ctx, ev, dev, dir, at.cookie_offset());
+                emit_with_options(ctx, ev, dev, dir, at.cookie_offset());
             }
         }
         return;
     }
     // ARP: everything the VM sends, and only replies toward it (requests
     // for other hosts are flooded to every tap and say nothing about it).
-    let Some(ev) = arp_offset(frame).and_then(|l3| parse_arp(frame, l3)) else {
+    let Some(ev) = arp_offset(&frame).and_then(|l3| parse_arp(&frame, l3)) else {
         return;
     };
     if dir == direction::FROM_VM || ev.msg_type == 2 {

@@ -39,10 +39,9 @@ fn count_frame(ctx: &TcContext, direction: u8) {
     // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // The shared classifier, run on the packet (fast path: plain loads).
-    let frame = dhcp::TcFrame::new(ctx);
-    let class = classify(&frame);
+    let class = classify(&dhcp::TcFrame::new(ctx));
     if class == class::DHCP || class == class::ARP {
-        dhcp::tc_event(&frame, ifindex, direction, class == class::DHCP);
+        dhcp::tc_event(ctx, ifindex, direction, class == class::DHCP);
     }
     let counters = tap_slot(ifindex).and_then(|slot| VM_COUNTERS.get_ptr_mut(slot));
     let Some(counters) = counters else {
