@@ -332,6 +332,19 @@ impl FakeVm {
             .map(|_| ())
     }
 
+    /// Pings `target` from the guest every 0.5 s until the returned child
+    /// is killed: a running VM keeps sending while its RX queue is stuck
+    /// (that is what tells an RX stall from a paused VM).
+    pub fn keep_pinging(&self, target: &str) -> anyhow::Result<Child> {
+        self.guest
+            .command("busybox")
+            .args(["ping", "-i", "0.5", target])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting busybox ping in the guest")
+    }
+
     /// Kills the VMM: its tap stays (persistent, as libvirt's) without
     /// carrier, the way a crashed QEMU leaves it.
     pub fn kill_vmm(&mut self) -> anyhow::Result<()> {

@@ -53,13 +53,7 @@ fn keep_sending(vm: &FakeVm) -> anyhow::Result<Child> {
         std::thread::sleep(Duration::from_millis(50));
     }
     vm.ping(BRIDGE_ADDR, 1)?;
-    Ok(vm
-        .guest
-        .command("busybox")
-        .args(["ping", "-i", "0.5", PEER_ADDR])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?)
+    vm.keep_pinging(PEER_ADDR)
 }
 
 /// The incident's load: a steady UDP stream from the node toward the VM's

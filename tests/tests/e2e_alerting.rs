@@ -7,7 +7,6 @@
 
 use std::{
     path::PathBuf,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -71,14 +70,7 @@ fn a_stall_with_dhcp_retries_pages_with_vm_labels_resolves_and_every_dashboard_q
         Ok(vm.ipv4()?.is_some())
     })?;
     vm.ping(BRIDGE_ADDR, 1)?;
-    background.0.push(
-        vm.guest
-            .command("busybox")
-            .args(["ping", "-i", "0.5", PEER_ADDR])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    background.0.push(vm.keep_pinging(PEER_ADDR)?);
     // The incident happened under load: a steady stream toward the VM fills
     // its queue once the VMM stops draining it (full_ring drops).
     let guest_ip = vm.ipv4()?.unwrap_or_default();

@@ -9,7 +9,7 @@
 use std::{
     net::SocketAddr,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -200,14 +200,7 @@ fn a_stall_on_one_of_three_tls_nodes_pages_for_that_node_and_explain_reaches_it(
     let stalled = &sites[1];
     let guest_ip = stalled.vm.ipv4()?.unwrap_or_default();
     let load = Background(vec![
-        stalled
-            .vm
-            .guest
-            .command("busybox")
-            .args(["ping", "-i", "0.5", PEER_ADDR])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
+        stalled.vm.keep_pinging(PEER_ADDR)?,
         hvnet_lab::testkit::udp_load(
             &stalled.node.ns,
             env!("CARGO_BIN_EXE_hvnet-lab"),

@@ -72,15 +72,7 @@ fn a_flooding_vm_is_throttled_and_its_neighbours_dhcp_verdicts_stay_right() -> a
         .spawn()?;
     background.0.push(flood);
     // The neighbour keeps sending (a stalled VM still transmits) ...
-    background.0.push(
-        neighbour
-            .guest
-            .command("busybox")
-            .args(["ping", "-i", "0.5", PEER_ADDR])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    background.0.push(neighbour.keep_pinging(PEER_ADDR)?);
     // ... and the incident hits it under load.
     background.0.push(hvnet_lab::testkit::udp_load(
         &node.ns,

@@ -42,13 +42,7 @@ fn busy_vm(node: &ComputeNode, vm: &FakeVm, ip: &str, pps: u32) -> anyhow::Resul
     vm.guest
         .ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
     vm.ping(BRIDGE_ADDR, 1)?;
-    let ping = vm
-        .guest
-        .command("busybox")
-        .args(["ping", "-i", "0.2", BRIDGE_ADDR])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let ping = vm.keep_pinging(BRIDGE_ADDR)?;
     let udp = node
         .ns
         .command(env!("CARGO_BIN_EXE_hvnet-lab"))

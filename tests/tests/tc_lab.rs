@@ -267,15 +267,21 @@ fn taps_created_after_start_are_attached_and_removed_ones_disappear() -> anyhow:
         .nth(1)
         .unwrap_or_default()
         .to_owned();
-    let s = agent.scrape(&node.ns)?;
-    assert!(
-        metrics::value(
-            &s,
-            "hvnet_vm_info",
-            &[("iface", "taph1"), ("vm_name", "taph1"), ("mac", &tap_mac)]
-        ) == Some(1.0),
-        "hvnet_vm_info for taph1 should carry the tap's MAC {tap_mac}"
-    );
+    // The tap may be attached between its creation and its MAC being set
+    // (as libvirt does it too): the MAC change is a link event of its own.
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(2),
+        &format!("hvnet_vm_info for taph1 carries the tap's MAC {tap_mac}"),
+        |s| {
+            metrics::value(
+                s,
+                "hvnet_vm_info",
+                &[("iface", "taph1"), ("vm_name", "taph1"), ("mac", &tap_mac)],
+            ) == Some(1.0)
+        },
+    )?;
 
     let base0 = vm0.stats()?;
     vm0.guest

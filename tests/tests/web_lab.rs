@@ -363,13 +363,18 @@ fn the_landing_page_shows_the_labs_vms_in_a_browser() -> anyhow::Result<()> {
     calm.dhcp(&node.udhcpc_script())?;
     let stuck_ip = stuck.dhcp(&node.udhcpc_script())?;
     stuck.set_mode(VmmMode::RxStall)?;
-    let _load = Background(vec![hvnet_lab::testkit::udp_load(
-        &node.ns,
-        env!("CARGO_BIN_EXE_hvnet-lab"),
-        &stuck_ip,
-        100,
-        120,
-    )?]);
+    // The stuck guest keeps sending (as the incident's VMs did); a guest
+    // silent both ways would be a paused VM, not an RX stall.
+    let _load = Background(vec![
+        hvnet_lab::testkit::udp_load(
+            &node.ns,
+            env!("CARGO_BIN_EXE_hvnet-lab"),
+            &stuck_ip,
+            100,
+            120,
+        )?,
+        stuck.keep_pinging(hvnet_lab::BRIDGE_ADDR)?,
+    ]);
     hvnet_lab::expect::eventually(
         &agent,
         &node.ns,
