@@ -15,7 +15,7 @@ const BOOTPS: u16 = 67;
 const BOOTPC: u16 = 68;
 
 /// Classifies an Ethernet frame: DHCP (IPv4 UDP between ports 67/68, first
-/// fragment, optionally behind one 802.1Q/802.1ad tag), ARP, other
+/// fragment, optionally behind one or two 802.1Q/802.1ad tags), ARP, other
 /// broadcast (destination ff:ff:ff:ff:ff:ff), or other. Short or malformed
 /// frames are `other`: they still cross the tap and must be counted.
 ///
@@ -38,7 +38,7 @@ pub fn classify<F: FrameBytes + ?Sized>(frame: &F) -> u8 {
 }
 
 /// An Ethernet frame's EtherType and where its payload starts, looked up
-/// behind at most one 802.1Q/802.1ad tag.
+/// behind at most two 802.1Q/802.1ad tags.
 pub(crate) struct EtherPayload {
     pub ethertype: u16,
     pub offset: usize,
@@ -66,9 +66,19 @@ pub(crate) fn ether_payload<F: FrameBytes + ?Sized>(frame: &F) -> Option<EtherPa
         ),
         None => (0, 0),
     };
+    if inner != ETH_P_8021Q {
+        return Some(EtherPayload {
+            ethertype: inner,
+            offset: ETH_HLEN + 4,
+            vlan,
+        });
+    }
+    // QinQ (an 802.1ad or 802.1Q service tag, then the customer's 802.1Q
+    // tag): the outer VLAN is the one the node's uplink is configured with.
+    let inner = frame.bytes::<2>(ETH_HLEN + 6).map_or(0, u16::from_be_bytes);
     Some(EtherPayload {
         ethertype: inner,
-        offset: ETH_HLEN + 4,
+        offset: ETH_HLEN + 8,
         vlan,
     })
 }

@@ -8,6 +8,7 @@
 pub mod classify;
 pub mod dhcp_options;
 pub mod frame;
+pub mod hop;
 pub mod parse;
 
 /// Traffic direction, always from the VM's point of view.
@@ -103,6 +104,9 @@ pub const IFINDEX_BITMAP_WORDS: u32 = 1024;
 
 /// Most monitored devices (taps) per host.
 pub const MAX_MONITORED: u32 = 4096;
+/// Most hops (bridges, bridge ports, uplinks) followed per host: a
+/// Neutron hybrid plug has three per VM (qbr, qvb, qvo) besides the tap.
+pub const MAX_HOPS: u32 = 3 * MAX_MONITORED + 64;
 /// Distinct (device, drop reason) pairs tracked.
 pub const DROP_MAP_ENTRIES: u32 = MAX_MONITORED * DROP_REASONS_PER_TAP;
 
@@ -171,6 +175,18 @@ pub mod event_kind {
     pub const DHCP_DROPPED: u8 = 3;
     /// An ARP frame crossed the tap's tc hook.
     pub const ARP: u8 = 4;
+    /// A DHCP message crossed a hop (bridge, bridge port, uplink); the
+    /// direction is the hook ([`crate::hop_hook`]).
+    pub const DHCP_HOP: u8 = 5;
+}
+
+/// Which tc hook of a hop saw a frame (a hop has no "toward the VM": the
+/// same uplink carries every VM's traffic both ways).
+pub mod hop_hook {
+    /// Transmitted by the hop device.
+    pub const EGRESS: u8 = 0;
+    /// Received by the hop device.
+    pub const INGRESS: u8 = 1;
 }
 
 /// Parse findings the kernel reports with a DHCP event (bit flags).
@@ -236,7 +252,9 @@ pub struct PacketEvent {
     pub vlan: u16,
     /// [`parse_flag`] bits.
     pub parse_flags: u16,
-    pub _pad: [u8; 4],
+    /// The tunnel a hop saw the message in: `(kind << 24) | VNI`
+    /// ([`hop::tunnel_kind`]), 0 if none.
+    pub tunnel: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<PacketEvent>() == 80);

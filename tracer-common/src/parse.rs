@@ -55,6 +55,18 @@ pub fn locate_dhcp<F: FrameBytes + ?Sized>(frame: &F) -> Option<DhcpLocation> {
     })
 }
 
+/// Finds a DHCP message in a frame that starts at its IPv4 header: where
+/// the kernel has pulled the Ethernet header already (a frame dropped on
+/// a bridge's forward or local-out path).
+#[inline(always)]
+pub fn locate_dhcp_in_ip<F: FrameBytes + ?Sized>(frame: &F) -> Option<DhcpLocation> {
+    let l4 = udp_offset(frame, 0)?;
+    if !is_dhcp_udp(frame, l4) {
+        return None;
+    }
+    Some(DhcpLocation { l3: 0, l4, vlan: 0 })
+}
+
 /// A DHCP event from the fixed BOOTP header of the message at `at`. Always
 /// an event: what could not be read is in `parse_flags`. The options
 /// fields stay empty (see [`parse_dhcp_frame`]).
@@ -65,8 +77,11 @@ pub fn parse_dhcp_header<F: FrameBytes + ?Sized>(frame: &F, at: DhcpLocation) ->
         vlan: at.vlan,
         ..Default::default()
     };
-    if let Some(mac) = frame.bytes::<6>(0) {
-        ev.dst_mac = mac;
+    // l3 == 0: the frame starts at its IP header (no MAC to read).
+    if at.l3 != 0 {
+        if let Some(mac) = frame.bytes::<6>(0) {
+            ev.dst_mac = mac;
+        }
     }
     if let Some(addrs) = frame.bytes::<8>(at.l3 + 12) {
         ev.src_ip = [addrs[0], addrs[1], addrs[2], addrs[3]];

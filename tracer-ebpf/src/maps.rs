@@ -34,6 +34,18 @@ pub static MONITORED: HashMap<DevKey, u8> = HashMap::with_max_entries(MAX_MONITO
 pub static MONITORED_IFINDEX: Array<u64> =
     Array::with_max_entries(tracer_common::IFINDEX_BITMAP_WORDS, 0);
 
+/// The hops the agent follows DHCP through (the taps' bridges, their
+/// ports, uplinks): kfree_skb reports a DHCP frame dropped on one. Kept
+/// apart from MONITORED so that the dequeue tracepoint, which fires for
+/// every socket read on the host, never pays for an uplink's traffic.
+#[map]
+pub static HOPS: HashMap<DevKey, u8> = HashMap::with_max_entries(tracer_common::MAX_HOPS, 0);
+
+/// One bit per hop ifindex below 65536 (as MONITORED_IFINDEX for taps).
+#[map]
+pub static HOP_IFINDEX: Array<u64> =
+    Array::with_max_entries(tracer_common::IFINDEX_BITMAP_WORDS, 0);
+
 /// Frames the VMM read from each monitored tap (the RX queue draining).
 #[map]
 pub static DEQUEUED: PerCpuHashMap<DevKey, u64> = PerCpuHashMap::with_max_entries(MAX_MONITORED, 0);

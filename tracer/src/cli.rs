@@ -148,10 +148,18 @@ pub struct RunArgs {
     /// Most taps attached at once (kernel maps are sized for them; taps beyond wait) [default: 4096].
     #[arg(long)]
     pub max_interfaces: Option<u64>,
-    /// Series per tap: `default` (16 for an idle tap; breakdowns by class, DHCP type, verdict and
-    /// client state appear once non-zero) or `full` (every breakdown from 0: 60).
+    /// Series per tap: `default` (17 for an idle tap; breakdowns by class, DHCP type, verdict and
+    /// client state appear once non-zero) or `full` (every breakdown from 0: 62).
     #[arg(long, value_name = "default|full")]
     pub metrics_detail: Option<String>,
+    /// Follow DHCP replies through the taps' Linux bridges and their ports (veth pairs of a
+    /// hybrid plug) [default: true]; `--bridge-hops=false` attaches to taps only.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub bridge_hops: Option<bool>,
+    /// Uplinks to follow DHCP replies through, as globs (e.g. `bond*,eth*,vlan*`); VLAN tags and
+    /// VXLAN/Geneve tunnels on them are looked into [default: none].
+    #[arg(long, value_name = "GLOBS")]
+    pub uplinks: Option<String>,
 }
 
 impl RunArgs {
@@ -170,6 +178,8 @@ impl RunArgs {
             web_config_file: self.web_config_file.clone(),
             max_interfaces: self.max_interfaces,
             metrics_detail: self.metrics_detail.clone(),
+            bridge_hops: self.bridge_hops,
+            uplinks: self.uplinks.clone(),
         }
     }
 }

@@ -110,6 +110,10 @@ pub struct FileConfig {
     pub max_interfaces: Option<u64>,
     /// `default` or `full` (see [`MetricsDetail`]).
     pub metrics_detail: Option<String>,
+    /// Follow DHCP through the taps' bridges and their ports.
+    pub bridge_hops: Option<bool>,
+    /// Uplink globs to follow DHCP through (e.g. ["bond*", "eth*"]).
+    pub uplinks: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -146,6 +150,9 @@ pub struct FlagOverrides {
     pub web_config_file: Option<PathBuf>,
     pub max_interfaces: Option<u64>,
     pub metrics_detail: Option<String>,
+    pub bridge_hops: Option<bool>,
+    /// Comma-separated globs; empty names no uplink.
+    pub uplinks: Option<String>,
 }
 
 /// How many series each tap gets.
@@ -153,11 +160,11 @@ pub struct FlagOverrides {
 pub enum MetricsDetail {
     /// Per-tap series that alerts and the overview need, always (also at
     /// 0, states one-hot); breakdowns (class, DHCP type, verdict, client
-    /// state, malformed, throttled) only once non-zero. An idle tap has 16
+    /// state, malformed, throttled) only once non-zero. An idle tap has 17
     /// series.
     #[default]
     Default,
-    /// Every breakdown series from the start, at 0 (60 series per tap).
+    /// Every breakdown series from the start, at 0 (62 series per tap).
     Full,
 }
 
@@ -194,6 +201,11 @@ pub struct Config {
     /// taps beyond are refused (log + hvnet_agent_interfaces_waiting).
     pub max_interfaces: u32,
     pub metrics_detail: MetricsDetail,
+    /// Follow DHCP through the taps' bridges and their ports (default on).
+    pub bridge_hops: bool,
+    /// Uplinks to follow DHCP through (none by default: an uplink carries
+    /// all of the node's traffic, so the operator opts in).
+    pub uplinks: Option<InterfaceMatcher>,
 }
 
 impl Config {
@@ -252,6 +264,17 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PROC_ROOT));
 
         let project_label = flags.project_label.or(file.project_label).unwrap_or(false);
+        let bridge_hops = flags.bridge_hops.or(file.bridge_hops).unwrap_or(true);
+        let uplink_globs: Vec<String> = match (flags.uplinks, file.uplinks) {
+            (Some(flag), _) => flag.split(',').map(str::to_owned).collect(),
+            (None, Some(list)) => list,
+            (None, None) => Vec::new(),
+        };
+        let uplinks = if uplink_globs.iter().all(|g| g.trim().is_empty()) {
+            None
+        } else {
+            Some(InterfaceMatcher::new(&uplink_globs)?)
+        };
         let web_config_file = flags.web_config_file.or(file.web_config_file);
         let max_interfaces = match flags.max_interfaces.or(file.max_interfaces) {
             None => DEFAULT_MAX_INTERFACES,
@@ -277,6 +300,8 @@ impl Config {
             web_config_file,
             max_interfaces,
             metrics_detail,
+            bridge_hops,
+            uplinks,
         })
     }
 }
@@ -325,6 +350,29 @@ mod tests {
         assert_eq!(cfg.attach_mode, AttachMode::Auto);
         assert!(!cfg.project_label);
         assert_eq!(cfg.max_interfaces, 4096);
+    }
+
+    #[test]
+    fn bridges_are_followed_by_default_and_uplinks_only_when_named() {
+        let cfg = Config::resolve(FileConfig::default(), FlagOverrides::default()).unwrap();
+        assert!(cfg.bridge_hops && cfg.uplinks.is_none());
+        let cfg = file("bridge_hops = false\nuplinks = [\"bond*\", \"eth*\"]").unwrap();
+        let cfg = Config::resolve(cfg, FlagOverrides::default()).unwrap();
+        assert!(!cfg.bridge_hops);
+        assert!(cfg.uplinks.as_ref().is_some_and(|u| u.matches("eth0")));
+        // The flag wins, and an empty one names no uplink.
+        let cfg = file("uplinks = [\"eth*\"]").unwrap();
+        let none = FlagOverrides {
+            uplinks: Some(String::new()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(cfg, none).unwrap().uplinks.is_none());
+        let bad = FlagOverrides {
+            uplinks: Some("eth0/1".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(FileConfig::default(), bad).unwrap_err();
+        assert!(err.to_string().contains("eth0/1"), "{err}");
     }
 
     #[test]

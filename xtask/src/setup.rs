@@ -27,6 +27,7 @@ const APT_PACKAGES: &[&str] = &[
     "fonts-dejavu-core",       // so the browser draws text
     "systemd",                 // systemd-analyze verify of the shipped unit
     "xz-utils",                // newer Debian kernels' modules are .ko.xz
+    "nftables",                // the hop lab drops a reply with a bridge rule
 ];
 /// Packages unpacked (not installed) as the real-guest test's boot files:
 /// the meta-package's current kernel, and a static busybox for its initramfs.

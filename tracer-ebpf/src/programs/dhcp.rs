@@ -111,7 +111,13 @@ pub fn emit(mut ev: PacketEvent, dev: DevKey, dir: u8) {
 /// Sends a DHCP event seen by tc with its options copied from `cookie` on
 /// (built in the ring buffer: the record is too large for the stack).
 #[inline(always)]
-fn emit_with_options(ctx: &TcContext, mut ev: PacketEvent, dev: DevKey, dir: u8, cookie: usize) {
+pub fn emit_with_options(
+    ctx: &TcContext,
+    mut ev: PacketEvent,
+    dev: DevKey,
+    dir: u8,
+    cookie: usize,
+) {
     let Some(now) = admit(dev) else {
         return;
     };

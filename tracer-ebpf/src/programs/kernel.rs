@@ -10,7 +10,11 @@
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use tracer_common::{frame::FrameBytes, DevKey};
 
-use crate::maps::{MONITORED, MONITORED_IFINDEX, PERCPU_ERRORS_INDEX, PROBE_ERRORS};
+use aya_ebpf::maps::{Array, HashMap};
+
+use crate::maps::{
+    HOPS, HOP_IFINDEX, MONITORED, MONITORED_IFINDEX, PERCPU_ERRORS_INDEX, PROBE_ERRORS,
+};
 
 #[unsafe(no_mangle)]
 static SKB_DEV_OFF: u32 = 0;
@@ -91,18 +95,54 @@ fn note_read_error() {
     }
 }
 
-/// The (netns, ifindex) of a net_device if the agent monitors it.
+/// The (netns, ifindex) of a net_device if the agent monitors it as a tap.
 #[inline(always)]
 pub fn monitored_device<M: KernelMemory>(dev: u64) -> Option<DevKey> {
+    let ifindex = device_ifindex::<M>(dev)?;
+    member::<M>(dev, ifindex, &MONITORED_IFINDEX, &MONITORED)
+}
+
+/// A device the agent knows, and whether it is a tap or a hop.
+pub enum Known {
+    Tap(DevKey),
+    Hop(DevKey),
+}
+
+/// Taps first (the common case on a tap's path), then hops; one read of
+/// the ifindex for both.
+#[inline(always)]
+pub fn known_device<M: KernelMemory>(dev: u64) -> Option<Known> {
+    let ifindex = device_ifindex::<M>(dev)?;
+    if let Some(key) = member::<M>(dev, ifindex, &MONITORED_IFINDEX, &MONITORED) {
+        return Some(Known::Tap(key));
+    }
+    member::<M>(dev, ifindex, &HOP_IFINDEX, &HOPS).map(Known::Hop)
+}
+
+#[inline(always)]
+fn device_ifindex<M: KernelMemory>(dev: u64) -> Option<u32> {
     if dev == 0 {
         return None;
     }
-    let Some(ifindex) = M::read::<u32>(dev + global(&DEV_IFINDEX_OFF)) else {
+    let ifindex = M::read::<u32>(dev + global(&DEV_IFINDEX_OFF));
+    if ifindex.is_none() {
         note_read_error();
-        return None;
-    };
+    }
+    ifindex
+}
+
+/// Whether (netns of `dev`, ifindex) is in `set`; the bitmap rejects
+/// almost every other device with one array load, before the reads and
+/// the hash lookup.
+#[inline(always)]
+fn member<M: KernelMemory>(
+    dev: u64,
+    ifindex: u32,
+    bitmap: &Array<u64>,
+    set: &HashMap<DevKey, u8>,
+) -> Option<DevKey> {
     if ifindex < tracer_common::IFINDEX_BITMAP_WORDS * 64 {
-        let word = MONITORED_IFINDEX.get(ifindex / 64).copied().unwrap_or(0);
+        let word = bitmap.get(ifindex / 64).copied().unwrap_or(0);
         if word & (1u64 << (ifindex % 64)) == 0 {
             return None;
         }
@@ -111,13 +151,19 @@ pub fn monitored_device<M: KernelMemory>(dev: u64) -> Option<DevKey> {
     let netns = M::read::<u32>(net + global(&NET_INUM_OFF))?;
     let key = DevKey { netns, ifindex };
     // SAFETY: the value is only checked for presence.
-    unsafe { MONITORED.get(key) }.map(|_| key)
+    unsafe { set.get(key) }.map(|_| key)
 }
 
 /// The monitored device an sk_buff belongs to.
 #[inline(always)]
 pub fn skb_device<M: KernelMemory>(skb: u64) -> Option<DevKey> {
-    monitored_device::<M>(M::read::<u64>(skb + global(&SKB_DEV_OFF))?)
+    monitored_device::<M>(skb_dev::<M>(skb)?)
+}
+
+/// An sk_buff's net_device pointer.
+#[inline(always)]
+pub fn skb_dev<M: KernelMemory>(skb: u64) -> Option<u64> {
+    M::read::<u64>(skb + global(&SKB_DEV_OFF))
 }
 
 #[inline(always)]

@@ -1,4 +1,5 @@
 pub mod dhcp;
+pub mod hop;
 pub mod kernel;
 pub mod tc;
 pub mod tracepoints;

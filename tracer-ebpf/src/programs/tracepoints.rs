@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use tracer_common::{
     direction, event_kind, map_slot,
-    parse::{locate_dhcp, parse_dhcp_header},
+    parse::{locate_dhcp, locate_dhcp_in_ip, parse_dhcp_header},
     DevKey, DropKey,
 };
 
@@ -23,8 +23,8 @@ use crate::{
     programs::{
         dhcp::emit,
         kernel::{
-            skb_device, skb_len, skb_linear_frame, skb_owner, socket_family, DirectLoad,
-            KernelMemory, ProbeRead,
+            known_device, skb_dev, skb_device, skb_len, skb_linear_frame, skb_owner, socket_family,
+            DirectLoad, KernelMemory, Known, ProbeRead,
         },
     },
 };
@@ -85,7 +85,9 @@ fn dhcp_event<M: KernelMemory>(skb: u64, dev: DevKey, kind: u8, reason: u32) {
     let Some(frame) = skb_linear_frame::<M>(skb) else {
         return;
     };
-    let Some(at) = locate_dhcp(&frame) else {
+    // Where the device's driver or the bridge already pulled the Ethernet
+    // header, the data starts at the IP header.
+    let Some(at) = locate_dhcp(&frame).or_else(|| locate_dhcp_in_ip(&frame)) else {
         return;
     };
     let mut ev = parse_dhcp_header(&frame, at);
@@ -115,16 +117,24 @@ pub fn hvnet_drop_raw(ctx: RawTracePointContext) -> i32 {
 
 #[inline(always)]
 fn count_drop<M: KernelMemory>(skb: u64, reason: u32) {
-    let Some(dev) = skb_device::<M>(skb) else {
+    let Some(dev) = skb_dev::<M>(skb) else {
         return;
     };
-    let key = DropKey {
-        dev,
-        reason,
-        _pad: 0,
-    };
-    bump!(DROPS, &key, map_slot::DROPS);
-    dhcp_event::<M>(skb, dev, event_kind::DHCP_DROPPED, reason);
+    match known_device::<M>(dev) {
+        Some(Known::Tap(dev)) => {
+            let key = DropKey {
+                dev,
+                reason,
+                _pad: 0,
+            };
+            bump!(DROPS, &key, map_slot::DROPS);
+            dhcp_event::<M>(skb, dev, event_kind::DHCP_DROPPED, reason);
+        }
+        // On a hop only DHCP drops matter (which reply died where): an
+        // uplink's other drops are not hvnet's to count.
+        Some(Known::Hop(dev)) => dhcp_event::<M>(skb, dev, event_kind::DHCP_DROPPED, reason),
+        None => {}
+    }
 }
 
 /// Does nothing: the baseline the cost benchmark measures hvnet_dequeue

@@ -1,10 +1,13 @@
 //! Per-VM analysis: kernel DHCP/ARP events into each VM's record, and
 //! every poll the counters into each VM's stall detector.
 
-use tracer_common::direction;
+use std::collections::BTreeMap;
+
+use tracer_common::{direction, event_kind, hop_hook, PacketEvent};
 
 use super::{lock, AgentState};
 use crate::{
+    analysis::dhcp::{DhcpMessage, Seen},
     analysis::stall::{Observation, VmState},
     interfaces::links::LinkInfo,
     kernel::collect::KernelSnapshot,
@@ -12,11 +15,48 @@ use crate::{
     kernel::events::{interpret, Observed},
 };
 
+/// A DHCP event from a hop, named and made the tracker's input: a
+/// sighting (counted per hop and hook) or a drop there. None for what a
+/// hop's events cannot say (a dequeue: hops have no VMM).
+fn on_hop(
+    mut message: DhcpMessage,
+    hop: &str,
+    ev: &PacketEvent,
+    sightings: &mut Vec<(u32, bool)>,
+) -> Option<DhcpMessage> {
+    match &mut message.seen {
+        Seen::OnHop { sighting } => {
+            sighting.hop = hop.to_owned();
+            sightings.push((ev.dev.ifindex, ev.direction == hop_hook::INGRESS));
+        }
+        Seen::Dropped { reason } if ev.kind == event_kind::DHCP_DROPPED => {
+            message.seen = Seen::DroppedOnHop {
+                reason: reason.clone(),
+                hop: hop.to_owned(),
+            };
+        }
+        _ => return None,
+    }
+    Some(message)
+}
+
 impl AgentState {
     /// Handles one batch of kernel DHCP/ARP events.
     pub(crate) fn handle_events(&self, batch: &[tracer_common::PacketEvent]) {
         let now = self.now();
         let mut published = Vec::new();
+        // Hop names first (no lock nesting): a hop event names its hop.
+        let hop_names: BTreeMap<u32, String> = {
+            let hops = lock(&self.hops);
+            batch
+                .iter()
+                .filter_map(|ev| {
+                    let name = hops.name(ev.dev.ifindex)?;
+                    Some((ev.dev.ifindex, name.to_owned()))
+                })
+                .collect()
+        };
+        let mut hop_sightings = Vec::new();
         let mut records = lock(&self.records);
         for ev in batch {
             let Some(observed) = interpret(ev, |r| reason_name(&self.drop_reasons, r)) else {
@@ -30,6 +70,17 @@ impl AgentState {
                 } => {
                     if let Some(record) = records.get_mut(&ifindex) {
                         published.extend(record.dhcp_message(&message, mono, now));
+                    } else if let Some(hop) = hop_names.get(&ifindex) {
+                        let Some(message) = on_hop(message, hop, ev, &mut hop_sightings) else {
+                            continue;
+                        };
+                        // Which VM: the one whose DHCP client has this MAC.
+                        let vm = records
+                            .values_mut()
+                            .find(|r| r.dhcp.client_mac() == Some(message.chaddr));
+                        if let Some(record) = vm {
+                            published.extend(record.dhcp_message(&message, mono, now));
+                        }
                     }
                 }
                 Observed::MalformedDhcp {
@@ -57,6 +108,12 @@ impl AgentState {
             }
         }
         drop(records);
+        if !hop_sightings.is_empty() {
+            let mut hops = lock(&self.hops);
+            for (ifindex, ingress) in hop_sightings {
+                hops.count(ifindex, ingress);
+            }
+        }
         self.publish(&published);
     }
 

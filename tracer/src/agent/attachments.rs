@@ -38,6 +38,7 @@ impl AgentState {
         }
         lock(&self.maps).forget_interfaces(&plan.detach);
         self.attach_within_limits(plan.attach);
+        self.reconcile_hops(present, config);
         self.refresh_identities_if_due(changed);
         // Keep oper state, stats and MAC current for interfaces that stay.
         let mut attached = lock(&self.attached);

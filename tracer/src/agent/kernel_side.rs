@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use crate::kernel::{
     collect::{KernelMaps, KernelSnapshot},
-    loader::TcProbes,
+    loader::{TcProbes, TcRole},
     optional_probes::{ProbeStatus, DEQUEUE_PROBE, DROP_PROBE},
 };
 
@@ -14,6 +14,8 @@ use crate::kernel::{
 pub trait TapAttachments: Send {
     /// Attaches both directions to one tap; the error says why not.
     fn attach(&mut self, ifindex: u32, name: &str) -> Result<(), String>;
+    /// Attaches the hop programs to a bridge, bridge port or uplink.
+    fn attach_hop(&mut self, ifindex: u32, name: &str) -> Result<(), String>;
     /// Detaches one tap; its name if it was attached.
     fn detach(&mut self, ifindex: u32) -> Option<String>;
     /// Detaches every tap; how many were attached.
@@ -26,6 +28,10 @@ pub trait TapCounters: Send {
     fn monitor(&mut self, ifindex: u32) -> Result<(), String>;
     /// Releases the slots and clears the counters of these ifindexes.
     fn forget_interfaces(&mut self, ifindexes: &[u32]);
+    /// Makes the drop tracepoint report DHCP frames dropped on a hop.
+    fn follow_hop(&mut self, ifindex: u32) -> Result<(), String>;
+    /// Stops following a hop.
+    fn forget_hop(&mut self, ifindex: u32);
     /// One read of every map.
     fn read(&self) -> KernelSnapshot;
 }
@@ -55,7 +61,11 @@ impl ProbeInfo {
 
 impl TapAttachments for TcProbes {
     fn attach(&mut self, ifindex: u32, name: &str) -> Result<(), String> {
-        TcProbes::attach(self, ifindex, name).map_err(|err| format!("{err:#}"))
+        TcProbes::attach(self, ifindex, name, TcRole::Tap).map_err(|err| format!("{err:#}"))
+    }
+
+    fn attach_hop(&mut self, ifindex: u32, name: &str) -> Result<(), String> {
+        TcProbes::attach(self, ifindex, name, TcRole::Hop).map_err(|err| format!("{err:#}"))
     }
 
     fn detach(&mut self, ifindex: u32) -> Option<String> {
@@ -78,5 +88,13 @@ impl TapCounters for KernelMaps {
 
     fn read(&self) -> KernelSnapshot {
         KernelMaps::read(self)
+    }
+
+    fn follow_hop(&mut self, ifindex: u32) -> Result<(), String> {
+        KernelMaps::follow_hop(self, ifindex).map_err(|err| err.to_string())
+    }
+
+    fn forget_hop(&mut self, ifindex: u32) {
+        KernelMaps::forget_hop(self, ifindex)
     }
 }

@@ -5,13 +5,15 @@
 //! One concern per file: `attachments` (reconcile taps with the kernel:
 //! attach, detach, wait for capacity or descriptors), `analysis` (kernel
 //! events and polls into each VM's record), `identities` (who is behind a
-//! tap), `views` (what scrapes, the API and `explain` see).
+//! tap), `hops` (bridges, bridge ports and uplinks DHCP is followed
+//! through), `views` (what scrapes, the API and `explain` see).
 //!
 //! Lock order: every lock is taken for a short section and released before
 //! the next one is taken, except these nestings, always in this order:
 //! `attached` then `records` (a poll evaluates every tap), `records` then
 //! `identities` (a view or `explain` names the VM), and `identities` then
-//! `identity_refreshed`. `maps` and `probes` are never
+//! `identity_refreshed`. `hops` is never held with another lock. `maps`
+//! and `probes` are never
 //! held while another lock is taken (a guard is never kept in an `if let`
 //! scrutinee whose block locks again). No lock is held across an await: the
 //! poll loop runs these methods inside block_in_place and the HTTP handlers
@@ -20,6 +22,7 @@
 mod analysis;
 mod attachments;
 mod departed;
+mod hops;
 mod identities;
 mod kernel_side;
 #[cfg(test)]
@@ -107,6 +110,7 @@ pub struct AgentState {
     project_label: bool,
     metrics_detail: crate::config::MetricsDetail,
     departed: Mutex<DepartedSeries>,
+    hops: Mutex<hops::HopState>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -153,6 +157,7 @@ impl AgentState {
             project_label: config.project_label,
             metrics_detail: config.metrics_detail,
             departed: Mutex::new(DepartedSeries::new(config.series_grace)),
+            hops: Mutex::new(hops::HopState::default()),
         }
     }
 

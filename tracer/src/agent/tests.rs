@@ -28,6 +28,9 @@ struct Kernel {
     monitored: BTreeSet<u32>,
     forgotten: Vec<u32>,
     traffic: BTreeMap<u32, TrafficCounters>,
+    /// Hops with programs attached, and hops the drop probe follows.
+    hops: BTreeMap<u32, String>,
+    followed: BTreeSet<u32>,
 }
 
 type Shared = Arc<Mutex<Kernel>>;
@@ -52,8 +55,16 @@ impl TapAttachments for FakeAttachments {
         Ok(())
     }
 
+    fn attach_hop(&mut self, ifindex: u32, name: &str) -> Result<(), String> {
+        kernel(&self.0).hops.insert(ifindex, name.to_owned());
+        Ok(())
+    }
+
     fn detach(&mut self, ifindex: u32) -> Option<String> {
-        kernel(&self.0).attached.remove(&ifindex)
+        let mut k = kernel(&self.0);
+        k.attached
+            .remove(&ifindex)
+            .or_else(|| k.hops.remove(&ifindex))
     }
 
     fn detach_all(&mut self) -> usize {
@@ -81,6 +92,15 @@ impl TapCounters for FakeCounters {
             k.traffic.remove(ifindex);
         }
         k.forgotten.extend_from_slice(ifindexes);
+    }
+
+    fn follow_hop(&mut self, ifindex: u32) -> Result<(), String> {
+        kernel(&self.0).followed.insert(ifindex);
+        Ok(())
+    }
+
+    fn forget_hop(&mut self, ifindex: u32) {
+        kernel(&self.0).followed.remove(&ifindex);
     }
 
     fn read(&self) -> KernelSnapshot {
@@ -289,4 +309,80 @@ fn detaching_everything_leaves_nothing_attached() {
     assert_eq!(state.detach_everything(), 2);
     assert!(kernel(&shared).attached.is_empty());
     assert_eq!(state.interface_count(), 0);
+}
+
+#[test]
+fn a_taps_bridge_is_followed_while_the_tap_lives_and_replies_lost_there_are_counted() {
+    let (state, shared, config) = agent(8, "0s");
+    let bridge = LinkInfo {
+        kind: "bridge".into(),
+        ..tap(5, "br0")
+    };
+    let enslaved = LinkInfo {
+        master: Some(5),
+        kind: "tun".into(),
+        ..tap(10, "tap0")
+    };
+    state.reconcile(&[bridge.clone(), enslaved], &config);
+    {
+        let k = kernel(&shared);
+        assert_eq!(k.hops.get(&5).map(String::as_str), Some("br0"));
+        assert!(k.followed.contains(&5) && !k.monitored.contains(&5));
+    }
+    let view = state.exposition().expect("an exposition");
+    assert_eq!(view.hops.len(), 1);
+    assert_eq!(
+        (view.hops[0].name.as_str(), view.hops[0].role),
+        ("br0", "bridge")
+    );
+
+    // The VM's request on its tap, then the ACK on the bridge only.
+    let mut request = tracer_common::PacketEvent {
+        kind: tracer_common::event_kind::DHCP,
+        direction: tracer_common::direction::FROM_VM,
+        msg_type: 3,
+        op: 1,
+        xid: 0x1234,
+        chaddr: [0x52, 0x54, 0, 0, 0, 1],
+        dst_ip: [255; 4],
+        ..Default::default()
+    };
+    request.dev.ifindex = 10;
+    let mut ack = tracer_common::PacketEvent {
+        kind: tracer_common::event_kind::DHCP_HOP,
+        direction: tracer_common::hop_hook::EGRESS,
+        msg_type: 5,
+        op: 2,
+        ..request
+    };
+    ack.dev.ifindex = 5;
+    state.handle_events(&[request, ack]);
+    let view = state.exposition().expect("an exposition");
+    assert_eq!(view.hops[0].dhcp_messages, [1, 0]);
+    // Never seen on the tap: lost on the node once the wait is over.
+    let lost = |state: &AgentState| {
+        let view = state.exposition().expect("an exposition");
+        view.vms[0]
+            .dhcp
+            .as_ref()
+            .map(|d| d.counters.replies_lost_on_node)
+    };
+    assert_eq!(lost(&state), Some(0));
+    // The wait is the stall threshold (3 s by default): polled for.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lost(&state) != Some(1) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", lost(&state));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        state.evaluate();
+    }
+    let explained = state.explain("tap0").expect("explained");
+    assert!(
+        explained.contains("ACK xid 0x00001234 seen on br0"),
+        "{explained}"
+    );
+
+    // The tap goes: its bridge is no hop any more.
+    state.reconcile(&[bridge], &config);
+    assert!(kernel(&shared).hops.is_empty());
+    assert!(kernel(&shared).followed.is_empty());
 }

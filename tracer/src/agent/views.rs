@@ -16,6 +16,7 @@ use crate::{
 impl AgentState {
     /// One consistent view for a scrape or an API call.
     pub fn exposition(&self) -> Result<Exposition, CollectError> {
+        let hops = self.hop_views();
         let attached = lock(&self.attached).clone();
         let snapshot = lock(&self.maps).read();
         for (map, reason) in &snapshot.unreadable {
@@ -57,6 +58,7 @@ impl AgentState {
                 .iter()
                 .map(|map| (*map, snapshot.readable(map)))
                 .collect(),
+            hops,
         })
     }
 
@@ -153,8 +155,10 @@ impl AgentState {
     /// `hvnet explain` text for a VM (by iface; identity names come later).
     pub fn explain(&self, name: &str) -> Result<String, LookupError> {
         let now = self.now();
+        let unseen = self.unseen_paths();
         let records = lock(&self.records);
         let record = self.find_record(&records, name)?;
+        let unseen_path = unseen.get(&record.iface).map(String::as_str);
         let identity = self.identity(&record.iface);
         let stuck_since = record.detector.stuck_since().map(|m| wall_clock(m, now));
         let counters = record.dhcp.counters();
@@ -171,6 +175,8 @@ impl AgentState {
                 retries_during_stall: counters.retries_during_stall,
                 replies_undelivered: counters.replies_undelivered,
                 replies_unprocessed: counters.replies_unprocessed,
+                replies_lost_on_node: counters.replies_lost_on_node,
+                unseen_path,
                 lease,
                 now_unix: wall_clock(now, now),
                 identity: &identity.describe(),

@@ -134,6 +134,9 @@ pub enum Verdict {
     NoReply,
     /// The server answered NAK (delivered).
     Nak,
+    /// The answer reached the node (seen on a bridge or uplink) but never
+    /// the VM's tap: lost on the node in between.
+    ReplyLostOnNode,
 }
 
 impl Verdict {
@@ -144,15 +147,17 @@ impl Verdict {
             Self::ReplyDropped => "reply_dropped",
             Self::NoReply => "no_reply",
             Self::Nak => "nak",
+            Self::ReplyLostOnNode => "reply_lost_on_node",
         }
     }
 
-    pub const ALL: [Verdict; 5] = [
+    pub const ALL: [Verdict; 6] = [
         Self::Delivered,
         Self::ReplyUndelivered,
         Self::ReplyDropped,
         Self::NoReply,
         Self::Nak,
+        Self::ReplyLostOnNode,
     ];
 }
 
@@ -165,6 +170,39 @@ pub enum Seen {
     Dequeued,
     /// Dropped on the tap (kernel drop reason name).
     Dropped { reason: String },
+    /// Crossed a hop on the node (bridge, bridge port, uplink).
+    OnHop { sighting: HopSighting },
+    /// Dropped on a hop (kernel drop reason name).
+    DroppedOnHop { reason: String, hop: String },
+}
+
+/// Where on the node a DHCP message was seen besides the tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HopSighting {
+    pub hop: String,
+    /// 802.1Q/802.1ad VLAN id, 0 if untagged.
+    pub vlan: u16,
+    /// "vxlan" or "geneve" when the message was tunnelled, else empty.
+    pub tunnel: String,
+    pub vni: u32,
+}
+
+impl HopSighting {
+    /// "eth0 (VLAN 100)", "eth1 (VXLAN 42)", "br0".
+    pub fn describe(&self) -> String {
+        let mut tags = Vec::new();
+        if self.vlan != 0 {
+            tags.push(format!("VLAN {}", self.vlan));
+        }
+        if !self.tunnel.is_empty() {
+            tags.push(format!("{} {}", self.tunnel.to_uppercase(), self.vni));
+        }
+        if tags.is_empty() {
+            self.hop.clone()
+        } else {
+            format!("{} ({})", self.hop, tags.join(", "))
+        }
+    }
 }
 
 /// One DHCP message as the kernel reported it.
@@ -225,6 +263,9 @@ pub enum DhcpNote {
         message: MessageType,
         xid: u32,
         yiaddr: String,
+        /// The hops that saw it before the tap, in order.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        path: Vec<String>,
     },
     ReplyDelivered {
         message: MessageType,
@@ -244,6 +285,16 @@ pub enum DhcpNote {
         reason: String,
         vm_state: VmState,
     },
+    /// A reply seen on the node's hops that never reached the tap.
+    ReplyLostOnNode {
+        message: MessageType,
+        xid: u32,
+        /// The hops that saw it, in order ("eth0 (VLAN 100)", "br0").
+        path: Vec<String>,
+        /// Where the kernel dropped it and why, when it said so.
+        dropped_at: Option<String>,
+        reason: Option<String>,
+    },
     /// The VMM dequeued the ACK, yet the client asked again: the guest
     /// never processed it (its RX ring is not being drained inside the VM).
     ReplyUnprocessed {
@@ -255,6 +306,9 @@ pub enum DhcpNote {
         xid: u32,
         verdict: Verdict,
         attempts: u32,
+        /// The hops the client's request was seen on (it left the node there).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        request_path: Vec<String>,
     },
     LeaseGranted {
         address: String,
@@ -279,14 +333,40 @@ struct PendingReply {
     server_id: [u8; 4],
     lease_secs: u32,
     reported_undelivered: bool,
+    /// The hops that saw it before the tap.
+    path: Vec<HopSighting>,
+}
+
+fn add_to_path(path: &mut Vec<HopSighting>, sighting: &HopSighting) {
+    if path.len() < MAX_PATH && !path.iter().any(|h| h.hop == sighting.hop) {
+        path.push(sighting.clone());
+    }
+}
+
+fn describe_path(path: &[HopSighting]) -> Vec<String> {
+    path.iter().map(HopSighting::describe).collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReplyFate {
     None,
     Undelivered,
+    LostOnNode,
     Dropped,
 }
+
+/// A reply seen on the node's hops, not yet on the tap.
+#[derive(Debug, Clone)]
+struct HopReply {
+    message: MessageType,
+    xid: u32,
+    chaddr: [u8; 6],
+    first_at: f64,
+    path: Vec<HopSighting>,
+}
+
+/// Hops remembered per message (a path longer than this is a loop).
+const MAX_PATH: usize = 8;
 
 #[derive(Debug, Clone)]
 struct Transaction {
@@ -295,6 +375,7 @@ struct Transaction {
     last_activity: f64,
     attempts: u32,
     worst_fate: ReplyFate,
+    request_path: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -342,13 +423,21 @@ pub struct DhcpCounters {
     pub replies_undelivered: u64,
     /// ACKs the VMM dequeued that the client then asked for again.
     pub replies_unprocessed: u64,
-    pub transactions: [u64; 5],
+    /// Replies seen on the node's hops that never reached the tap.
+    pub replies_lost_on_node: u64,
+    pub transactions: [u64; 6],
     pub malformed: u64,
 }
 
 pub struct DhcpTracker {
     undelivered_after: f64,
     pending: VecDeque<PendingReply>,
+    on_hops: VecDeque<HopReply>,
+    /// The client's MAC, from its own messages on the tap: how replies
+    /// seen on shared hops are told apart per VM.
+    client_mac: Option<[u8; 6]>,
+    /// The tap's name, for "dropped before tap3".
+    tap: String,
     current: Option<Transaction>,
     next_id: u64,
     last_client: Option<LastClientMessage>,
@@ -368,6 +457,9 @@ impl DhcpTracker {
         Self {
             undelivered_after,
             pending: VecDeque::new(),
+            on_hops: VecDeque::new(),
+            client_mac: None,
+            tap: "the tap".to_owned(),
             current: None,
             next_id: 1,
             last_client: None,
@@ -377,6 +469,12 @@ impl DhcpTracker {
             last_verdict: None,
             counters: DhcpCounters::default(),
         }
+    }
+
+    /// Names the tap in what the tracker says.
+    pub fn for_tap(mut self, tap: &str) -> Self {
+        self.tap = tap.to_owned();
+        self
     }
 
     pub fn counters(&self) -> &DhcpCounters {
@@ -389,7 +487,11 @@ impl DhcpTracker {
         self.last_verdict
     }
     pub fn pending_replies(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.on_hops.len()
+    }
+    /// The MAC the VM's DHCP client uses (None before its first message).
+    pub fn client_mac(&self) -> Option<[u8; 6]> {
+        self.client_mac
     }
 
     pub fn note_malformed(&mut self) {
@@ -412,8 +514,110 @@ impl DhcpTracker {
             }
             Seen::Dequeued => self.reply_dequeued(m, now, &mut notes),
             Seen::Dropped { reason } => self.reply_dropped(m, reason, vm_state, &mut notes),
+            Seen::OnHop { sighting } => self.seen_on_hop(m, sighting, now),
+            Seen::DroppedOnHop { reason, hop } => {
+                self.lost_on_node(m, Some((hop.clone(), reason.clone())), &mut notes)
+            }
         }
         notes
+    }
+
+    /// A message on a hop: a request's way out, or a reply on its way in.
+    fn seen_on_hop(&mut self, m: &DhcpMessage, sighting: &HopSighting, now: f64) {
+        if m.op == 1 {
+            if let Some(t) = self.current.as_mut().filter(|t| t.xid == m.xid) {
+                let hop = sighting.describe();
+                if t.request_path.len() < MAX_PATH && !t.request_path.contains(&hop) {
+                    t.request_path.push(hop);
+                }
+            }
+            return;
+        }
+        let Some(message) = m.msg_type else { return };
+        // Already on the tap (events from two CPUs can cross): add the hop.
+        if let Some(reply) = self.find_pending(m) {
+            add_to_path(&mut reply.path, sighting);
+            return;
+        }
+        if let Some(reply) = self
+            .on_hops
+            .iter_mut()
+            .find(|r| r.xid == m.xid && r.chaddr == m.chaddr && r.message == message)
+        {
+            add_to_path(&mut reply.path, sighting);
+            return;
+        }
+        if self.on_hops.len() >= MAX_PENDING_REPLIES {
+            self.on_hops.pop_front();
+        }
+        if let Some(t) = self.current.as_mut().filter(|t| t.xid == m.xid) {
+            t.last_activity = now;
+        }
+        self.on_hops.push_back(HopReply {
+            message,
+            xid: m.xid,
+            chaddr: m.chaddr,
+            first_at: now,
+            path: vec![sighting.clone()],
+        });
+    }
+
+    /// A reply the node's hops saw is gone before the tap: dropped (where
+    /// and why, when the kernel said) or never seen there in time.
+    fn lost_on_node(
+        &mut self,
+        m: &DhcpMessage,
+        dropped: Option<(String, String)>,
+        notes: &mut Vec<DhcpNote>,
+    ) {
+        let at = self
+            .on_hops
+            .iter()
+            .position(|r| r.xid == m.xid && r.chaddr == m.chaddr);
+        let reply = match at.and_then(|at| self.on_hops.remove(at)) {
+            Some(reply) => reply,
+            // Dropped where the hop's tc program had not seen it yet (at
+            // the hop's own ingress): the drop is the sighting.
+            None => match (&dropped, m.op) {
+                (Some((hop, _)), 2) => HopReply {
+                    message: m.msg_type.unwrap_or(MessageType::Other),
+                    xid: m.xid,
+                    chaddr: m.chaddr,
+                    first_at: 0.0,
+                    path: vec![HopSighting {
+                        hop: hop.clone(),
+                        vlan: 0,
+                        tunnel: String::new(),
+                        vni: 0,
+                    }],
+                },
+                _ => return,
+            },
+        };
+        self.record_lost(reply, dropped, notes);
+    }
+
+    fn record_lost(
+        &mut self,
+        reply: HopReply,
+        dropped: Option<(String, String)>,
+        notes: &mut Vec<DhcpNote>,
+    ) {
+        self.counters.replies_lost_on_node += 1;
+        if let Some(t) = self.current.as_mut().filter(|t| t.xid == reply.xid) {
+            t.worst_fate = worse(t.worst_fate, ReplyFate::LostOnNode);
+        }
+        let (dropped_at, reason) = match dropped {
+            Some((at, reason)) => (Some(at), Some(reason)),
+            None => (None, None),
+        };
+        notes.push(DhcpNote::ReplyLostOnNode {
+            message: reply.message,
+            xid: reply.xid,
+            path: describe_path(&reply.path),
+            dropped_at,
+            reason,
+        });
     }
 
     fn client_message(
@@ -427,6 +631,7 @@ impl DhcpTracker {
         if let Some(i) = type_index(message) {
             self.counters.packets[1][i] += 1;
         }
+        self.client_mac = Some(m.chaddr);
         let state = client_state(m);
         let unprocessed = self.reask_after_dequeued_ack(message, state, m.xid, now, notes);
         let is_retry = unprocessed
@@ -469,6 +674,7 @@ impl DhcpTracker {
                 last_activity: now,
                 attempts: 0,
                 worst_fate: ReplyFate::None,
+                request_path: Vec::new(),
             });
             self.next_id += 1;
         }
@@ -555,6 +761,14 @@ impl DhcpTracker {
         if self.pending.len() >= MAX_PENDING_REPLIES {
             self.pending.pop_front();
         }
+        let path = self
+            .on_hops
+            .iter()
+            .position(|r| r.xid == m.xid && r.chaddr == m.chaddr && r.message == message)
+            .and_then(|at| self.on_hops.remove(at))
+            .map(|r| r.path)
+            .unwrap_or_default();
+        let described = describe_path(&path);
         self.pending.push_back(PendingReply {
             message,
             xid: m.xid,
@@ -564,6 +778,7 @@ impl DhcpTracker {
             server_id: m.server_id,
             lease_secs: m.lease_secs,
             reported_undelivered: false,
+            path,
         });
         if let Some(t) = self.current.as_mut().filter(|t| t.xid == m.xid) {
             t.last_activity = now;
@@ -572,7 +787,14 @@ impl DhcpTracker {
             message,
             xid: m.xid,
             yiaddr: ip(m.yiaddr),
+            path: described,
         });
+    }
+
+    fn find_pending(&mut self, m: &DhcpMessage) -> Option<&mut PendingReply> {
+        self.pending
+            .iter_mut()
+            .find(|p| p.xid == m.xid && p.chaddr == m.chaddr)
     }
 
     fn take_pending(&mut self, m: &DhcpMessage) -> Option<PendingReply> {
@@ -644,6 +866,10 @@ impl DhcpTracker {
         notes: &mut Vec<DhcpNote>,
     ) {
         let Some(reply) = self.take_pending(m) else {
+            // Dropped on its way to the tap (a bridge rule drops it with
+            // the tap as its device, before the tap's tc hook saw it).
+            let tap = self.tap.clone();
+            self.lost_on_node(m, Some((tap, reason.to_owned())), notes);
             return;
         };
         // A full ring or a stalled VM: the stall is the cause, whatever the
@@ -687,6 +913,16 @@ impl DhcpTracker {
                 });
             }
         }
+        // Seen on the node, never on the tap in time: lost in between.
+        while let Some(reply) = self
+            .on_hops
+            .front()
+            .filter(|r| now - r.first_at >= self.undelivered_after)
+            .cloned()
+        {
+            self.on_hops.pop_front();
+            self.record_lost(reply, None, &mut notes);
+        }
         // Forget replies nobody will ever dequeue (the VMM went away).
         self.pending.retain(|r| now - r.offered_at < PENDING_TTL);
         if self
@@ -713,6 +949,7 @@ impl DhcpTracker {
         let Some(t) = self.current.take() else { return };
         let verdict = verdict.unwrap_or(match t.worst_fate {
             ReplyFate::Undelivered => Verdict::ReplyUndelivered,
+            ReplyFate::LostOnNode => Verdict::ReplyLostOnNode,
             ReplyFate::Dropped => Verdict::ReplyDropped,
             ReplyFate::None => {
                 let answered = self.pending.iter().any(|p| p.xid == t.xid);
@@ -732,6 +969,7 @@ impl DhcpTracker {
             xid: t.xid,
             verdict,
             attempts: t.attempts,
+            request_path: t.request_path,
         });
     }
 }
@@ -739,6 +977,7 @@ impl DhcpTracker {
 fn worse(a: ReplyFate, b: ReplyFate) -> ReplyFate {
     match (a, b) {
         (ReplyFate::Undelivered, _) | (_, ReplyFate::Undelivered) => ReplyFate::Undelivered,
+        (ReplyFate::LostOnNode, _) | (_, ReplyFate::LostOnNode) => ReplyFate::LostOnNode,
         (ReplyFate::Dropped, _) | (_, ReplyFate::Dropped) => ReplyFate::Dropped,
         _ => ReplyFate::None,
     }

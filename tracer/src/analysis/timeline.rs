@@ -150,11 +150,35 @@ pub fn describe_note(note: &DhcpNote) -> String {
             message,
             xid,
             yiaddr,
+            path,
         } => {
+            let via = if path.is_empty() {
+                String::new()
+            } else {
+                format!(" (seen on {})", join_hops(path))
+            };
             format!(
-                "{} xid {} for {yiaddr} queued toward the VM",
+                "{} xid {} for {yiaddr} queued toward the VM{via}",
                 message.as_str().to_uppercase(),
                 hex(*xid)
+            )
+        }
+        DhcpNote::ReplyLostOnNode {
+            message,
+            xid,
+            path,
+            dropped_at,
+            reason,
+        } => {
+            let fate = match (dropped_at, reason) {
+                (Some(at), Some(reason)) => format!("dropped before {at} (reason {reason})"),
+                _ => "never reached the tap (no drop reason from the kernel)".to_owned(),
+            };
+            format!(
+                "{} xid {} seen on {}, {fate}: lost on this node",
+                message.as_str().to_uppercase(),
+                hex(*xid),
+                join_hops(path)
             )
         }
         DhcpNote::ReplyDelivered {
@@ -205,10 +229,16 @@ pub fn describe_note(note: &DhcpNote) -> String {
             xid,
             verdict,
             attempts,
+            request_path,
             ..
         } => {
+            let left = if request_path.is_empty() {
+                String::new()
+            } else {
+                format!(" (the request was seen on {})", join_hops(request_path))
+            };
             format!(
-                "transaction xid {} ended: {} after {attempts} attempt(s)",
+                "transaction xid {} ended: {} after {attempts} attempt(s){left}",
                 hex(*xid),
                 verdict.as_str()
             )
@@ -227,6 +257,15 @@ pub fn describe_note(note: &DhcpNote) -> String {
     }
 }
 
+/// "eth0 (VLAN 100) and br-int", "eth0, br-int and qbr1".
+fn join_hops(path: &[String]) -> String {
+    match path {
+        [] => "no hop".to_owned(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
 pub fn note_kind(note: &DhcpNote) -> &'static str {
     match note {
         DhcpNote::ClientMessage { .. } => "dhcp_client",
@@ -234,6 +273,7 @@ pub fn note_kind(note: &DhcpNote) -> &'static str {
         DhcpNote::ReplyDelivered { .. } => "dhcp_reply_delivered",
         DhcpNote::ReplyUndelivered { .. } => "dhcp_reply_undelivered",
         DhcpNote::ReplyDropped { .. } => "dhcp_reply_dropped",
+        DhcpNote::ReplyLostOnNode { .. } => "dhcp_reply_lost_on_node",
         DhcpNote::ReplyUnprocessed { .. } => "dhcp_reply_unprocessed",
         DhcpNote::TransactionDone { .. } => "dhcp_verdict",
         DhcpNote::LeaseGranted { .. } => "dhcp_lease",
@@ -251,6 +291,10 @@ pub struct Explanation<'a> {
     pub retries_during_stall: u64,
     pub replies_undelivered: u64,
     pub replies_unprocessed: u64,
+    /// Replies seen on the node's hops that never reached the tap.
+    pub replies_lost_on_node: u64,
+    /// Why the path beyond the tap is not visible (e.g. an OVS port).
+    pub unseen_path: Option<&'a str>,
     pub lease: Option<(String, f64, bool)>,
     pub now_unix: f64,
     /// Who the VM is beyond its name (uuid, MAC, VMM pid, vhost workers),
@@ -277,6 +321,12 @@ pub fn render_explanation(e: &Explanation<'_>, timeline: &Timeline) -> String {
             e.replies_unprocessed
         ));
     }
+    if e.replies_lost_on_node > 0 {
+        headline.push_str(&format!(
+            "; {} DHCP replies reached this node but were lost before the tap",
+            e.replies_lost_on_node
+        ));
+    }
     let lease_gone = e
         .lease
         .as_ref()
@@ -294,6 +344,12 @@ pub fn render_explanation(e: &Explanation<'_>, timeline: &Timeline) -> String {
     out.push('\n');
     if !e.identity.is_empty() {
         out.push_str(&format!("  ({})\n", e.identity));
+    }
+    if let Some(why) = e.unseen_path {
+        out.push_str(&format!(
+            "  (the path beyond the tap is not visible: {why}; hvnet follows Linux bridges only, \
+             so a lost reply there reads as no_reply)\n"
+        ));
     }
     for entry in timeline.entries() {
         let repeats = if entry.repeats > 0 {
@@ -367,6 +423,8 @@ mod tests {
                 retries_during_stall: 3,
                 replies_undelivered: 3,
                 replies_unprocessed: 0,
+                replies_lost_on_node: 0,
+                unseen_path: None,
                 lease: Some(("10.250.0.150".into(), 41.0, false)),
                 now_unix: 36_000.0 + 200.0,
                 identity: "uuid u-1, VMM pid 4242",

@@ -21,7 +21,7 @@ impl VmRecord {
         Self {
             iface: iface.to_owned(),
             detector: RxStallDetector::new(stall_after),
-            dhcp: DhcpTracker::new(stall_after.as_secs_f64()),
+            dhcp: DhcpTracker::new(stall_after.as_secs_f64()).for_tap(iface),
             timeline: Timeline::default(),
         }
     }

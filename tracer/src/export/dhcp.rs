@@ -34,6 +34,13 @@ pub(super) fn dhcp_families(view: &Exposition) -> Vec<MetricFamily> {
          the VM, before the tap queue backs up).",
         MetricType::COUNTER,
     );
+    let mut lost_on_node = family(
+        "hvnet_dhcp_replies_lost_on_node_total",
+        "DHCP replies for the VM seen on this node's bridges or uplinks that never reached its tap: \
+         lost on the node (a bridge or netfilter rule, a VLAN or port mistake), not at the server. \
+         `hvnet explain` names the hops and the drop reason.",
+        MetricType::COUNTER,
+    );
     let mut lease = family(
         "hvnet_dhcp_lease_remaining_seconds",
         "Seconds left on the lease the VM holds, from the last ACK that actually reached it (0: expired).",
@@ -42,7 +49,8 @@ pub(super) fn dhcp_families(view: &Exposition) -> Vec<MetricFamily> {
     let mut transactions = family(
         "hvnet_dhcp_transactions_total",
         "Finished DHCP exchanges by verdict: delivered, reply_undelivered (stall), reply_dropped, \
-         no_reply (server side), nak.",
+         reply_lost_on_node (seen on a bridge or uplink, never on the tap), no_reply (seen on no \
+         hop: server side), nak.",
         MetricType::COUNTER,
     );
     let mut malformed = family(
@@ -81,6 +89,9 @@ pub(super) fn dhcp_families(view: &Exposition) -> Vec<MetricFamily> {
         unprocessed
             .mut_metric()
             .push(counter(&[("iface", iface)], c.replies_unprocessed as f64));
+        lost_on_node
+            .mut_metric()
+            .push(counter(&[("iface", iface)], c.replies_lost_on_node as f64));
         if let Some(remaining) = dhcp.lease_remaining.filter(|_| !vm.departed) {
             lease
                 .mut_metric()
@@ -107,6 +118,7 @@ pub(super) fn dhcp_families(view: &Exposition) -> Vec<MetricFamily> {
         retries_stall,
         undelivered,
         unprocessed,
+        lost_on_node,
         lease,
         transactions,
         malformed,

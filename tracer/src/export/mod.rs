@@ -6,10 +6,12 @@
 mod agent;
 mod api_json;
 mod dhcp;
+mod hops;
 mod vm_health;
 mod vm_traffic;
 
 pub use api_json::vms_json;
+pub use hops::HopView;
 
 use prometheus::{
     proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
@@ -49,6 +51,8 @@ pub struct Exposition {
     pub map_update_failures: Option<[u64; tracer_common::map_slot::COUNT as usize]>,
     /// Probe reads of kernel memory that failed in the tracepoints.
     pub probe_read_errors: Option<u64>,
+    /// The hops followed besides the taps.
+    pub hops: Vec<HopView>,
 }
 
 impl Exposition {
@@ -187,6 +191,7 @@ fn families(view: &Exposition) -> Vec<MetricFamily> {
         vm_health::vm_health_families(view),
         dhcp::dhcp_families(view),
         agent::agent_families(view),
+        hops::hop_families(view),
     ]
     .into_iter()
     .flatten();
@@ -317,6 +322,11 @@ mod tests {
                 }),
                 departed: false,
             }],
+            hops: vec![HopView {
+                name: "br0".into(),
+                role: "bridge",
+                dhcp_messages: [3, 1],
+            }],
             probes: vec![ProbeStatus {
                 probe: "tc_egress",
                 kind: "tcx",
@@ -422,7 +432,7 @@ mod tests {
     }
 
     #[test]
-    fn default_detail_keeps_an_idle_tap_to_sixteen_series_and_full_shows_all() {
+    fn default_detail_keeps_an_idle_tap_to_seventeen_series_and_full_shows_all() {
         let mut view = sample();
         let vm = &mut view.vms[0];
         vm.traffic = TrafficCounters::default();
@@ -444,12 +454,13 @@ mod tests {
         let full = tap_series(&render(&view).unwrap(), "vnet0");
         view.full_detail = false;
         let default = tap_series(&render(&view).unwrap(), "vnet0");
-        assert_eq!(default.len(), 16, "{default:#?}");
-        assert_eq!(full.len(), 60, "{full:#?}");
+        assert_eq!(default.len(), 17, "{default:#?}");
+        assert_eq!(full.len(), 62, "{full:#?}");
         // What alerts read is there at 0, and every state one-hot.
         for kept in [
             "hvnet_dhcp_retries_during_stall_total{iface=\"vnet0\"} 0",
             "hvnet_dhcp_replies_undelivered_total{iface=\"vnet0\"} 0",
+            "hvnet_dhcp_replies_lost_on_node_total{iface=\"vnet0\"} 0",
             "hvnet_vm_rx_stalled{iface=\"vnet0\"} 0",
             "hvnet_vm_state{iface=\"vnet0\",state=\"idle\"} 1",
             "hvnet_vm_state{iface=\"vnet0\",state=\"rx_stalled\"} 0",
@@ -470,7 +481,7 @@ mod tests {
         assert!(text.contains(
             "hvnet_vm_packets_total{iface=\"vnet0\",direction=\"from_vm\",class=\"arp\"} 1"
         ));
-        assert_eq!(tap_series(&text, "vnet0").len(), 18);
+        assert_eq!(tap_series(&text, "vnet0").len(), 19);
     }
 
     #[test]

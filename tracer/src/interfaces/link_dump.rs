@@ -32,6 +32,11 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_LINK: u16 = 5;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_LINK_NETNSID: u16 = 37;
 const IFLA_TXQLEN: u16 = 13;
 const IFLA_OPERSTATE: u16 = 16;
 const IFLA_STATS64: u16 = 23;
@@ -112,6 +117,7 @@ fn parse_link(body: &[u8]) -> Option<LinkInfo> {
         ..Default::default()
     };
     let mut name = None;
+    let mut peer_elsewhere = false;
     let mut at = IFINFOMSG_LEN;
     while at + 4 <= body.len() {
         let len = usize::from(u16_at(body, at)?);
@@ -131,12 +137,39 @@ fn parse_link(body: &[u8]) -> Option<LinkInfo> {
                 info.oper_state = oper_state_name(value.first().copied().unwrap_or(0))
             }
             IFLA_STATS64 => info.stats = Some(link_stats64(value)?),
+            IFLA_MASTER => info.master = u32_at(value, 0).filter(|m| *m != 0),
+            IFLA_LINK => info.link = u32_at(value, 0).filter(|l| *l != 0),
+            IFLA_LINK_NETNSID => peer_elsewhere = true,
+            IFLA_LINKINFO => info.kind = link_kind(value).unwrap_or_default(),
             _ => {}
         }
         at += align4(len);
     }
+    // A peer in another namespace has an ifindex that means nothing here.
+    if peer_elsewhere || info.link == Some(ifindex) {
+        info.link = None;
+    }
     info.name = name?;
     Some(info)
+}
+
+/// IFLA_INFO_KIND inside a nested IFLA_LINKINFO.
+fn link_kind(nested: &[u8]) -> Option<String> {
+    let mut at = 0;
+    while at + 4 <= nested.len() {
+        let len = usize::from(u16_at(nested, at)?);
+        let kind = u16_at(nested, at + 2)? & NLA_TYPE_MASK;
+        if len < 4 || at + len > nested.len() {
+            return None;
+        }
+        if kind == IFLA_INFO_KIND {
+            let value = &nested[at + 4..at + len];
+            let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+            return Some(String::from_utf8_lossy(&value[..end]).into_owned());
+        }
+        at += align4(len);
+    }
+    None
 }
 
 /// Feeds each message of one dump datagram to `each` (type, body); true
@@ -265,6 +298,38 @@ mod tests {
         msg.extend_from_slice(&[0u8; 10]);
         msg.extend_from_slice(&body);
         msg
+    }
+
+    #[test]
+    fn master_peer_and_kind_are_read_and_a_peer_in_another_netns_is_not() {
+        let info = attr(0x8000 | IFLA_LINKINFO, &attr(IFLA_INFO_KIND, b"veth\0"));
+        let port = newlink(
+            7,
+            0,
+            &[
+                attr(IFLA_IFNAME, b"qvb1\0"),
+                attr(IFLA_MASTER, &4u32.to_ne_bytes()),
+                attr(IFLA_LINK, &8u32.to_ne_bytes()),
+                info.clone(),
+            ],
+        );
+        let link = parse_link(&port[NLMSG_HDRLEN..]).expect("parsed");
+        assert_eq!(
+            (link.master, link.link, link.kind.as_str()),
+            (Some(4), Some(8), "veth")
+        );
+        let elsewhere = newlink(
+            9,
+            0,
+            &[
+                attr(IFLA_IFNAME, b"eth0\0"),
+                attr(IFLA_LINK, &2u32.to_ne_bytes()),
+                attr(IFLA_LINK_NETNSID, &0u32.to_ne_bytes()),
+                info,
+            ],
+        );
+        let link = parse_link(&elsewhere[NLMSG_HDRLEN..]).expect("parsed");
+        assert_eq!((link.master, link.link), (None, None));
     }
 
     #[test]

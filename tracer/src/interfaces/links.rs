@@ -46,6 +46,13 @@ pub struct LinkInfo {
     pub carrier: bool,
     pub txqueuelen: u32,
     pub stats: Option<NetdevStats>,
+    /// IFLA_MASTER: the bridge (or bond, OVS) this interface is a port of.
+    pub master: Option<u32>,
+    /// IFLA_LINK within this namespace: a veth's peer, a VLAN's lower device.
+    pub link: Option<u32>,
+    /// IFLA_INFO_KIND: "bridge", "veth", "vxlan", "openvswitch", ... (empty
+    /// for a physical device).
+    pub kind: String,
 }
 
 impl LinkInfo {

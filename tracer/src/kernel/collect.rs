@@ -128,6 +128,8 @@ pub struct KernelMaps {
     slots: SlotTable,
     monitored: HashMap<MapData, DevKey, u8>,
     monitored_ifindex: Array<MapData, u64>,
+    hops: HashMap<MapData, DevKey, u8>,
+    hop_ifindex: Array<MapData, u64>,
     dequeued: PerCpuHashMap<MapData, DevKey, u64>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     vhost_rx: PerCpuHashMap<MapData, DevKey, u64>,
@@ -190,6 +192,8 @@ impl KernelMaps {
             slots,
             monitored: take(ebpf, "MONITORED")?,
             monitored_ifindex: take(ebpf, "MONITORED_IFINDEX")?,
+            hops: take(ebpf, "HOPS")?,
+            hop_ifindex: take(ebpf, "HOP_IFINDEX")?,
             dequeued: take(ebpf, "DEQUEUED")?,
             drops: take(ebpf, "DROPS")?,
             vhost_rx: take(ebpf, "VHOST_RX")?,
@@ -266,19 +270,25 @@ impl KernelMaps {
     }
 
     fn set_ifindex_bit(&mut self, ifindex: u32, on: bool) -> Result<(), CollectError> {
-        if ifindex >= tracer_common::IFINDEX_BITMAP_WORDS * 64 {
-            return Ok(());
-        }
-        let index = ifindex / 64;
-        let bit = 1u64 << (ifindex % 64);
-        let word = self
-            .monitored_ifindex
-            .get(&index, 0)
-            .map_err(|e| CollectError::Monitor(e.to_string()))?;
-        let word = if on { word | bit } else { word & !bit };
-        self.monitored_ifindex
-            .set(index, word, 0)
+        set_bit(&mut self.monitored_ifindex, ifindex, on)
+    }
+
+    /// Makes kfree_skb report DHCP frames dropped on this hop (its tc
+    /// programs report the ones that cross it). Hops have no counter slot.
+    pub fn follow_hop(&mut self, ifindex: u32) -> Result<(), CollectError> {
+        set_bit(&mut self.hop_ifindex, ifindex, true)?;
+        let key = self.dev(ifindex);
+        self.hops
+            .insert(key, 1, 0)
             .map_err(|e| CollectError::Monitor(e.to_string()))
+    }
+
+    /// Stops following a hop.
+    pub fn forget_hop(&mut self, ifindex: u32) {
+        let _ = set_bit(&mut self.hop_ifindex, ifindex, false);
+        let dev = self.dev(ifindex);
+        let _ = self.hops.remove(&dev);
+        let _ = self.throttled.remove(&ifindex);
     }
 
     /// Every monitored tap's counters: slots are handed out lowest first,
@@ -438,6 +448,23 @@ impl KernelMaps {
             let _ = self.drops.remove(key);
         }
     }
+}
+
+/// Sets or clears one ifindex's bit in a device bitmap (ifindexes past
+/// the bitmap take the hash lookup alone).
+fn set_bit(bitmap: &mut Array<MapData, u64>, ifindex: u32, on: bool) -> Result<(), CollectError> {
+    if ifindex >= tracer_common::IFINDEX_BITMAP_WORDS * 64 {
+        return Ok(());
+    }
+    let index = ifindex / 64;
+    let bit = 1u64 << (ifindex % 64);
+    let word = bitmap
+        .get(&index, 0)
+        .map_err(|e| CollectError::Monitor(e.to_string()))?;
+    let word = if on { word | bit } else { word & !bit };
+    bitmap
+        .set(index, word, 0)
+        .map_err(|e| CollectError::Monitor(e.to_string()))
 }
 
 /// The inode number of this process's network namespace, as the kernel's

@@ -4,9 +4,9 @@
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
-use tracer_common::{direction, event_kind, parse_flag, PacketEvent};
+use tracer_common::{direction, event_kind, hop::tunnel_kind, parse_flag, PacketEvent};
 
-use crate::analysis::dhcp::{DhcpMessage, MessageType, Seen};
+use crate::analysis::dhcp::{DhcpMessage, HopSighting, MessageType, Seen};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -61,7 +61,7 @@ pub fn interpret(ev: &PacketEvent, drop_reason: impl Fn(u32) -> String) -> Optio
                 target: ev.dst_ip,
             })
         }
-        event_kind::DHCP if ev.parse_flags & MALFORMED != 0 => {
+        event_kind::DHCP | event_kind::DHCP_HOP if ev.parse_flags & MALFORMED != 0 => {
             return Some(Observed::MalformedDhcp {
                 ifindex,
                 mono,
@@ -72,15 +72,29 @@ pub fn interpret(ev: &PacketEvent, drop_reason: impl Fn(u32) -> String) -> Optio
         event_kind::DHCP => Seen::OnTap {
             toward_vm: !from_vm,
         },
+        event_kind::DHCP_HOP => Seen::OnHop {
+            // The agent names the hop (it knows the ifindex).
+            sighting: HopSighting {
+                hop: String::new(),
+                vlan: ev.vlan,
+                tunnel: match ev.tunnel >> 24 {
+                    tunnel_kind::VXLAN => "vxlan".to_owned(),
+                    tunnel_kind::GENEVE => "geneve".to_owned(),
+                    _ => String::new(),
+                },
+                vni: ev.tunnel & 0x00ff_ffff,
+            },
+        },
         event_kind::DHCP_DEQUEUED => Seen::Dequeued,
         event_kind::DHCP_DROPPED => Seen::Dropped {
             reason: drop_reason(ev.drop_reason),
         },
         _ => return None,
     };
-    let msg_type = (ev.kind == event_kind::DHCP && ev.msg_type != 0)
-        .then(|| MessageType::from_code(ev.msg_type));
-    if ev.kind == event_kind::DHCP && msg_type.is_none() {
+    // Options (the message type) come with tap and hop sightings only.
+    let with_options = ev.kind == event_kind::DHCP || ev.kind == event_kind::DHCP_HOP;
+    let msg_type = (with_options && ev.msg_type != 0).then(|| MessageType::from_code(ev.msg_type));
+    if with_options && msg_type.is_none() {
         // BOOTP without a message type: nothing DHCP can say about it.
         return Some(Observed::MalformedDhcp {
             ifindex,
@@ -236,21 +250,28 @@ mod tests {
                 Some(Observed::Dhcp { message, .. }) => {
                     proptest::prop_assert!(matches!(
                         ev.kind,
-                        event_kind::DHCP | event_kind::DHCP_DEQUEUED | event_kind::DHCP_DROPPED
+                        event_kind::DHCP
+                            | event_kind::DHCP_DEQUEUED
+                            | event_kind::DHCP_DROPPED
+                            | event_kind::DHCP_HOP
                     ));
                     proptest::prop_assert_eq!(message.xid, ev.xid);
-                    if ev.kind == event_kind::DHCP {
+                    if ev.kind == event_kind::DHCP || ev.kind == event_kind::DHCP_HOP {
                         proptest::prop_assert!(ev.parse_flags & MALFORMED == 0);
                         proptest::prop_assert!(message.msg_type.is_some());
                     }
                 }
                 Some(Observed::MalformedDhcp { .. }) => {
-                    proptest::prop_assert_eq!(ev.kind, event_kind::DHCP);
+                    proptest::prop_assert!(matches!(ev.kind, event_kind::DHCP | event_kind::DHCP_HOP));
                 }
                 Some(Observed::Arp { .. }) => proptest::prop_assert_eq!(ev.kind, event_kind::ARP),
                 None => proptest::prop_assert!(!matches!(
                     ev.kind,
-                    event_kind::DHCP | event_kind::ARP | event_kind::DHCP_DEQUEUED | event_kind::DHCP_DROPPED
+                    event_kind::DHCP
+                        | event_kind::ARP
+                        | event_kind::DHCP_DEQUEUED
+                        | event_kind::DHCP_DROPPED
+                        | event_kind::DHCP_HOP
                 )),
             }
         }

@@ -36,6 +36,32 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const EGRESS_PROGRAM: &str = "hvnet_egress";
 pub const INGRESS_PROGRAM: &str = "hvnet_ingress";
 pub const EMPTY_PROGRAM: &str = "hvnet_empty";
+pub const HOP_EGRESS_PROGRAM: &str = "hvnet_hop_egress";
+pub const HOP_INGRESS_PROGRAM: &str = "hvnet_hop_ingress";
+
+/// What an interface is to hvnet, which picks the tc programs it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcRole {
+    /// A VM's tap: every frame counted, DHCP/ARP reported.
+    Tap,
+    /// A bridge, bridge port or uplink: DHCP followed, nothing counted.
+    Hop,
+}
+
+impl TcRole {
+    fn programs(self) -> [(&'static str, TcAttachType); 2] {
+        match self {
+            Self::Tap => [
+                (EGRESS_PROGRAM, TcAttachType::Egress),
+                (INGRESS_PROGRAM, TcAttachType::Ingress),
+            ],
+            Self::Hop => [
+                (HOP_EGRESS_PROGRAM, TcAttachType::Egress),
+                (HOP_INGRESS_PROGRAM, TcAttachType::Ingress),
+            ],
+        }
+    }
+}
 /// Netlink mode: the tc priority hvnet's filters ask for (lower runs first).
 const NETLINK_PRIORITY: u16 = 1;
 
@@ -163,7 +189,12 @@ impl TcProbes {
         // hvnet's programs log nothing on the packet path; a logger only
         // exists if a future program adds aya-log statements.
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
-        for name in [EGRESS_PROGRAM, INGRESS_PROGRAM] {
+        for name in [
+            EGRESS_PROGRAM,
+            INGRESS_PROGRAM,
+            HOP_EGRESS_PROGRAM,
+            HOP_INGRESS_PROGRAM,
+        ] {
             program_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|err| program_error(name, &err))?;
@@ -189,6 +220,14 @@ impl TcProbes {
                 kind: tc_kind,
                 attached: true,
                 detail: format!("{INGRESS_PROGRAM} loaded, attached per interface via {tc_kind}"),
+            },
+            ProbeStatus {
+                probe: "tc_hop",
+                kind: tc_kind,
+                attached: true,
+                detail: format!(
+                    "{HOP_EGRESS_PROGRAM}/{HOP_INGRESS_PROGRAM} loaded, attached per hop via {tc_kind}"
+                ),
             },
         ];
         statuses.append(&mut optional);
@@ -239,16 +278,14 @@ impl TcProbes {
         self.attached.iter().map(|(i, a)| (*i, a.name.as_str()))
     }
 
-    /// Attaches both programs to `name`. On failure nothing stays attached.
-    pub fn attach(&mut self, ifindex: u32, name: &str) -> Result<(), AttachError> {
+    /// Attaches both programs of `role` to `name`. On failure nothing stays
+    /// attached.
+    pub fn attach(&mut self, ifindex: u32, name: &str, role: TcRole) -> Result<(), AttachError> {
         if self.mechanism == TcMechanism::Netlink {
-            self.prepare_netlink(name);
+            self.prepare_netlink(name, role);
         }
         let mut links = Vec::with_capacity(2);
-        for (program, attach_type) in [
-            (EGRESS_PROGRAM, TcAttachType::Egress),
-            (INGRESS_PROGRAM, TcAttachType::Ingress),
-        ] {
+        for (program, attach_type) in role.programs() {
             // On error `links` is dropped here, detaching what did attach.
             let link = self.attach_one(program, name, attach_type)?;
             links.push(link);
@@ -323,15 +360,12 @@ impl TcProbes {
     /// Netlink mode: make sure a clsact qdisc exists (creating one only when
     /// absent; hvnet never deletes qdiscs, an empty clsact is inert), and
     /// remove filters a killed hvnet left behind. Other filters stay.
-    fn prepare_netlink(&self, iface: &str) {
+    fn prepare_netlink(&self, iface: &str, role: TcRole) {
         match tc::qdisc_add_clsact(iface) {
             Ok(()) => log::info!("{iface}: created clsact qdisc (it will be left in place)"),
             Err(err) => log::debug!("{iface}: clsact not added ({err}); using the existing one"),
         }
-        for (attach_type, program) in [
-            (TcAttachType::Egress, EGRESS_PROGRAM),
-            (TcAttachType::Ingress, INGRESS_PROGRAM),
-        ] {
+        for (program, attach_type) in role.programs() {
             if tc::qdisc_detach_program(iface, attach_type, program).is_ok() {
                 log::warn!("{iface}: removed a stale {program} filter left by a previous hvnet");
             }

@@ -1,0 +1,199 @@
+//! Privileged lab tests: DHCP replies followed across the node's bridge,
+//! not only the tap, with dnsmasq and busybox udhcpc. A reply that reaches
+//! the node and dies before one VM's tap is `reply_lost_on_node`, named by
+//! the hop that last saw it and the kernel's drop reason; a server that
+//! never answers stays `no_reply` with nothing lost on the node.
+
+use std::{path::PathBuf, time::Duration};
+
+use hvnet_lab::{
+    agent::Agent,
+    expect::eventually,
+    metrics::{self, Sample},
+    node::ComputeNode,
+    testkit::require_root,
+};
+
+fn fake_vmm() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fake-vmm"))
+}
+
+fn series(s: &[Sample], name: &str, iface: &str, extra: &[(&str, &str)]) -> Option<f64> {
+    let mut labels = vec![("iface", iface)];
+    labels.extend_from_slice(extra);
+    metrics::value(s, name, &labels)
+}
+
+/// One udhcpc attempt from the guest that gives up after four tries
+/// (its failure is the point when replies cannot reach it).
+fn try_dhcp(vm: &hvnet_lab::node::FakeVm, script: &std::path::Path) -> bool {
+    vm.guest
+        .exec_ok(&[
+            "busybox",
+            "udhcpc",
+            "-i",
+            "eth0",
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            "4",
+            "-T",
+            "1",
+            "-s",
+            &script.display().to_string(),
+        ])
+        .is_ok()
+}
+
+#[test]
+fn a_reply_dropped_by_a_bridge_rule_is_lost_on_node_for_that_vm_only() -> anyhow::Result<()> {
+    require_root();
+    let mut node = ComputeNode::create(&hvnet_lab::unique_prefix("b"))?;
+    node.start_dhcp_server("2m")?;
+    let healthy = node.add_vm("tapb0", 0, &fake_vmm())?;
+    let blocked = node.add_vm("tapb1", 1, &fake_vmm())?;
+    let agent = Agent::start(
+        &node.ns,
+        9478,
+        &["--interfaces", "tapb*"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(5),
+        "br0 followed as a bridge hop",
+        |s| metrics::value(s, "hvnet_agent_hops", &[("role", "bridge")]) == Some(1.0),
+    )?;
+    // dnsmasq answers from br0 itself: its replies leave through the
+    // bridge's output hook, where this rule drops the ones toward tapb1.
+    node.ns.exec_ok(&[
+        "nft",
+        "add table bridge hvnet_lab_drop; \
+         add chain bridge hvnet_lab_drop out { type filter hook output priority 0; }; \
+         add rule bridge hvnet_lab_drop out oifname \"tapb1\" udp sport 67 drop",
+    ])?;
+
+    assert!(
+        try_dhcp(&healthy, &node.udhcpc_script()),
+        "the healthy VM got no lease"
+    );
+    assert!(
+        !try_dhcp(&blocked, &node.udhcpc_script()),
+        "the blocked VM got a lease through the drop rule"
+    );
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(10),
+        "tapb1's replies lost on the node",
+        |s| {
+            series(s, "hvnet_dhcp_replies_lost_on_node_total", "tapb1", &[])
+                .is_some_and(|v| v >= 1.0)
+        },
+    )?;
+    let s = agent.scrape(&node.ns)?;
+    assert_eq!(
+        series(
+            s.as_slice(),
+            "hvnet_dhcp_replies_lost_on_node_total",
+            "tapb0",
+            &[]
+        ),
+        Some(0.0),
+        "the healthy VM lost nothing"
+    );
+    assert!(
+        metrics::value(
+            &s,
+            "hvnet_hop_dhcp_packets_total",
+            &[("hop", "br0"), ("role", "bridge"), ("direction", "egress")]
+        )
+        .is_some_and(|v| v >= 2.0),
+        "br0's egress saw the OFFERs"
+    );
+    // The verdict, once udhcpc's transaction has gone quiet.
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(25),
+        "tapb1's verdict reply_lost_on_node",
+        |s| {
+            series(
+                s,
+                "hvnet_dhcp_transactions_total",
+                "tapb1",
+                &[("verdict", "reply_lost_on_node")],
+            )
+            .is_some_and(|v| v >= 1.0)
+        },
+    )?;
+    let explained = agent.explain(&node.ns, "tapb1")?;
+    assert!(
+        explained.contains("OFFER xid")
+            && explained.contains("seen on br0, dropped before tapb1 (reason netfilter_drop)"),
+        "{explained}"
+    );
+    // The lab's agent shows every breakdown from 0: present, and 0.
+    assert_eq!(
+        series(
+            &agent.scrape(&node.ns)?,
+            "hvnet_dhcp_transactions_total",
+            "tapb0",
+            &[("verdict", "reply_lost_on_node")]
+        ),
+        Some(0.0),
+        "the healthy VM has no lost-on-node verdict"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_stopped_server_is_no_reply_with_nothing_lost_on_the_node() -> anyhow::Result<()> {
+    require_root();
+    let mut node = ComputeNode::create(&hvnet_lab::unique_prefix("n"))?;
+    let vm = node.add_vm("tapn0", 0, &fake_vmm())?;
+    let agent = Agent::start(
+        &node.ns,
+        9478,
+        &["--interfaces", "tapn*"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    node.stop_dhcp_server();
+    assert!(
+        !try_dhcp(&vm, &node.udhcpc_script()),
+        "a lease with no server"
+    );
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(25),
+        "tapn0's verdict no_reply",
+        |s| {
+            series(
+                s,
+                "hvnet_dhcp_transactions_total",
+                "tapn0",
+                &[("verdict", "no_reply")],
+            )
+            .is_some_and(|v| v >= 1.0)
+        },
+    )?;
+    let s = agent.scrape(&node.ns)?;
+    assert_eq!(
+        series(&s, "hvnet_dhcp_replies_lost_on_node_total", "tapn0", &[]),
+        Some(0.0)
+    );
+    // The requests were seen leaving through the bridge.
+    assert!(
+        metrics::value(
+            &s,
+            "hvnet_hop_dhcp_packets_total",
+            &[("hop", "br0"), ("role", "bridge"), ("direction", "ingress")]
+        )
+        .is_some_and(|v| v >= 1.0),
+        "br0 saw the DISCOVERs"
+    );
+    Ok(())
+}
