@@ -19,6 +19,11 @@ use crate::{agent::Agent, netns::NetNs};
 const NODE_ADDR: &str = "10.250.8.1";
 const PEER_ADDR: &str = "10.250.8.2";
 const TAP: &str = "tapb0";
+/// An uplink beside the tap (a second veth pair to the peer): hvnet's hop
+/// programs run on it, which see all of a node's traffic.
+const UPLINK: &str = "uplb0";
+const NODE_UPLINK_ADDR: &str = "10.250.9.1";
+const PEER_UPLINK_ADDR: &str = "10.250.9.2";
 
 /// One program's kernel-measured cost over one phase.
 #[derive(Debug, Clone, Copy, Default)]
@@ -170,11 +175,40 @@ impl Lab {
             &peer,
             &format!("{PEER_ADDR}/24"),
         )?;
+        node.ip(&[
+            "link",
+            "add",
+            UPLINK,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth1",
+            "netns",
+            peer.name(),
+        ])?;
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{NODE_UPLINK_ADDR}/24"),
+            "dev",
+            UPLINK,
+        ])?;
+        node.ip(&["link", "set", UPLINK, "up"])?;
+        peer.ip(&[
+            "addr",
+            "add",
+            &format!("{PEER_UPLINK_ADDR}/24"),
+            "dev",
+            "eth1",
+        ])?;
+        peer.ip(&["link", "set", "eth1", "up"])?;
         let dir = std::env::temp_dir().join(format!("{prefix}-cost"));
         std::fs::create_dir_all(&dir)?;
         let servers = vec![
             spawn_quiet(&node, &server_args(NODE_ADDR, "5201"))?,
             spawn_quiet(&node, &server_args("127.0.0.1", "5202"))?,
+            spawn_quiet(&node, &server_args(NODE_UPLINK_ADDR, "5203"))?,
         ];
         std::thread::sleep(Duration::from_millis(300));
         Ok(Self {
@@ -185,22 +219,28 @@ impl Lab {
         })
     }
 
-    /// hvnet running with its programs on the tap: measurements start
-    /// once it has attached, not while it is still starting up.
+    /// hvnet running with its programs on the tap and the uplink:
+    /// measurements start once it has attached, not while it is still
+    /// starting up.
     fn agent(&self) -> anyhow::Result<Agent> {
         let agent = Agent::start(
             &self.node,
             9478,
-            &["--interfaces", "tapb*"],
+            &["--interfaces", "tapb*", "--uplinks", "uplb*"],
             &self.dir.join("hvnet.log"),
         )?;
         crate::testkit::poll_until(
-            "hvnet attached to the tap",
+            "hvnet attached to the tap and the uplink",
             Duration::from_secs(10),
             Duration::from_millis(50),
             || {
                 let samples = agent.scrape(&self.node)?;
-                Ok(crate::metrics::value(&samples, "hvnet_agent_interfaces", &[]) == Some(1.0))
+                let uplinks = [("role", "uplink")];
+                Ok(
+                    crate::metrics::value(&samples, "hvnet_agent_interfaces", &[]) == Some(1.0)
+                        && crate::metrics::value(&samples, "hvnet_agent_hops", &uplinks)
+                            == Some(1.0),
+                )
             },
         )?;
         Ok(agent)
@@ -220,6 +260,30 @@ impl Lab {
             }
             "tcp_via_tap" => {
                 iperf(&self.peer, &["-c", NODE_ADDR, "-p", "5201", "-t", &t])?;
+            }
+            "udp64_via_uplink" => {
+                iperf(
+                    &self.peer,
+                    &[
+                        "-c",
+                        NODE_UPLINK_ADDR,
+                        "-p",
+                        "5203",
+                        "-u",
+                        "-l",
+                        "64",
+                        "-b",
+                        "0",
+                        "-t",
+                        &t,
+                    ],
+                )?;
+            }
+            "tcp_via_uplink" => {
+                iperf(
+                    &self.peer,
+                    &["-c", NODE_UPLINK_ADDR, "-p", "5203", "-t", &t],
+                )?;
             }
             "loopback_tcp" => {
                 iperf(
@@ -262,26 +326,31 @@ pub fn run(
     let names = [
         "hvnet_egress",
         "hvnet_ingress",
+        "hvnet_hop_egress",
+        "hvnet_hop_ingress",
         "hvnet_empty",
         "hvnet_dequeue",
         "hvnet_empty_dequeue",
         "hvnet_drop",
         "hvnet_empty_drop",
     ];
-    // The empty programs beside hvnet's: tc on the same tap (TCX, both
-    // directions), raw tracepoints on the same tracepoints.
+    // The empty programs beside hvnet's: tc on the same tap and uplink
+    // (TCX, both directions; each phase's traffic crosses one of them),
+    // raw tracepoints on the same tracepoints.
     let baselines = lab.node.enter(|| {
         let mut ebpf = hvnet::kernel::loader::load_empty_baselines()?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(hvnet::kernel::loader::EMPTY_PROGRAM)
             .context("no empty tc program")?
             .try_into()?;
-        for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
-            program.attach_with_options(
-                TAP,
-                direction,
-                TcAttachOptions::TcxOrder(LinkOrder::last()),
-            )?;
+        for device in [TAP, UPLINK] {
+            for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+                program.attach_with_options(
+                    device,
+                    direction,
+                    TcAttachOptions::TcxOrder(LinkOrder::last()),
+                )?;
+            }
         }
         Ok(ebpf)
     })?;
@@ -295,6 +364,14 @@ pub fn run(
             &[("tc", "hvnet_ingress", "hvnet_empty")][..],
         ),
         ("tcp_via_tap", &[("tc", "hvnet_ingress", "hvnet_empty")][..]),
+        (
+            "udp64_via_uplink",
+            &[("tc_uplink", "hvnet_hop_ingress", "hvnet_empty")][..],
+        ),
+        (
+            "tcp_via_uplink",
+            &[("tc_uplink", "hvnet_hop_ingress", "hvnet_empty")][..],
+        ),
         (
             "loopback_tcp",
             &[(
@@ -323,10 +400,15 @@ pub fn run(
         };
         for (hook, hvnet_prog, empty_prog) in hooks {
             let mut hvnet_cost = delta(hvnet_prog)?;
-            if *hook == "tc" {
-                // The empty program runs in both directions: compare with
-                // both of hvnet's.
-                let egress = delta("hvnet_egress")?;
+            // The empty program runs in both directions: compare with both
+            // of hvnet's.
+            let egress = match *hook {
+                "tc" => Some("hvnet_egress"),
+                "tc_uplink" => Some("hvnet_hop_egress"),
+                _ => None,
+            };
+            if let Some(egress) = egress {
+                let egress = delta(egress)?;
                 hvnet_cost.runs += egress.runs;
                 hvnet_cost.ns += egress.ns;
             }

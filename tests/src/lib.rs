@@ -22,6 +22,7 @@ pub mod guest;
 pub mod http;
 pub mod metrics;
 pub mod netns;
+pub mod network_node;
 pub mod node;
 pub mod nodevm;
 pub mod pki;

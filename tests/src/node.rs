@@ -82,44 +82,7 @@ impl ComputeNode {
     /// Starts dnsmasq as the DHCP server on br0 (no DNS), with `lease`
     /// (dnsmasq's minimum is 2m).
     pub fn start_dhcp_server(&mut self, lease: &str) -> anyhow::Result<()> {
-        let leases = self.dir.join("dnsmasq.leases");
-        let log = self.dir.join("dnsmasq.log");
-        let child = self
-            .ns
-            .command("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--port=0",
-                "--interface=br0",
-                "--bind-interfaces",
-                "--dhcp-authoritative",
-                "--log-dhcp",
-                "--user=root",
-                &format!("--dhcp-range=10.250.0.100,10.250.0.199,255.255.255.0,{lease}"),
-            ])
-            .arg(format!("--dhcp-leasefile={}", leases.display()))
-            .arg(format!("--log-facility={}", log.display()))
-            .arg(format!(
-                "--pid-file={}",
-                self.dir.join("dnsmasq.pid").display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting dnsmasq (apt package dnsmasq-base)")?;
-        self.dnsmasq = Some(child);
-        // dnsmasq binds at once; give it a moment and check it is alive.
-        std::thread::sleep(Duration::from_millis(200));
-        if let Some(child) = self.dnsmasq.as_mut() {
-            if let Some(status) = child.try_wait()? {
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("dnsmasq exited at start ({status}): {log}");
-            }
-        }
+        self.dnsmasq = Some(spawn_dnsmasq(&self.ns, "br0", &self.dir, lease)?);
         Ok(())
     }
 
@@ -141,9 +104,14 @@ impl ComputeNode {
     /// A persistent tap on br0 with `mac`, as libvirt creates one before
     /// handing its fd to QEMU.
     pub fn create_tap(&self, tap: &str, mac: &str) -> anyhow::Result<()> {
+        self.create_tap_on(tap, mac, "br0")
+    }
+
+    /// A persistent tap with `mac` on the bridge `master`.
+    pub fn create_tap_on(&self, tap: &str, mac: &str, master: &str) -> anyhow::Result<()> {
         self.ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
         self.ns
-            .ip(&["link", "set", tap, "address", mac, "master", "br0", "up"])
+            .ip(&["link", "set", tap, "address", mac, "master", master, "up"])
             .map(|_| ())
     }
 
@@ -153,7 +121,37 @@ impl ComputeNode {
     /// `vhost` for /dev/vhost-net).
     pub fn add_vm(&self, tap: &str, index: u8, fake_vmm: &Path) -> anyhow::Result<FakeVm> {
         let datapath = std::env::var("HVNET_LAB_DATAPATH").unwrap_or_else(|_| "plain".into());
-        FakeVm::start(self, tap, index, fake_vmm, &datapath)
+        FakeVm::start(self, tap, index, fake_vmm, &datapath, "br0")
+    }
+
+    /// A fake VM plugged as Neutron's hybrid plug does it: its tap on a
+    /// bridge of its own (qbrN), joined to br0 (standing for br-int) by a
+    /// veth pair (qvbN on qbrN, qvoN on br0).
+    pub fn add_hybrid_vm(&self, tap: &str, index: u8, fake_vmm: &Path) -> anyhow::Result<FakeVm> {
+        let (qbr, qvb, qvo) = (
+            format!("qbr{index}"),
+            format!("qvb{index}"),
+            format!("qvo{index}"),
+        );
+        self.ns.ip(&[
+            "link",
+            "add",
+            &qbr,
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
+        self.ns
+            .ip(&["link", "add", &qvb, "type", "veth", "peer", "name", &qvo])?;
+        self.ns.ip(&["link", "set", &qvb, "master", &qbr, "up"])?;
+        self.ns.ip(&["link", "set", &qvo, "master", "br0", "up"])?;
+        self.ns.ip(&["link", "set", &qbr, "up"])?;
+        FakeVm::start(self, tap, index, fake_vmm, "plain", &qbr)
     }
 
     /// A fake VM on an explicit datapath (`plain` or `vhost`).
@@ -164,8 +162,48 @@ impl ComputeNode {
         fake_vmm: &Path,
         datapath: &str,
     ) -> anyhow::Result<FakeVm> {
-        FakeVm::start(self, tap, index, fake_vmm, datapath)
+        FakeVm::start(self, tap, index, fake_vmm, datapath, "br0")
     }
+}
+
+/// dnsmasq as a DHCP server only (no DNS) on `iface` in `ns`, handing out
+/// 10.250.0.100-199 for `lease`, its files in `dir`; checked alive.
+pub fn spawn_dnsmasq(ns: &NetNs, iface: &str, dir: &Path, lease: &str) -> anyhow::Result<Child> {
+    let leases = dir.join(format!("dnsmasq-{iface}.leases"));
+    let log = dir.join(format!("dnsmasq-{iface}.log"));
+    let mut child = ns
+        .command("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--port=0",
+            &format!("--interface={iface}"),
+            "--bind-interfaces",
+            "--dhcp-authoritative",
+            "--log-dhcp",
+            "--user=root",
+            &format!("--dhcp-range=10.250.0.100,10.250.0.199,255.255.255.0,{lease}"),
+        ])
+        .arg(format!("--dhcp-leasefile={}", leases.display()))
+        .arg(format!("--log-facility={}", log.display()))
+        .arg(format!(
+            "--pid-file={}",
+            dir.join(format!("dnsmasq-{iface}.pid")).display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting dnsmasq (apt package dnsmasq-base)")?;
+    // dnsmasq binds at once; give it a moment and check it is alive.
+    std::thread::sleep(Duration::from_millis(200));
+    if let Some(status) = child.try_wait()? {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        bail!("dnsmasq exited at start ({status}): {log}");
+    }
+    Ok(child)
 }
 
 impl Drop for ComputeNode {
@@ -193,12 +231,13 @@ impl FakeVm {
         index: u8,
         fake_vmm: &Path,
         datapath: &str,
+        master: &str,
     ) -> anyhow::Result<Self> {
         let guest = NetNs::create(&format!("{}-vm{index}", node.prefix))?;
         // libvirt's convention: the tap's MAC is the guest's with fe:.
         let guest_mac = format!("52:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
         let tap_mac = format!("fe:54:00:fa:{:02x}:{index:02x}", std::process::id() as u8);
-        node.create_tap(tap, &tap_mac)?;
+        node.create_tap_on(tap, &tap_mac, master)?;
         let control = node.dir.join(format!("{tap}.ctl"));
         let mut cmd = Command::new(fake_vmm);
         cmd.args(["--node-netns", node.ns.name(), "--tap", tap])

@@ -186,6 +186,21 @@ fn udhcpc_renewals_during_a_stall_are_retries_with_undelivered_acks_then_deliver
         "{text}"
     );
     assert!(text.contains("expires"), "{text}");
+    // The hop path: dnsmasq answers from br0, which hvnet follows; the
+    // ACKs reached the tap, so none is lost on the node: still the stall.
+    assert!(
+        text.contains("ACK xid") && text.contains("queued toward the VM (seen on br0)"),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &agent.scrape(&node.ns)?,
+            "hvnet_dhcp_replies_lost_on_node_total",
+            "tapu0",
+            &[]
+        ),
+        Some(0.0)
+    );
 
     vm.set_mode(VmmMode::Running)?;
     eventually(&agent, &node.ns, Duration::from_secs(5), "recovery", |s| {

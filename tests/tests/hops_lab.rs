@@ -10,6 +10,7 @@ use hvnet_lab::{
     agent::Agent,
     expect::eventually,
     metrics::{self, Sample},
+    network_node::NetworkNode,
     node::ComputeNode,
     testkit::require_root,
 };
@@ -195,5 +196,160 @@ fn a_stopped_server_is_no_reply_with_nothing_lost_on_the_node() -> anyhow::Resul
         .is_some_and(|v| v >= 1.0),
         "br0 saw the DISCOVERs"
     );
+    Ok(())
+}
+
+/// A VM plugged the way Neutron's hybrid plug does it: tap -> qbr (a Linux
+/// bridge of its own) -> veth qvb/qvo -> br0 (standing for br-int, where
+/// the DHCP server answers).
+#[test]
+fn a_hybrid_plug_is_followed_end_to_end_and_a_drop_on_its_qbr_is_named() -> anyhow::Result<()> {
+    require_root();
+    let mut node = ComputeNode::create(&hvnet_lab::unique_prefix("y"))?;
+    node.start_dhcp_server("2m")?;
+    let vm = node.add_hybrid_vm("tapy0", 0, &fake_vmm())?;
+    let agent = Agent::start(
+        &node.ns,
+        9478,
+        &["--interfaces", "tapy*"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(5),
+        "qbr0 and br0 followed as bridges, qvb0 and qvo0 as ports",
+        |s| {
+            metrics::value(s, "hvnet_agent_hops", &[("role", "bridge")]) == Some(2.0)
+                && metrics::value(s, "hvnet_agent_hops", &[("role", "bridge_port")])
+                    .is_some_and(|v| v >= 2.0)
+        },
+    )?;
+    vm.dhcp(&node.udhcpc_script())?;
+    // The ACK's way in: br0 sends it, qvo0 sends it into the pair, qvb0
+    // receives it, qbr0 forwards it to the tap.
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(5),
+        "the ACK seen on every hop of the plug",
+        |s| {
+            [("br0", "egress"), ("qvo0", "egress"), ("qvb0", "ingress")]
+                .iter()
+                .all(|(hop, direction)| {
+                    metrics::value(
+                        s,
+                        "hvnet_hop_dhcp_packets_total",
+                        &[("hop", hop), ("direction", direction)],
+                    )
+                    .is_some_and(|v| v >= 2.0)
+                })
+        },
+    )?;
+    let explained = agent.explain(&node.ns, "tapy0")?;
+    assert!(
+        explained.contains("queued toward the VM (seen on br0, qvo0 and qvb0)"),
+        "{explained}"
+    );
+
+    // qbr0 now drops DHCP replies toward the tap (its forward hook).
+    node.ns.exec_ok(&[
+        "nft",
+        "add table bridge hvnet_lab_qbr; \
+         add chain bridge hvnet_lab_qbr forward_chain { type filter hook forward priority 0; }; \
+         add rule bridge hvnet_lab_qbr forward_chain oifname \"tapy0\" udp sport 67 drop",
+    ])?;
+    assert!(
+        !try_dhcp(&vm, &node.udhcpc_script()),
+        "a lease through the drop rule"
+    );
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(10),
+        "tapy0's replies lost on the node",
+        |s| {
+            series(s, "hvnet_dhcp_replies_lost_on_node_total", "tapy0", &[])
+                .is_some_and(|v| v >= 1.0)
+        },
+    )?;
+    let explained = agent.explain(&node.ns, "tapy0")?;
+    assert!(
+        explained
+            .contains("seen on br0, qvo0 and qvb0, dropped before tapy0 (reason netfilter_drop)"),
+        "{explained}"
+    );
+    Ok(())
+}
+
+/// The DHCP server on a network node behind a VXLAN tunnel (the OVS
+/// tunnel case, with Linux's own VXLAN): the compute node's uplink
+/// carries the replies encapsulated; hvnet looks inside and counts them
+/// exactly.
+#[test]
+fn replies_through_a_vxlan_uplink_are_followed_inside_the_tunnel_and_counted_exactly(
+) -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&hvnet_lab::unique_prefix("x"))?;
+    let network = NetworkNode::behind_vxlan(&node, 42)?;
+    let vm = node.add_vm("tapx0", 0, &fake_vmm())?;
+    let agent = Agent::start(
+        &node.ns,
+        9478,
+        &["--interfaces", "tapx*", "--uplinks", "upl*"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(5),
+        "upl0 followed as an uplink",
+        |s| metrics::value(s, "hvnet_agent_hops", &[("role", "uplink")]) == Some(1.0),
+    )?;
+    vm.dhcp(&node.udhcpc_script())?;
+    let replies_on_tap = |s: &[Sample]| -> Option<f64> {
+        let offers = series(
+            s,
+            "hvnet_dhcp_packets_total",
+            "tapx0",
+            &[("direction", "to_vm"), ("type", "offer")],
+        )?;
+        let acks = series(
+            s,
+            "hvnet_dhcp_packets_total",
+            "tapx0",
+            &[("direction", "to_vm"), ("type", "ack")],
+        )?;
+        Some(offers + acks)
+    };
+    let on_uplink = |s: &[Sample]| {
+        metrics::value(
+            s,
+            "hvnet_hop_dhcp_packets_total",
+            &[
+                ("hop", "upl0"),
+                ("role", "uplink"),
+                ("direction", "ingress"),
+            ],
+        )
+    };
+    // Every reply reached the tap (the VM has its lease): the uplink saw
+    // each of them inside the tunnel, and no more.
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(5),
+        "the uplink's count of tunnelled replies equals the tap's",
+        |s| {
+            let tap = replies_on_tap(s);
+            tap.is_some_and(|t| t >= 2.0) && on_uplink(s) == tap
+        },
+    )?;
+    let explained = agent.explain(&node.ns, "tapx0")?;
+    assert!(
+        explained.contains("queued toward the VM (seen on upl0 (VXLAN 42)"),
+        "{explained}"
+    );
+    drop(network);
     Ok(())
 }

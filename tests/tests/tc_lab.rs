@@ -407,15 +407,31 @@ fn netlink_mode_filters_sit_beside_foreign_ones_and_survive_kill_9_then_restart_
         "tc", "filter", "add", "dev", "tapn0", "egress", "prio", "7", "protocol", "all", "u32",
         "match", "u32", "0", "0", "classid", "1:1",
     ])?;
+    // The tap's bridge is a hop hvnet follows DHCP through: the same rules
+    // hold there (beside a foreign filter, cleaned after kill -9).
+    node.ns
+        .exec_ok(&["tc", "qdisc", "add", "dev", "br0", "clsact"])?;
+    node.ns.exec_ok(&[
+        "tc", "filter", "add", "dev", "br0", "ingress", "prio", "7", "protocol", "all", "u32",
+        "match", "u32", "0", "0", "classid", "1:1",
+    ])?;
+    let hop_attached = |s: &[metrics::Sample]| {
+        metrics::value(s, "hvnet_agent_hops", &[("role", "bridge")]) == Some(1.0)
+    };
 
     let mut agent = start_agent(&node, "tapn*", &["--attach-mode", "netlink"])?;
     eventually(
         &agent,
         &node.ns,
         Duration::from_secs(3),
-        "tapn0 attached",
-        |s| interfaces(s) == Some(1.0),
+        "tapn0 and its bridge attached",
+        |s| interfaces(s) == Some(1.0) && hop_attached(s),
     )?;
+    let bridge = tc_filters(&node.ns, "br0", "ingress")?;
+    assert!(
+        bridge.contains("hvnet_hop_ingress") && bridge.contains("u32"),
+        "{bridge}"
+    );
     let filters = tc_filters(&node.ns, "tapn0", "egress")?;
     assert!(
         filters.contains("hvnet_egress") && filters.contains("u32"),
@@ -436,8 +452,8 @@ fn netlink_mode_filters_sit_beside_foreign_ones_and_survive_kill_9_then_restart_
         &agent,
         &node.ns,
         Duration::from_secs(3),
-        "tapn0 re-attached",
-        |s| interfaces(s) == Some(1.0),
+        "tapn0 and its bridge re-attached",
+        |s| interfaces(s) == Some(1.0) && hop_attached(s),
     )?;
     assert!(
         agent
@@ -454,6 +470,12 @@ fn netlink_mode_filters_sit_beside_foreign_ones_and_survive_kill_9_then_restart_
             .filter(|l| l.contains(&format!("hvnet_{hook}")))
             .count();
         assert_eq!(hvnet_lines, 1, "stale filters not cleaned: {filters}");
+        let filters = tc_filters(&node.ns, "br0", hook)?;
+        let hop_lines = filters
+            .lines()
+            .filter(|l| l.contains(&format!("hvnet_hop_{hook}")))
+            .count();
+        assert_eq!(hop_lines, 1, "stale hop filters not cleaned: {filters}");
     }
     let base = vm.stats()?;
     vm.ping(BRIDGE_ADDR, 3)?;
@@ -473,6 +495,15 @@ fn netlink_mode_filters_sit_beside_foreign_ones_and_survive_kill_9_then_restart_
     );
     let qdiscs = node.ns.exec_ok(&["tc", "qdisc", "show", "dev", "tapn0"])?;
     assert!(qdiscs.contains("clsact"), "{qdiscs}");
+    for hook in ["egress", "ingress"] {
+        let filters = tc_filters(&node.ns, "br0", hook)?;
+        assert!(!filters.contains("hvnet"), "hop filters left: {filters}");
+    }
+    let bridge = tc_filters(&node.ns, "br0", "ingress")?;
+    assert!(
+        bridge.contains("u32"),
+        "the bridge's foreign filter was removed: {bridge}"
+    );
     vm.ping(BRIDGE_ADDR, 2)?;
     Ok(())
 }
