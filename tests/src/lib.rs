@@ -27,6 +27,7 @@ pub mod node;
 pub mod nodevm;
 pub mod pki;
 pub mod promstack;
+pub mod raw_frames;
 pub mod scale;
 pub mod tap;
 pub mod testkit;

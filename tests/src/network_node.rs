@@ -1,14 +1,15 @@
-//! A network node behind a VXLAN tunnel, as in an overlay cloud where the
-//! DHCP server (Neutron's dnsmasq) lives on another host: its own netns,
-//! an underlay veth pair to the compute node (upl0 on both sides,
-//! 10.250.99.0/30), a VXLAN device on each side (br0's port on the compute
-//! node, brn's on the network node) and dnsmasq on brn (10.250.0.3).
+//! A network node where the DHCP server (Neutron's dnsmasq) lives on
+//! another host than the VMs: its own netns, a veth pair to the compute
+//! node (upl0 on both sides, 10.250.99.0/30), and on each side a VXLAN
+//! device over it (the overlay case), a port of the bridge (br0 on the
+//! compute node, brn on the network node). dnsmasq answers on brn
+//! (10.250.0.3).
 
 use std::process::Child;
 
 use crate::{
     netns::NetNs,
-    node::{spawn_dnsmasq, ComputeNode},
+    node::{add_quiet_bridge, spawn_dnsmasq, ComputeNode},
 };
 
 const COMPUTE_UNDERLAY: &str = "10.250.99.1";
@@ -24,10 +25,10 @@ pub struct NetworkNode {
 }
 
 impl NetworkNode {
-    /// Builds the network node and the tunnel with `vni` to `compute`.
+    /// Builds the network node, joined to `compute` by a VXLAN tunnel
+    /// with `vni` over the upl0 veth pair.
     pub fn behind_vxlan(compute: &ComputeNode, vni: u32) -> anyhow::Result<Self> {
         let ns = NetNs::create(&format!("{}-net", compute.prefix))?;
-        let vni = vni.to_string();
         compute.ns.ip(&[
             "link",
             "add",
@@ -47,25 +48,26 @@ impl NetworkNode {
             side.ip(&["addr", "add", &format!("{local}/30"), "dev", "upl0"])?;
             side.ip(&["link", "set", "upl0", "up"])?;
             if bridge == "brn" {
-                side.ip(&[
-                    "link",
-                    "add",
-                    "brn",
-                    "type",
-                    "bridge",
-                    "mcast_snooping",
-                    "0",
-                    "stp_state",
-                    "0",
-                    "forward_delay",
-                    "0",
-                ])?;
+                add_quiet_bridge(side, "brn")?;
                 side.ip(&["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "brn"])?;
                 side.ip(&["link", "set", "brn", "up"])?;
             }
             side.ip(&[
-                "link", "add", "vxlan0", "type", "vxlan", "id", &vni, "local", local, "remote",
-                remote, "dstport", "4789", "dev", "upl0",
+                "link",
+                "add",
+                "vxlan0",
+                "type",
+                "vxlan",
+                "id",
+                &vni.to_string(),
+                "local",
+                local,
+                "remote",
+                remote,
+                "dstport",
+                "4789",
+                "dev",
+                "upl0",
             ])?;
             side.ip(&["link", "set", "vxlan0", "master", bridge, "up"])?;
         }

@@ -47,19 +47,7 @@ impl ComputeNode {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let ns = NetNs::create(&format!("{prefix}-node"))?;
-        ns.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-        ])?;
+        add_quiet_bridge(&ns, "br0")?;
         ns.ip(&["addr", "add", &format!("{BRIDGE_ADDR}/24"), "dev", "br0"])?;
         ns.ip(&["addr", "add", &format!("{PEER_ADDR}/24"), "dev", "br0"])?;
         ns.ip(&["link", "set", "br0", "up"])?;
@@ -133,19 +121,7 @@ impl ComputeNode {
             format!("qvb{index}"),
             format!("qvo{index}"),
         );
-        self.ns.ip(&[
-            "link",
-            "add",
-            &qbr,
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-        ])?;
+        add_quiet_bridge(&self.ns, &qbr)?;
         self.ns
             .ip(&["link", "add", &qvb, "type", "veth", "peer", "name", &qvo])?;
         self.ns.ip(&["link", "set", &qvb, "master", &qbr, "up"])?;
@@ -164,6 +140,26 @@ impl ComputeNode {
     ) -> anyhow::Result<FakeVm> {
         FakeVm::start(self, tap, index, fake_vmm, datapath, "br0")
     }
+}
+
+/// A Linux bridge that forwards at once (no STP, no forward delay) and
+/// sends no IGMP queries of its own (multicast snooping off): its ports
+/// see only the lab's own frames.
+pub fn add_quiet_bridge(ns: &NetNs, name: &str) -> anyhow::Result<()> {
+    ns.ip(&[
+        "link",
+        "add",
+        name,
+        "type",
+        "bridge",
+        "mcast_snooping",
+        "0",
+        "stp_state",
+        "0",
+        "forward_delay",
+        "0",
+    ])
+    .map(|_| ())
 }
 
 /// dnsmasq as a DHCP server only (no DNS) on `iface` in `ns`, handing out
@@ -290,6 +286,11 @@ impl FakeVm {
 
     /// Gets a lease with busybox udhcpc in the guest (then udhcpc exits).
     pub fn dhcp(&self, script: &Path) -> anyhow::Result<String> {
+        self.dhcp_tries(script, 5)
+    }
+
+    /// udhcpc giving up after `tries` DISCOVERs a second apart.
+    pub fn dhcp_tries(&self, script: &Path, tries: u32) -> anyhow::Result<String> {
         self.guest.exec_ok(&[
             "busybox",
             "udhcpc",
@@ -299,7 +300,7 @@ impl FakeVm {
             "-q",
             "-f",
             "-t",
-            "5",
+            &tries.to_string(),
             "-T",
             "1",
             "-s",

@@ -11,7 +11,8 @@ fn the_cost_benchmark_measures_every_hook_and_both_sides_of_the_ab() -> anyhow::
     require_root();
     let (rows, throughput) = cost::run(&unique_prefix("k"), 1, 1)?;
     eprintln!("{}", cost::render(&rows, &throughput));
-    assert_eq!(rows.len(), 4);
+    // tap UDP and TCP, uplink UDP and TCP, dequeue, drop.
+    assert_eq!(rows.len(), 6);
     for row in &rows {
         assert!(
             row.hvnet.runs > 0 && row.empty.runs > 0,

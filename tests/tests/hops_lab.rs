@@ -28,23 +28,7 @@ fn series(s: &[Sample], name: &str, iface: &str, extra: &[(&str, &str)]) -> Opti
 /// One udhcpc attempt from the guest that gives up after four tries
 /// (its failure is the point when replies cannot reach it).
 fn try_dhcp(vm: &hvnet_lab::node::FakeVm, script: &std::path::Path) -> bool {
-    vm.guest
-        .exec_ok(&[
-            "busybox",
-            "udhcpc",
-            "-i",
-            "eth0",
-            "-n",
-            "-q",
-            "-f",
-            "-t",
-            "4",
-            "-T",
-            "1",
-            "-s",
-            &script.display().to_string(),
-        ])
-        .is_ok()
+    vm.dhcp_tries(script, 4).is_ok()
 }
 
 #[test]
@@ -351,5 +335,90 @@ fn replies_through_a_vxlan_uplink_are_followed_inside_the_tunnel_and_counted_exa
         "{explained}"
     );
     drop(network);
+    Ok(())
+}
+
+/// A VLAN mistake: the server's reply reaches the node's uplink tagged
+/// with a VLAN the node has no device for, and the kernel drops it there.
+/// Hand-built frames (this machine's kernel has no 802.1Q devices): the
+/// VM's DISCOVER from its guest, the tagged OFFER from the far end of the
+/// uplink.
+#[test]
+fn a_reply_on_a_vlan_the_node_does_not_carry_is_lost_at_the_uplink_with_its_vlan_named(
+) -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&hvnet_lab::unique_prefix("w"))?;
+    let far = hvnet_lab::netns::NetNs::create(&format!("{}-far", node.prefix))?;
+    node.ns.ip(&[
+        "link",
+        "add",
+        "upl0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "upl0",
+        "netns",
+        far.name(),
+    ])?;
+    node.ns.ip(&["link", "set", "upl0", "up"])?;
+    far.ip(&["link", "set", "upl0", "up"])?;
+    let vm = node.add_vm("tapw0", 0, &fake_vmm())?;
+    let agent = Agent::start(
+        &node.ns,
+        9478,
+        &["--interfaces", "tapw*", "--uplinks", "upl0"],
+        &node.dir.join("hvnet.log"),
+    )?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(5),
+        "upl0 followed as an uplink",
+        |s| metrics::value(s, "hvnet_agent_hops", &[("role", "uplink")]) == Some(1.0),
+    )?;
+    let lab = env!("CARGO_BIN_EXE_hvnet-lab");
+    let frame = |ns: &hvnet_lab::netns::NetNs, args: &[&str]| -> anyhow::Result<()> {
+        let mut argv = vec![lab, "dhcp-frame", "--xid", "0x5eed0042", "--client-mac"];
+        argv.push(&vm.guest_mac);
+        argv.extend_from_slice(args);
+        ns.exec_ok(&argv).map(|_| ())
+    };
+    frame(&vm.guest, &["--iface", "eth0", "--type", "1"])?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(5),
+        "the DISCOVER seen on the tap",
+        |s| {
+            series(
+                s,
+                "hvnet_dhcp_packets_total",
+                "tapw0",
+                &[("direction", "from_vm"), ("type", "discover")],
+            )
+            .is_some_and(|v| v >= 1.0)
+        },
+    )?;
+    frame(
+        &far,
+        &["--iface", "upl0", "--reply", "--type", "2", "--vlan", "100"],
+    )?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(10),
+        "the tagged OFFER lost on the node",
+        |s| {
+            series(s, "hvnet_dhcp_replies_lost_on_node_total", "tapw0", &[])
+                .is_some_and(|v| v >= 1.0)
+        },
+    )?;
+    let explained = agent.explain(&node.ns, "tapw0")?;
+    assert!(
+        explained
+            .contains("OFFER xid 0x5eed0042 seen on upl0 (VLAN 100), dropped at upl0 (reason "),
+        "{explained}"
+    );
     Ok(())
 }

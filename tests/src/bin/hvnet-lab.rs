@@ -16,6 +16,7 @@ use hvnet_lab::{
     http,
     netns::{enter_netns, NetNs},
     node::{ComputeNode, FakeVm},
+    raw_frames::{interface_mac, parse_mac, FrameSender},
     vmm::{self, VmmMode},
     BRIDGE_ADDR, PEER_ADDR,
 };
@@ -69,6 +70,24 @@ enum LabCommand {
         iface: String,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// Send one hand-built DHCP message out of an interface (lab netns
+    /// only): a client's broadcast request, or with --reply a server's
+    /// answer to the client, optionally VLAN-tagged.
+    DhcpFrame {
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        reply: bool,
+        /// DHCP message type (1 DISCOVER, 2 OFFER, 3 REQUEST, 5 ACK, ...).
+        #[arg(long = "type")]
+        message_type: u8,
+        #[arg(long, value_parser = parse_xid)]
+        xid: u32,
+        #[arg(long)]
+        client_mac: String,
+        #[arg(long)]
+        vlan: Option<u16>,
     },
     /// hvnet's cost on real traffic (kernel run-time stats against empty
     /// programs on the same hooks) and throughput with and without it.
@@ -138,6 +157,15 @@ extern "C" fn request_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// An xid as 0x-prefixed hex or decimal.
+fn parse_xid(text: &str) -> Result<u32, String> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|e| format!("invalid xid {text:?}: {e}"))
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         LabCommand::Demo {
@@ -150,6 +178,14 @@ fn main() -> anyhow::Result<()> {
         LabCommand::UdpBroadcast { count } => udp_broadcast(count),
         LabCommand::UdpSend { to, pps, seconds } => udp_send(to, pps, seconds),
         LabCommand::ArpFlood { iface, seconds } => arp_flood(&iface, seconds),
+        LabCommand::DhcpFrame {
+            iface,
+            reply,
+            message_type,
+            xid,
+            client_mac,
+            vlan,
+        } => dhcp_frame(&iface, reply, message_type, xid, &client_mac, vlan),
         LabCommand::BenchCost { seconds, rounds } => {
             let (rows, throughput) =
                 hvnet_lab::cost::run(&hvnet_lab::unique_prefix("c"), seconds, rounds)?;
@@ -252,60 +288,64 @@ fn udp_broadcast(count: u32) -> anyhow::Result<()> {
 /// Sends broadcast ARP requests as fast as the interface takes them; prints
 /// how many it sent.
 fn arp_flood(iface: &str, seconds: u64) -> anyhow::Result<()> {
-    let name = std::ffi::CString::new(iface)?;
-    // SAFETY: if_nametoindex reads a NUL-terminated string we own.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        bail!("no interface {iface}");
-    }
-    let mac_text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))?;
-    let mac: Vec<u8> = mac_text
-        .trim()
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16))
-        .collect::<Result<_, _>>()?;
+    let sender = FrameSender::open(iface)?;
+    let mac = interface_mac(iface)?;
     let mut frame = vec![0xffu8; 6];
-    frame.extend(&mac);
+    frame.extend(mac);
     frame.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    frame.extend(&mac);
+    frame.extend(mac);
     frame.extend([10, 250, 0, 249]);
     frame.extend([0u8; 6]);
     frame.extend([10, 250, 0, 250]);
     frame.resize(60, 0);
-    // SAFETY: plain socket(2) call; the fd is closed below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_ifindex = ifindex as i32;
-    addr.sll_halen = 6;
-    addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut sent = 0u64;
     while Instant::now() < end {
         for _ in 0..256 {
-            // SAFETY: sendto with a buffer and address we own.
-            let n = unsafe {
-                libc::sendto(
-                    fd,
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            if n > 0 {
+            if sender.send(&frame) {
                 sent += 1;
             }
         }
     }
-    // SAFETY: closing the fd opened above.
-    unsafe { libc::close(fd) };
     println!("{sent}");
+    Ok(())
+}
+
+/// Sends one hand-built DHCP message out of `iface`: a client's request
+/// (broadcast, from `client_mac`) or a server's reply (to `client_mac`,
+/// from the interface's own MAC), optionally 802.1Q-tagged.
+fn dhcp_frame(
+    iface: &str,
+    reply: bool,
+    message_type: u8,
+    xid: u32,
+    client_mac: &str,
+    vlan: Option<u16>,
+) -> anyhow::Result<()> {
+    let client = parse_mac(client_mac)?;
+    let own = interface_mac(iface)?;
+    let op = if reply { 2 } else { 1 };
+    let message = hvnet::frames::dhcp_message(op, xid, client, message_type);
+    let frame = if reply {
+        hvnet::frames::udp_frame(
+            client,
+            own,
+            [10, 250, 0, 3],
+            [10, 250, 0, 150],
+            67,
+            68,
+            &message,
+        )
+    } else {
+        hvnet::frames::udp_frame([0xff; 6], client, [0; 4], [255; 4], 68, 67, &message)
+    };
+    let frame = match vlan {
+        Some(id) => hvnet::frames::with_vlan_tag(&frame, id),
+        None => frame,
+    };
+    if !FrameSender::open(iface)?.send(&frame) {
+        bail!("sending on {iface}: {}", std::io::Error::last_os_error());
+    }
     Ok(())
 }
 

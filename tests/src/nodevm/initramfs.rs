@@ -30,6 +30,13 @@ const NODE_MODULES: &[&str] = &[
     "cls_bpf",
     // The coexistence checks add a foreign u32 filter first.
     "cls_u32",
+    // The hop checks: a bridge nftables rule drops a reply; a DHCP server
+    // behind a VXLAN tunnel.
+    "nf_tables",
+    // Meta expressions (oifname) in the bridge family live here; the VM
+    // has no modprobe to load it on demand.
+    "nft_meta_bridge",
+    "vxlan",
 ];
 /// Enough of /etc for dnsmasq (`--user=root`) and the lab's tools.
 const ETC_FILES: &[(&str, &str)] = &[

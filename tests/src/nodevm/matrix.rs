@@ -95,6 +95,27 @@ pub const CHECKS: &[Check] = &[
         vhost: false,
     },
     Check {
+        label: "bridge-drop",
+        test: "hops_lab",
+        name: "a_reply_dropped_by_a_bridge_rule_is_lost_on_node_for_that_vm_only",
+        tcx_only: false,
+        vhost: false,
+    },
+    Check {
+        label: "vxlan-hop",
+        test: "hops_lab",
+        name: "replies_through_a_vxlan_uplink_are_followed_inside_the_tunnel_and_counted_exactly",
+        tcx_only: false,
+        vhost: false,
+    },
+    Check {
+        label: "vlan-hop",
+        test: "hops_lab",
+        name: "a_reply_on_a_vlan_the_node_does_not_carry_is_lost_at_the_uplink_with_its_vlan_named",
+        tcx_only: false,
+        vhost: false,
+    },
+    Check {
         label: "vhost",
         test: "vhost_lab",
         name: "vhost_net_counts_exactly_names_vmm_and_worker_and_sees_tun_recvmsg",
@@ -303,7 +324,7 @@ pub fn boot_node(
     }
     // The lab's fake VMM sits beside hvnet-lab (tests name it by path).
     payload.binary(&lab_bin.with_file_name("fake-vmm"))?;
-    for tool in ["ip", "tc", "dnsmasq"] {
+    for tool in ["ip", "tc", "dnsmasq", "nft"] {
         payload.tool(tool)?;
     }
     // Test binaries resolve `<manifest dir>/../target/...`.

@@ -42,7 +42,13 @@ fn follow_dhcp(ctx: &TcContext, hook: u8) {
     ev.kind = event_kind::DHCP_HOP;
     ev.tunnel = found.tunnel;
     // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed to this program.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let skb = unsafe { &*ctx.skb.skb };
+    if ev.vlan == 0 && found.inner == 0 && skb.vlan_present != 0 {
+        // The tag is not in the packet: the NIC (or veth) carries it beside
+        // the frame (VLAN offload), where a VLAN device put it or took it.
+        ev.vlan = (skb.vlan_tci & 0x0fff) as u16;
+    }
+    let ifindex = skb.ifindex;
     let dev = DevKey { netns: 0, ifindex };
     emit_with_options(ctx, ev, dev, hook, found.cookie_offset());
 }

@@ -291,8 +291,11 @@ pub enum DhcpNote {
         xid: u32,
         /// The hops that saw it, in order ("eth0 (VLAN 100)", "br0").
         path: Vec<String>,
-        /// Where the kernel dropped it and why, when it said so.
+        /// Where the kernel dropped it and why, when it said so: on a hop
+        /// (`at_hop`), or with the tap as its device before the tap's tc
+        /// hook saw it.
         dropped_at: Option<String>,
+        at_hop: bool,
         reason: Option<String>,
     },
     /// The VMM dequeued the ACK, yet the client asked again: the guest
@@ -367,6 +370,10 @@ struct HopReply {
 
 /// Hops remembered per message (a path longer than this is a loop).
 const MAX_PATH: usize = 8;
+/// A hop sighting this long after the tap saw the same reply is a copy
+/// going elsewhere (a broadcast reply the bridge floods to every port,
+/// the uplink's egress included), not a reply on its way to the tap.
+const SEEN_ON_TAP_WINDOW: f64 = 10.0;
 
 #[derive(Debug, Clone)]
 struct Transaction {
@@ -433,6 +440,8 @@ pub struct DhcpTracker {
     undelivered_after: f64,
     pending: VecDeque<PendingReply>,
     on_hops: VecDeque<HopReply>,
+    /// Replies the tap saw lately: (xid, chaddr, message, when).
+    seen_on_tap: VecDeque<(u32, [u8; 6], MessageType, f64)>,
     /// The client's MAC, from its own messages on the tap: how replies
     /// seen on shared hops are told apart per VM.
     client_mac: Option<[u8; 6]>,
@@ -458,6 +467,7 @@ impl DhcpTracker {
             undelivered_after,
             pending: VecDeque::new(),
             on_hops: VecDeque::new(),
+            seen_on_tap: VecDeque::new(),
             client_mac: None,
             tap: "the tap".to_owned(),
             current: None,
@@ -487,7 +497,11 @@ impl DhcpTracker {
         self.last_verdict
     }
     pub fn pending_replies(&self) -> usize {
-        self.pending.len() + self.on_hops.len()
+        self.pending.len()
+    }
+    /// Replies seen on the node's hops, not (yet) on the tap.
+    pub fn replies_on_hops(&self) -> usize {
+        self.on_hops.len()
     }
     /// The MAC the VM's DHCP client uses (None before its first message).
     pub fn client_mac(&self) -> Option<[u8; 6]> {
@@ -516,7 +530,7 @@ impl DhcpTracker {
             Seen::Dropped { reason } => self.reply_dropped(m, reason, vm_state, &mut notes),
             Seen::OnHop { sighting } => self.seen_on_hop(m, sighting, now),
             Seen::DroppedOnHop { reason, hop } => {
-                self.lost_on_node(m, Some((hop.clone(), reason.clone())), &mut notes)
+                self.lost_on_node(m, Some((hop.clone(), reason.clone())), true, &mut notes)
             }
         }
         notes
@@ -547,6 +561,12 @@ impl DhcpTracker {
             add_to_path(&mut reply.path, sighting);
             return;
         }
+        let copy_of_delivered = self.seen_on_tap.iter().any(|(xid, chaddr, msg, at)| {
+            *xid == m.xid && *chaddr == m.chaddr && *msg == message && now - at < SEEN_ON_TAP_WINDOW
+        });
+        if copy_of_delivered {
+            return;
+        }
         if self.on_hops.len() >= MAX_PENDING_REPLIES {
             self.on_hops.pop_front();
         }
@@ -568,6 +588,7 @@ impl DhcpTracker {
         &mut self,
         m: &DhcpMessage,
         dropped: Option<(String, String)>,
+        at_hop: bool,
         notes: &mut Vec<DhcpNote>,
     ) {
         let at = self
@@ -594,13 +615,14 @@ impl DhcpTracker {
                 _ => return,
             },
         };
-        self.record_lost(reply, dropped, notes);
+        self.record_lost(reply, dropped, at_hop, notes);
     }
 
     fn record_lost(
         &mut self,
         reply: HopReply,
         dropped: Option<(String, String)>,
+        at_hop: bool,
         notes: &mut Vec<DhcpNote>,
     ) {
         self.counters.replies_lost_on_node += 1;
@@ -616,6 +638,7 @@ impl DhcpTracker {
             xid: reply.xid,
             path: describe_path(&reply.path),
             dropped_at,
+            at_hop,
             reason,
         });
     }
@@ -769,6 +792,10 @@ impl DhcpTracker {
             .map(|r| r.path)
             .unwrap_or_default();
         let described = describe_path(&path);
+        if self.seen_on_tap.len() >= MAX_PENDING_REPLIES {
+            self.seen_on_tap.pop_front();
+        }
+        self.seen_on_tap.push_back((m.xid, m.chaddr, message, now));
         self.pending.push_back(PendingReply {
             message,
             xid: m.xid,
@@ -869,7 +896,7 @@ impl DhcpTracker {
             // Dropped on its way to the tap (a bridge rule drops it with
             // the tap as its device, before the tap's tc hook saw it).
             let tap = self.tap.clone();
-            self.lost_on_node(m, Some((tap, reason.to_owned())), notes);
+            self.lost_on_node(m, Some((tap, reason.to_owned())), false, notes);
             return;
         };
         // A full ring or a stalled VM: the stall is the cause, whatever the
@@ -921,7 +948,7 @@ impl DhcpTracker {
             .cloned()
         {
             self.on_hops.pop_front();
-            self.record_lost(reply, None, &mut notes);
+            self.record_lost(reply, None, false, &mut notes);
         }
         // Forget replies nobody will ever dequeue (the VMM went away).
         self.pending.retain(|r| now - r.offered_at < PENDING_TTL);
@@ -1301,6 +1328,113 @@ mod tests {
         assert_eq!(t.counters().packets[1][0], 100_000);
     }
 
+    /// Seen by a hop's tc program (which copies the options, as the tap's).
+    fn on_br0(mut m: DhcpMessage) -> DhcpMessage {
+        m.seen = Seen::OnHop {
+            sighting: HopSighting {
+                hop: "br0".into(),
+                vlan: 100,
+                tunnel: String::new(),
+                vni: 0,
+            },
+        };
+        m
+    }
+
+    #[test]
+    fn a_reply_seen_on_a_hop_then_on_the_tap_carries_its_path_and_is_not_lost() {
+        let mut t = DhcpTracker::new(3.0).for_tap("tap3");
+        let discover = client(MessageType::Discover, 9, [0; 4], [255; 4], [0; 4], [0; 4]);
+        t.observe(&discover, 0.0, VmState::Ok);
+        t.observe(&on_br0(reply(MessageType::Offer, 9)), 0.1, VmState::Ok);
+        let notes = t.observe(&reply(MessageType::Offer, 9), 0.1, VmState::Ok);
+        assert!(
+            notes
+                .iter()
+                .any(|n| matches!(n, DhcpNote::ReplyQueued { path, .. }
+                if path == &["br0 (VLAN 100)".to_owned()])),
+            "{notes:?}"
+        );
+        t.tick(10.0, VmState::Ok);
+        assert_eq!(t.counters().replies_lost_on_node, 0);
+        assert_eq!(t.replies_on_hops(), 0);
+    }
+
+    #[test]
+    fn a_flooded_copy_seen_on_a_hop_after_the_tap_is_not_a_lost_reply() {
+        let mut t = DhcpTracker::new(3.0);
+        let discover = client(MessageType::Discover, 9, [0; 4], [255; 4], [0; 4], [0; 4]);
+        t.observe(&discover, 0.0, VmState::Ok);
+        t.observe(&reply(MessageType::Offer, 9), 0.1, VmState::Ok);
+        t.observe(
+            &seen_as(reply(MessageType::Offer, 9), Seen::Dequeued),
+            0.1,
+            VmState::Ok,
+        );
+        // The bridge flooded the broadcast OFFER to the uplink too.
+        t.observe(&on_br0(reply(MessageType::Offer, 9)), 0.1, VmState::Ok);
+        t.tick(10.0, VmState::Ok);
+        assert_eq!(t.counters().replies_lost_on_node, 0);
+    }
+
+    #[test]
+    fn a_reply_dropped_before_the_tap_is_lost_on_node_with_the_reason() {
+        let mut t = DhcpTracker::new(3.0).for_tap("tap3");
+        let discover = client(MessageType::Discover, 9, [0; 4], [255; 4], [0; 4], [0; 4]);
+        t.observe(&discover, 0.0, VmState::Ok);
+        t.observe(&on_br0(reply(MessageType::Offer, 9)), 0.1, VmState::Ok);
+        let dropped = seen_as(
+            reply(MessageType::Offer, 9),
+            Seen::Dropped {
+                reason: "netfilter_drop".into(),
+            },
+        );
+        let notes = t.observe(&dropped, 0.1, VmState::Ok);
+        assert_eq!(
+            notes,
+            vec![DhcpNote::ReplyLostOnNode {
+                message: MessageType::Offer,
+                xid: 9,
+                path: vec!["br0 (VLAN 100)".into()],
+                dropped_at: Some("tap3".into()),
+                at_hop: false,
+                reason: Some("netfilter_drop".into()),
+            }]
+        );
+        assert_eq!(t.counters().replies_lost_on_node, 1);
+        assert_eq!(t.counters().replies_undelivered, 0, "never reached the tap");
+        // The transaction ends as lost on the node once the client is quiet.
+        let notes = t.tick(30.0, VmState::Ok);
+        assert!(
+            notes
+                .iter()
+                .any(|n| matches!(n, DhcpNote::TransactionDone { verdict, .. }
+                if *verdict == Verdict::ReplyLostOnNode)),
+            "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn a_reply_seen_on_a_hop_and_never_on_the_tap_is_lost_after_the_wait() {
+        let mut t = DhcpTracker::new(3.0);
+        let discover = client(MessageType::Discover, 9, [0; 4], [255; 4], [0; 4], [0; 4]);
+        t.observe(&discover, 0.0, VmState::Ok);
+        t.observe(&on_br0(reply(MessageType::Offer, 9)), 0.1, VmState::Ok);
+        assert!(t.tick(2.0, VmState::Ok).is_empty());
+        let notes = t.tick(3.2, VmState::Ok);
+        assert!(
+            notes.iter().any(|n| matches!(
+                n,
+                DhcpNote::ReplyLostOnNode {
+                    dropped_at: None,
+                    ..
+                }
+            )),
+            "{notes:?}"
+        );
+        assert_eq!(t.counters().replies_lost_on_node, 1);
+    }
+
     /// What a random sequence step feeds the tracker.
     #[derive(Debug, Clone)]
     enum Step {
@@ -1308,6 +1442,8 @@ mod tests {
         Reply { code: u8, xid: u32 },
         Dequeued { xid: u32 },
         Dropped { xid: u32 },
+        OnHop { code: u8, xid: u32, request: bool },
+        DroppedOnHop { xid: u32 },
         Tick,
     }
 
@@ -1323,6 +1459,12 @@ mod tests {
             (1u8..=8, 0u32..4).prop_map(|(code, xid)| Step::Reply { code, xid }),
             (0u32..4).prop_map(|xid| Step::Dequeued { xid }),
             (0u32..4).prop_map(|xid| Step::Dropped { xid }),
+            (1u8..=8, 0u32..4, any::<bool>()).prop_map(|(code, xid, request)| Step::OnHop {
+                code,
+                xid,
+                request
+            }),
+            (0u32..4).prop_map(|xid| Step::DroppedOnHop { xid }),
             Just(Step::Tick),
         ]
     }
@@ -1342,6 +1484,8 @@ mod tests {
             let mut t = DhcpTracker::new(2.0);
             let mut now = 0.0;
             let (mut client_sent, mut on_tap, mut replies_offered) = (0u64, 0u64, 0u64);
+            // Replies seen on a hop, and drops: each can be lost once.
+            let mut may_be_lost = 0u64;
             for (step, dt, state) in steps {
                 now += dt;
                 let vm_state = VmState::ALL[state];
@@ -1363,7 +1507,33 @@ mod tests {
                         let m = seen_as(reply(MessageType::Ack, xid), Seen::Dequeued);
                         t.observe(&m, now, vm_state);
                     }
+                    Step::OnHop { code, xid, request } => {
+                        let mut m = if request {
+                            client(MessageType::from_code(code), xid, [0; 4], [255; 4], [0; 4], [0; 4])
+                        } else {
+                            may_be_lost += 1;
+                            reply(MessageType::from_code(code), xid)
+                        };
+                        m.seen = Seen::OnHop {
+                            sighting: HopSighting {
+                                hop: "br0".into(),
+                                vlan: 0,
+                                tunnel: String::new(),
+                                vni: 0,
+                            },
+                        };
+                        t.observe(&m, now, vm_state);
+                    }
+                    Step::DroppedOnHop { xid } => {
+                        may_be_lost += 1;
+                        let m = seen_as(
+                            reply(MessageType::Offer, xid),
+                            Seen::DroppedOnHop { reason: "netfilter_drop".into(), hop: "br0".into() },
+                        );
+                        t.observe(&m, now, vm_state);
+                    }
                     Step::Dropped { xid } => {
+                        may_be_lost += 1;
                         replies_offered += 1;
                         let m = seen_as(
                             reply(MessageType::Ack, xid),
@@ -1376,6 +1546,7 @@ mod tests {
                     }
                 }
                 proptest::prop_assert!(t.pending_replies() <= MAX_PENDING_REPLIES);
+                proptest::prop_assert!(t.replies_on_hops() <= MAX_PENDING_REPLIES);
             }
             let c = t.counters();
             let retries: u64 = c.retries.iter().sum();
@@ -1390,6 +1561,10 @@ mod tests {
                 "{} undelivered of {replies_offered} replies", c.replies_undelivered
             );
             proptest::prop_assert!(c.replies_unprocessed <= replies_offered);
+            proptest::prop_assert!(
+                c.replies_lost_on_node <= may_be_lost,
+                "{} lost of {may_be_lost} hop sightings and drops", c.replies_lost_on_node
+            );
             if let Some(lease) = t.lease() {
                 // (granted_at + 120) - now is not exactly 120 in floating
                 // point when now == granted_at: allow the rounding.

@@ -168,9 +168,11 @@ pub fn describe_note(note: &DhcpNote) -> String {
             xid,
             path,
             dropped_at,
+            at_hop,
             reason,
         } => {
             let fate = match (dropped_at, reason) {
+                (Some(at), Some(reason)) if *at_hop => format!("dropped at {at} (reason {reason})"),
                 (Some(at), Some(reason)) => format!("dropped before {at} (reason {reason})"),
                 _ => "never reached the tap (no drop reason from the kernel)".to_owned(),
             };
@@ -408,6 +410,52 @@ mod tests {
     #[test]
     fn clock_is_utc_hh_mm_ss() {
         assert_eq!(clock(3600.0 * 10.0 + 62.0), "10:01:02");
+    }
+
+    #[test]
+    fn a_lost_reply_names_its_hops_and_an_unseen_path_is_said() {
+        let note = DhcpNote::ReplyLostOnNode {
+            message: MessageType::Ack,
+            xid: 0x1b4c_1072,
+            path: vec!["eth0 (VLAN 100)".into(), "br-int".into()],
+            dropped_at: Some("tap3".into()),
+            at_hop: false,
+            reason: Some("netfilter_drop".into()),
+        };
+        assert_eq!(
+            describe_note(&note),
+            "ACK xid 0x1b4c1072 seen on eth0 (VLAN 100) and br-int, dropped before tap3 \
+             (reason netfilter_drop): lost on this node"
+        );
+        let mut t = Timeline::default();
+        t.push(entry("DISCOVER xid 0x1 sent broadcast", 0.0));
+        let text = render_explanation(
+            &Explanation {
+                iface: "tap3",
+                vm_name: "db-3",
+                state: Some(VmState::Ok),
+                stuck_since: None,
+                retries_during_stall: 0,
+                replies_undelivered: 0,
+                replies_unprocessed: 0,
+                replies_lost_on_node: 2,
+                unseen_path: Some("its master ovs-system is openvswitch"),
+                lease: None,
+                now_unix: 0.0,
+                identity: "",
+            },
+            &t,
+        );
+        assert!(
+            text.contains("; 2 DHCP replies reached this node but were lost before the tap"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "the path beyond the tap is not visible: its master ovs-system is openvswitch"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
