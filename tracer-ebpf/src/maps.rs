@@ -41,9 +41,11 @@ pub static MONITORED_IFINDEX: Array<u64> =
 #[map]
 pub static HOPS: HashMap<DevKey, u8> = HashMap::with_max_entries(tracer_common::MAX_HOPS, 0);
 
-/// One bit per hop ifindex below 65536 (as MONITORED_IFINDEX for taps).
+/// One bit per ifindex below 65536 of a monitored tap or a followed hop:
+/// kfree_skb, which fires for every drop on the host, rejects every other
+/// device with this one load (as MONITORED_IFINDEX does for taps alone).
 #[map]
-pub static HOP_IFINDEX: Array<u64> =
+pub static DROP_IFINDEX: Array<u64> =
     Array::with_max_entries(tracer_common::IFINDEX_BITMAP_WORDS, 0);
 
 /// Frames the VMM read from each monitored tap (the RX queue draining).

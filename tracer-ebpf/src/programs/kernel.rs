@@ -13,7 +13,7 @@ use tracer_common::{frame::FrameBytes, DevKey};
 use aya_ebpf::maps::{Array, HashMap};
 
 use crate::maps::{
-    HOPS, HOP_IFINDEX, MONITORED, MONITORED_IFINDEX, PERCPU_ERRORS_INDEX, PROBE_ERRORS,
+    DROP_IFINDEX, HOPS, MONITORED, MONITORED_IFINDEX, PERCPU_ERRORS_INDEX, PROBE_ERRORS,
 };
 
 #[unsafe(no_mangle)]
@@ -108,15 +108,20 @@ pub enum Known {
     Hop(DevKey),
 }
 
-/// Taps first (the common case on a tap's path), then hops; one read of
-/// the ifindex for both.
+/// A tap or a hop, one read of the ifindex and one bitmap load for any
+/// other device; taps are told from hops by their own bitmap.
 #[inline(always)]
 pub fn known_device<M: KernelMemory>(dev: u64) -> Option<Known> {
     let ifindex = device_ifindex::<M>(dev)?;
-    if let Some(key) = member::<M>(dev, ifindex, &MONITORED_IFINDEX, &MONITORED) {
-        return Some(Known::Tap(key));
+    if !maybe_in(&DROP_IFINDEX, ifindex) {
+        return None;
     }
-    member::<M>(dev, ifindex, &HOP_IFINDEX, &HOPS).map(Known::Hop)
+    if maybe_in(&MONITORED_IFINDEX, ifindex) {
+        if let Some(key) = in_set::<M>(dev, ifindex, &MONITORED) {
+            return Some(Known::Tap(key));
+        }
+    }
+    in_set::<M>(dev, ifindex, &HOPS).map(Known::Hop)
 }
 
 #[inline(always)]
@@ -141,12 +146,25 @@ fn member<M: KernelMemory>(
     bitmap: &Array<u64>,
     set: &HashMap<DevKey, u8>,
 ) -> Option<DevKey> {
-    if ifindex < tracer_common::IFINDEX_BITMAP_WORDS * 64 {
-        let word = bitmap.get(ifindex / 64).copied().unwrap_or(0);
-        if word & (1u64 << (ifindex % 64)) == 0 {
-            return None;
-        }
+    if !maybe_in(bitmap, ifindex) {
+        return None;
     }
+    in_set::<M>(dev, ifindex, set)
+}
+
+/// False when the bitmap rules the ifindex out; true when its bit is set
+/// or the ifindex is past the bitmap (the hash decides then).
+#[inline(always)]
+fn maybe_in(bitmap: &Array<u64>, ifindex: u32) -> bool {
+    if ifindex >= tracer_common::IFINDEX_BITMAP_WORDS * 64 {
+        return true;
+    }
+    let word = bitmap.get(ifindex / 64).copied().unwrap_or(0);
+    word & (1u64 << (ifindex % 64)) != 0
+}
+
+#[inline(always)]
+fn in_set<M: KernelMemory>(dev: u64, ifindex: u32, set: &HashMap<DevKey, u8>) -> Option<DevKey> {
     let net = M::read::<u64>(dev + global(&DEV_NET_OFF))?;
     let netns = M::read::<u32>(net + global(&NET_INUM_OFF))?;
     let key = DevKey { netns, ifindex };

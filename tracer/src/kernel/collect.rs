@@ -129,7 +129,8 @@ pub struct KernelMaps {
     monitored: HashMap<MapData, DevKey, u8>,
     monitored_ifindex: Array<MapData, u64>,
     hops: HashMap<MapData, DevKey, u8>,
-    hop_ifindex: Array<MapData, u64>,
+    /// Taps and hops: the drop tracepoint's first filter.
+    drop_ifindex: Array<MapData, u64>,
     dequeued: PerCpuHashMap<MapData, DevKey, u64>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     vhost_rx: PerCpuHashMap<MapData, DevKey, u64>,
@@ -193,7 +194,7 @@ impl KernelMaps {
             monitored: take(ebpf, "MONITORED")?,
             monitored_ifindex: take(ebpf, "MONITORED_IFINDEX")?,
             hops: take(ebpf, "HOPS")?,
-            hop_ifindex: take(ebpf, "HOP_IFINDEX")?,
+            drop_ifindex: take(ebpf, "DROP_IFINDEX")?,
             dequeued: take(ebpf, "DEQUEUED")?,
             drops: take(ebpf, "DROPS")?,
             vhost_rx: take(ebpf, "VHOST_RX")?,
@@ -269,14 +270,16 @@ impl KernelMaps {
         }
     }
 
+    /// A tap's bits: the tracepoints' filter, and the drop filter's.
     fn set_ifindex_bit(&mut self, ifindex: u32, on: bool) -> Result<(), CollectError> {
+        set_bit(&mut self.drop_ifindex, ifindex, on)?;
         set_bit(&mut self.monitored_ifindex, ifindex, on)
     }
 
     /// Makes kfree_skb report DHCP frames dropped on this hop (its tc
     /// programs report the ones that cross it). Hops have no counter slot.
     pub fn follow_hop(&mut self, ifindex: u32) -> Result<(), CollectError> {
-        set_bit(&mut self.hop_ifindex, ifindex, true)?;
+        set_bit(&mut self.drop_ifindex, ifindex, true)?;
         let key = self.dev(ifindex);
         self.hops
             .insert(key, 1, 0)
@@ -285,7 +288,7 @@ impl KernelMaps {
 
     /// Stops following a hop.
     pub fn forget_hop(&mut self, ifindex: u32) {
-        let _ = set_bit(&mut self.hop_ifindex, ifindex, false);
+        let _ = set_bit(&mut self.drop_ifindex, ifindex, false);
         let dev = self.dev(ifindex);
         let _ = self.hops.remove(&dev);
         let _ = self.throttled.remove(&ifindex);
