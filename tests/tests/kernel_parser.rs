@@ -18,8 +18,8 @@ use hvnet::{
 };
 use hvnet_lab::testkit::require_root;
 use tracer_common::{
-    classify::classify_frame, direction, event_kind, parse::parse_dhcp_frame, PacketEvent,
-    TrafficCounters,
+    classify::classify_frame, direction, event_kind, hop::locate_hop_dhcp, parse::parse_dhcp_frame,
+    PacketEvent, TrafficCounters,
 };
 
 /// TC_ACT_UNSPEC as the kernel reports the program's return value.
@@ -135,5 +135,130 @@ fn the_ebpf_and_userspace_builds_of_the_parser_agree_on_every_frame_and_the_prog
         corpus.len()
     );
     assert!(checked >= 15 + 19, "the captures were not all checked");
+    Ok(())
+}
+
+/// A frame inside a VXLAN (`geneve_options: None`) or Geneve tunnel, as an
+/// uplink carries it between nodes.
+fn tunnelled(inner: &[u8], vni: u32, geneve_options: Option<usize>) -> Vec<u8> {
+    let vni = vni.to_be_bytes();
+    let (port, mut header) = match geneve_options {
+        None => (4789, vec![0x08, 0, 0, 0, vni[1], vni[2], vni[3], 0]),
+        Some(words) => {
+            let mut h = vec![words as u8, 0, 0x65, 0x58, vni[1], vni[2], vni[3], 0];
+            h.resize(8 + words * 4, 0xa5);
+            (6081, h)
+        }
+    };
+    header.extend_from_slice(inner);
+    frames::udp_frame(
+        [0x52, 0x54, 0, 1, 1, 1],
+        [0x52, 0x54, 0, 2, 2, 2],
+        [10, 250, 99, 2],
+        [10, 250, 99, 1],
+        40000,
+        port,
+        &header,
+    )
+}
+
+/// An 802.1ad service tag in front of an 802.1Q customer tag (QinQ).
+fn qinq(frame: &[u8], outer: u16, inner: u16) -> Vec<u8> {
+    let tagged = frames::with_vlan_tag(frame, inner);
+    let mut out = tagged[..12].to_vec();
+    out.extend_from_slice(&[0x88, 0xa8]);
+    out.extend_from_slice(&outer.to_be_bytes());
+    out.extend_from_slice(&tagged[12..]);
+    out
+}
+
+#[test]
+fn the_hop_program_finds_dhcp_behind_vlan_tags_and_inside_tunnels_as_userspace_does(
+) -> anyhow::Result<()> {
+    require_root();
+    let mut ebpf = loader::load_for_bench()?;
+    let mut ring = RingBuf::try_from(
+        ebpf.take_map("EVENTS")
+            .ok_or_else(|| anyhow::anyhow!("no EVENTS map"))?,
+    )?;
+    let vm = [0x52, 0x54, 0, 9, 9, 9];
+    let ack = frames::dhcp_ack([0x52, 0x54, 0, 1, 1, 1], vm);
+    let mut corpus: Vec<(String, Vec<u8>)> = vec![
+        ("plain ACK".into(), ack.clone()),
+        ("802.1Q ACK".into(), frames::with_vlan_tag(&ack, 100)),
+        ("QinQ ACK".into(), qinq(&ack, 200, 100)),
+        ("VXLAN ACK".into(), tunnelled(&ack, 42, None)),
+        (
+            "VXLAN 802.1Q ACK".into(),
+            tunnelled(&frames::with_vlan_tag(&ack, 7), 42, None),
+        ),
+        ("Geneve ACK".into(), tunnelled(&ack, 5, Some(0))),
+        (
+            "Geneve ACK with options".into(),
+            tunnelled(&ack, 5, Some(3)),
+        ),
+        ("TCP".into(), frames::tcp_1500(vm, [0xfe, 0x54, 0, 9, 9, 9])),
+        (
+            "VXLAN TCP".into(),
+            tunnelled(&frames::tcp_1500(vm, vm), 42, None),
+        ),
+        ("DISCOVER".into(), frames::dhcp_discover(vm)),
+    ];
+    // Malformed DHCP inside a tunnel: the kernel must agree on every one.
+    for (name, frame) in malformed_corpus() {
+        if frame.len() >= 14 {
+            corpus.push((format!("VXLAN {name}"), tunnelled(&frame, 42, None)));
+        }
+    }
+    let mut found = 0;
+    for (name, frame) in &corpus {
+        let program = loader::bench_program(&ebpf, loader::HOP_INGRESS_PROGRAM)?;
+        let result = program.test_run(TestRunOptions {
+            data_in: Some(frame),
+            repeat: 1,
+            ..Default::default()
+        })?;
+        assert_eq!(
+            result.return_value, CONTINUE,
+            "{name}: the hop program must continue"
+        );
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            events.push(loader::decode_event(&item).ok_or_else(|| anyhow::anyhow!("bad record"))?);
+        }
+        let want = locate_hop_dhcp(frame.as_slice()).and_then(|hop| {
+            let mut ev = parse_dhcp_frame(&frame[hop.inner..])?;
+            ev.kind = event_kind::DHCP_HOP;
+            ev.tunnel = hop.tunnel;
+            Some(ev)
+        });
+        match want {
+            None => assert!(events.is_empty(), "{name}: the kernel reported {events:?}"),
+            Some(want) => {
+                assert_eq!(
+                    events.len(),
+                    1,
+                    "{name}: expected one event, got {events:?}"
+                );
+                let got = events[0];
+                let want = PacketEvent {
+                    ts_ns: got.ts_ns,
+                    dev: got.dev,
+                    direction: got.direction,
+                    ..want
+                };
+                assert_eq!(got, want, "{name}: eBPF vs userspace build");
+                found += 1;
+            }
+        }
+    }
+    eprintln!(
+        "{found} DHCP messages found identically on a hop; {} frames run",
+        corpus.len()
+    );
+    assert!(
+        found >= 8,
+        "the well-formed tunnelled and tagged messages were not all found"
+    );
     Ok(())
 }

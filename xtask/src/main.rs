@@ -227,7 +227,14 @@ fn test(root: &Path, unit_only: bool) -> anyhow::Result<()> {
 
 /// The lab tests the kernel matrix runs, built; name -> executable.
 fn matrix_test_binaries(root: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    const TESTS: &[&str] = &["tc_lab", "stall_lab", "dhcp_lab", "vhost_lab", "hops_lab"];
+    const TESTS: &[&str] = &[
+        "tc_lab",
+        "stall_lab",
+        "dhcp_lab",
+        "vhost_lab",
+        "hops_lab",
+        "kernel_parser",
+    ];
     let mut cmd = cargo(root);
     cmd.args([
         "test",

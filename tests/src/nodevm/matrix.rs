@@ -116,6 +116,13 @@ pub const CHECKS: &[Check] = &[
         vhost: false,
     },
     Check {
+        label: "hop-parser",
+        test: "kernel_parser",
+        name: "the_hop_program_finds_dhcp_behind_vlan_tags_and_inside_tunnels_as_userspace_does",
+        tcx_only: false,
+        vhost: false,
+    },
+    Check {
         label: "vhost",
         test: "vhost_lab",
         name: "vhost_net_counts_exactly_names_vmm_and_worker_and_sees_tun_recvmsg",

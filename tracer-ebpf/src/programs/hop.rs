@@ -10,9 +10,11 @@
 //! always TC_ACT_UNSPEC ("continue"), the frame is never changed.
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
-use tracer_common::{event_kind, hop::locate_hop_dhcp, hop::Inner, hop_hook, parse, DevKey};
+use tracer_common::{
+    event_kind, hop::locate_hop_dhcp, hop::Inner, hop_hook, parse, parse_flag, DevKey,
+};
 
-use crate::programs::dhcp::{emit_with_options, TcFrame};
+use crate::programs::dhcp::{emit, emit_with_options, TcFrame};
 
 /// Frames the hop device transmits.
 #[classifier]
@@ -50,5 +52,10 @@ fn follow_dhcp(ctx: &TcContext, hook: u8) {
     }
     let ifindex = skb.ifindex;
     let dev = DevKey { netns: 0, ifindex };
-    emit_with_options(ctx, ev, dev, hook, found.cookie_offset());
+    if ev.parse_flags & parse_flag::TRUNCATED != 0 {
+        // No fixed header, so no options either (as on the tap).
+        emit(ev, dev, hook);
+    } else {
+        emit_with_options(ctx, ev, dev, hook, found.cookie_offset());
+    }
 }

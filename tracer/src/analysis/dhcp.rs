@@ -527,10 +527,11 @@ impl DhcpTracker {
                 }
             }
             Seen::Dequeued => self.reply_dequeued(m, now, &mut notes),
-            Seen::Dropped { reason } => self.reply_dropped(m, reason, vm_state, &mut notes),
+            Seen::Dropped { reason } => self.reply_dropped(m, reason, now, vm_state, &mut notes),
             Seen::OnHop { sighting } => self.seen_on_hop(m, sighting, now),
             Seen::DroppedOnHop { reason, hop } => {
-                self.lost_on_node(m, Some((hop.clone(), reason.clone())), true, &mut notes)
+                let dropped = Some((hop.clone(), reason.clone()));
+                self.lost_on_node(m, dropped, true, now, vm_state, &mut notes)
             }
         }
         notes
@@ -584,11 +585,14 @@ impl DhcpTracker {
 
     /// A reply the node's hops saw is gone before the tap: dropped (where
     /// and why, when the kernel said) or never seen there in time.
+    #[allow(clippy::too_many_arguments)]
     fn lost_on_node(
         &mut self,
         m: &DhcpMessage,
         dropped: Option<(String, String)>,
         at_hop: bool,
+        now: f64,
+        vm_state: VmState,
         notes: &mut Vec<DhcpNote>,
     ) {
         let at = self
@@ -604,7 +608,7 @@ impl DhcpTracker {
                     message: m.msg_type.unwrap_or(MessageType::Other),
                     xid: m.xid,
                     chaddr: m.chaddr,
-                    first_at: 0.0,
+                    first_at: now,
                     path: vec![HopSighting {
                         hop: hop.clone(),
                         vlan: 0,
@@ -615,16 +619,54 @@ impl DhcpTracker {
                 _ => return,
             },
         };
-        self.record_lost(reply, dropped, at_hop, notes);
+        self.record_lost(reply, dropped, at_hop, now, vm_state, notes);
     }
 
+    /// A reply that did not reach the tap. Lost on the node, unless the VM
+    /// is the cause: the host could not resolve the VM's address (a
+    /// `neigh_*` drop: the VM does not answer ARP, which a stalled VM
+    /// cannot), or the VM is stalled and the kernel named no other reason
+    /// (the reply waits in the neighbour queue). A rule that drops it
+    /// (netfilter_drop, ...) is the node's, stalled VM or not.
     fn record_lost(
         &mut self,
         reply: HopReply,
         dropped: Option<(String, String)>,
         at_hop: bool,
+        now: f64,
+        vm_state: VmState,
         notes: &mut Vec<DhcpNote>,
     ) {
+        let stalled = vm_state == VmState::RxStalled;
+        let unresolved = dropped
+            .as_ref()
+            .is_some_and(|(_, reason)| reason.starts_with("neigh"));
+        if unresolved || (stalled && dropped.is_none()) {
+            self.counters.replies_undelivered += 1;
+            let fate = if stalled {
+                ReplyFate::Undelivered
+            } else {
+                ReplyFate::Dropped
+            };
+            if let Some(t) = self.current.as_mut().filter(|t| t.xid == reply.xid) {
+                t.worst_fate = worse(t.worst_fate, fate);
+            }
+            notes.push(match dropped {
+                Some((_, reason)) => DhcpNote::ReplyDropped {
+                    message: reply.message,
+                    xid: reply.xid,
+                    reason,
+                    vm_state,
+                },
+                None => DhcpNote::ReplyUndelivered {
+                    message: reply.message,
+                    xid: reply.xid,
+                    waiting_secs: now - reply.first_at,
+                    vm_state,
+                },
+            });
+            return;
+        }
         self.counters.replies_lost_on_node += 1;
         if let Some(t) = self.current.as_mut().filter(|t| t.xid == reply.xid) {
             t.worst_fate = worse(t.worst_fate, ReplyFate::LostOnNode);
@@ -889,6 +931,7 @@ impl DhcpTracker {
         &mut self,
         m: &DhcpMessage,
         reason: &str,
+        now: f64,
         vm_state: VmState,
         notes: &mut Vec<DhcpNote>,
     ) {
@@ -896,7 +939,14 @@ impl DhcpTracker {
             // Dropped on its way to the tap (a bridge rule drops it with
             // the tap as its device, before the tap's tc hook saw it).
             let tap = self.tap.clone();
-            self.lost_on_node(m, Some((tap, reason.to_owned())), false, notes);
+            self.lost_on_node(
+                m,
+                Some((tap, reason.to_owned())),
+                false,
+                now,
+                vm_state,
+                notes,
+            );
             return;
         };
         // A full ring or a stalled VM: the stall is the cause, whatever the
@@ -948,7 +998,7 @@ impl DhcpTracker {
             .cloned()
         {
             self.on_hops.pop_front();
-            self.record_lost(reply, None, false, &mut notes);
+            self.record_lost(reply, None, false, now, vm_state, &mut notes);
         }
         // Forget replies nobody will ever dequeue (the VMM went away).
         self.pending.retain(|r| now - r.offered_at < PENDING_TTL);
@@ -1412,6 +1462,41 @@ mod tests {
                 if *verdict == Verdict::ReplyLostOnNode)),
             "{notes:?}"
         );
+    }
+
+    #[test]
+    fn a_reply_the_host_could_not_resolve_the_vm_for_is_the_vms_side_not_the_nodes() {
+        // dnsmasq's unicast ACK to a stalled VM waits for ARP in br0's
+        // neighbour queue and is dropped there (neigh_failed): the stall.
+        let mut t = DhcpTracker::new(3.0).for_tap("tap3");
+        t.observe(&renew(9), 0.0, VmState::RxStalled);
+        let neigh = seen_as(
+            reply(MessageType::Ack, 9),
+            Seen::DroppedOnHop {
+                reason: "neigh_failed".into(),
+                hop: "br0".into(),
+            },
+        );
+        let notes = t.observe(&neigh, 1.0, VmState::RxStalled);
+        assert!(
+            matches!(&notes[..], [DhcpNote::ReplyDropped { reason, .. }] if reason == "neigh_failed"),
+            "{notes:?}"
+        );
+        // Seen on the bridge, then nothing while stalled: the stall too.
+        t.observe(&on_br0(reply(MessageType::Ack, 9)), 2.0, VmState::RxStalled);
+        t.tick(6.0, VmState::RxStalled);
+        assert_eq!(t.counters().replies_lost_on_node, 0);
+        assert_eq!(t.counters().replies_undelivered, 2);
+        // A rule's drop stays the node's, stalled VM or not.
+        let rule = seen_as(
+            reply(MessageType::Ack, 9),
+            Seen::DroppedOnHop {
+                reason: "netfilter_drop".into(),
+                hop: "br0".into(),
+            },
+        );
+        t.observe(&rule, 7.0, VmState::RxStalled);
+        assert_eq!(t.counters().replies_lost_on_node, 1);
     }
 
     #[test]

@@ -178,7 +178,7 @@ pub fn describe_note(note: &DhcpNote) -> String {
             };
             format!(
                 "{} xid {} seen on {}, {fate}: lost on this node",
-                message.as_str().to_uppercase(),
+                reply_name(*message),
                 hex(*xid),
                 join_hops(path)
             )
@@ -218,7 +218,7 @@ pub fn describe_note(note: &DhcpNote) -> String {
             vm_state,
         } => format!(
             "{} xid {} dropped before reaching the VM ({reason}, VM {})",
-            message.as_str().to_uppercase(),
+            reply_name(*message),
             hex(*xid),
             vm_state.as_str()
         ),
@@ -256,6 +256,15 @@ pub fn describe_note(note: &DhcpNote) -> String {
             format!("lease on {address} expired: the VM has lost its address")
         }
         DhcpNote::Released { address } => format!("the VM released {address}"),
+    }
+}
+
+/// "ACK", or "reply" when only a drop reported it (the drop tracepoint
+/// reads no options, so no message type).
+fn reply_name(message: MessageType) -> String {
+    match message {
+        MessageType::Other => "reply".to_owned(),
+        known => known.as_str().to_uppercase(),
     }
 }
 

@@ -515,7 +515,12 @@ pub fn load_for_bench() -> Result<Ebpf, LoaderError> {
     let mut ebpf = EbpfLoader::new()
         .load(EBPF_OBJECT)
         .map_err(|err| LoaderError::Load(format!("{err:#}")))?;
-    for name in [EGRESS_PROGRAM, INGRESS_PROGRAM, EMPTY_PROGRAM] {
+    for name in [
+        EGRESS_PROGRAM,
+        INGRESS_PROGRAM,
+        EMPTY_PROGRAM,
+        HOP_INGRESS_PROGRAM,
+    ] {
         program_mut(&mut ebpf, name)?
             .load()
             .map_err(|err| program_error(name, &err))?;
