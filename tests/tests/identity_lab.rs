@@ -418,8 +418,18 @@ fn without_read_rights_vms_are_named_by_tap_and_the_log_says_which_capability_fi
     let log = node.dir.join("hvnet-minimal.log");
     let mut agent = Agent::start_wrapped(&node.ns, 9478, &wrapper, &args, &log)?;
     named(&agent, "tapp0")?;
+    // ...and says once per source what is missing (the tap's name is the
+    // default before the first identity look, so wait for the look).
+    hvnet_lab::testkit::poll_until(
+        "the identity sources' capability warnings",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || {
+            let text = agent.log_text();
+            Ok(text.contains("CAP_DAC_READ_SEARCH") && text.contains("CAP_SYS_PTRACE"))
+        },
+    )?;
     agent.terminate(Duration::from_secs(5))?;
-    // ...and says once per source what is missing.
     let text = agent.log_text();
     for needle in ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"] {
         assert_eq!(text.matches(needle).count(), 1, "{needle} once in:\n{text}");

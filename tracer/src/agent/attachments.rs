@@ -38,8 +38,10 @@ impl AgentState {
         }
         lock(&self.maps).forget_interfaces(&plan.detach);
         self.attach_within_limits(plan.attach);
-        self.reconcile_hops(present, config);
         self.refresh_identities_if_due(changed);
+        // After the taps and who is behind them: a hop only lengthens the
+        // path hvnet can show (each TCX attach waits a grace period).
+        self.reconcile_hops(present, config);
         // Keep oper state, stats and MAC current for interfaces that stay.
         let mut attached = lock(&self.attached);
         for link in present {
