@@ -1597,6 +1597,7 @@ mod tests {
                             client(MessageType::from_code(code), xid, [0; 4], [255; 4], [0; 4], [0; 4])
                         } else {
                             may_be_lost += 1;
+                            replies_offered += 1;
                             reply(MessageType::from_code(code), xid)
                         };
                         m.seen = Seen::OnHop {
@@ -1611,6 +1612,7 @@ mod tests {
                     }
                     Step::DroppedOnHop { xid } => {
                         may_be_lost += 1;
+                        replies_offered += 1;
                         let m = seen_as(
                             reply(MessageType::Offer, xid),
                             Seen::DroppedOnHop { reason: "netfilter_drop".into(), hop: "br0".into() },
