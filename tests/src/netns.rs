@@ -47,6 +47,25 @@ impl NetNs {
         run(&mut cmd)
     }
 
+    /// A veth pair named `name` on both sides, this end here and the other
+    /// in `other`, both up and without addresses (an uplink's cable).
+    pub fn link_to(&self, name: &str, other: &NetNs) -> anyhow::Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            name,
+            "netns",
+            &other.name,
+        ])?;
+        self.ip(&["link", "set", name, "up"])?;
+        other.ip(&["link", "set", name, "up"]).map(|_| ())
+    }
+
     /// A veth pair standing in for a tap: `name` here (at ifindex `index`
     /// when given; `ip tuntap` cannot choose one) with `node_cidr`, its
     /// peer `eth0` in `guest` with `guest_cidr`, both up.

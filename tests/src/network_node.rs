@@ -29,24 +29,12 @@ impl NetworkNode {
     /// with `vni` over the upl0 veth pair.
     pub fn behind_vxlan(compute: &ComputeNode, vni: u32) -> anyhow::Result<Self> {
         let ns = NetNs::create(&format!("{}-net", compute.prefix))?;
-        compute.ns.ip(&[
-            "link",
-            "add",
-            "upl0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "upl0",
-            "netns",
-            ns.name(),
-        ])?;
+        compute.ns.link_to("upl0", &ns)?;
         for (side, local, remote, bridge) in [
             (&compute.ns, COMPUTE_UNDERLAY, NETWORK_UNDERLAY, "br0"),
             (&ns, NETWORK_UNDERLAY, COMPUTE_UNDERLAY, "brn"),
         ] {
             side.ip(&["addr", "add", &format!("{local}/30"), "dev", "upl0"])?;
-            side.ip(&["link", "set", "upl0", "up"])?;
             if bridge == "brn" {
                 add_quiet_bridge(side, "brn")?;
                 side.ip(&["addr", "add", &format!("{SERVER_ADDR}/24"), "dev", "brn"])?;

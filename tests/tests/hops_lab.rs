@@ -31,6 +31,24 @@ fn try_dhcp(vm: &hvnet_lab::node::FakeVm, script: &std::path::Path) -> bool {
     vm.dhcp_tries(script, 4).is_ok()
 }
 
+/// hvnet on `node` with `args`, once it follows `count` hops of `role`.
+fn agent_following(
+    node: &ComputeNode,
+    args: &[&str],
+    role: &str,
+    count: f64,
+) -> anyhow::Result<Agent> {
+    let agent = Agent::start(&node.ns, 9478, args, &node.dir.join("hvnet.log"))?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(5),
+        &format!("{count} {role} hop(s) followed"),
+        |s| metrics::value(s, "hvnet_agent_hops", &[("role", role)]) == Some(count),
+    )?;
+    Ok(agent)
+}
+
 #[test]
 fn a_reply_dropped_by_a_bridge_rule_is_lost_on_node_for_that_vm_only() -> anyhow::Result<()> {
     require_root();
@@ -38,19 +56,7 @@ fn a_reply_dropped_by_a_bridge_rule_is_lost_on_node_for_that_vm_only() -> anyhow
     node.start_dhcp_server("2m")?;
     let healthy = node.add_vm("tapb0", 0, &fake_vmm())?;
     let blocked = node.add_vm("tapb1", 1, &fake_vmm())?;
-    let agent = Agent::start(
-        &node.ns,
-        9478,
-        &["--interfaces", "tapb*"],
-        &node.dir.join("hvnet.log"),
-    )?;
-    eventually(
-        &agent,
-        &node.ns,
-        Duration::from_secs(5),
-        "br0 followed as a bridge hop",
-        |s| metrics::value(s, "hvnet_agent_hops", &[("role", "bridge")]) == Some(1.0),
-    )?;
+    let agent = agent_following(&node, &["--interfaces", "tapb*"], "bridge", 1.0)?;
     // dnsmasq answers from br0 itself: its replies leave through the
     // bridge's output hook, where this rule drops the ones toward tapb1.
     node.ns.exec_ok(&[
@@ -277,18 +283,11 @@ fn replies_through_a_vxlan_uplink_are_followed_inside_the_tunnel_and_counted_exa
     let node = ComputeNode::create(&hvnet_lab::unique_prefix("x"))?;
     let network = NetworkNode::behind_vxlan(&node, 42)?;
     let vm = node.add_vm("tapx0", 0, &fake_vmm())?;
-    let agent = Agent::start(
-        &node.ns,
-        9478,
+    let agent = agent_following(
+        &node,
         &["--interfaces", "tapx*", "--uplinks", "upl*"],
-        &node.dir.join("hvnet.log"),
-    )?;
-    eventually(
-        &agent,
-        &node.ns,
-        Duration::from_secs(5),
-        "upl0 followed as an uplink",
-        |s| metrics::value(s, "hvnet_agent_hops", &[("role", "uplink")]) == Some(1.0),
+        "uplink",
+        1.0,
     )?;
     vm.dhcp(&node.udhcpc_script())?;
     let replies_on_tap = |s: &[Sample]| -> Option<f64> {
@@ -349,33 +348,13 @@ fn a_reply_on_a_vlan_the_node_does_not_carry_is_lost_at_the_uplink_with_its_vlan
     require_root();
     let node = ComputeNode::create(&hvnet_lab::unique_prefix("w"))?;
     let far = hvnet_lab::netns::NetNs::create(&format!("{}-far", node.prefix))?;
-    node.ns.ip(&[
-        "link",
-        "add",
-        "upl0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "upl0",
-        "netns",
-        far.name(),
-    ])?;
-    node.ns.ip(&["link", "set", "upl0", "up"])?;
-    far.ip(&["link", "set", "upl0", "up"])?;
+    node.ns.link_to("upl0", &far)?;
     let vm = node.add_vm("tapw0", 0, &fake_vmm())?;
-    let agent = Agent::start(
-        &node.ns,
-        9478,
+    let agent = agent_following(
+        &node,
         &["--interfaces", "tapw*", "--uplinks", "upl0"],
-        &node.dir.join("hvnet.log"),
-    )?;
-    eventually(
-        &agent,
-        &node.ns,
-        Duration::from_secs(5),
-        "upl0 followed as an uplink",
-        |s| metrics::value(s, "hvnet_agent_hops", &[("role", "uplink")]) == Some(1.0),
+        "uplink",
+        1.0,
     )?;
     let lab = env!("CARGO_BIN_EXE_hvnet-lab");
     let frame = |ns: &hvnet_lab::netns::NetNs, args: &[&str]| -> anyhow::Result<()> {

@@ -25,15 +25,21 @@ use tracer_common::{
 /// TC_ACT_UNSPEC as the kernel reports the program's return value.
 const CONTINUE: u32 = u32::MAX;
 
+/// The object as `hvnet bench` loads it, and its event ring.
+fn loaded_with_events() -> anyhow::Result<(aya::Ebpf, RingBuf<aya::maps::MapData>)> {
+    let mut ebpf = loader::load_for_bench()?;
+    let ring = RingBuf::try_from(
+        ebpf.take_map("EVENTS")
+            .ok_or_else(|| anyhow::anyhow!("no EVENTS map"))?,
+    )?;
+    Ok((ebpf, ring))
+}
+
 #[test]
 fn the_ebpf_and_userspace_builds_of_the_parser_agree_on_every_frame_and_the_program_fails_open(
 ) -> anyhow::Result<()> {
     require_root();
-    let mut ebpf = loader::load_for_bench()?;
-    let mut ring = RingBuf::try_from(
-        ebpf.take_map("EVENTS")
-            .ok_or_else(|| anyhow::anyhow!("no EVENTS map"))?,
-    )?;
+    let (ebpf, mut ring) = loaded_with_events()?;
     let mut corpus = malformed_corpus();
     // Real messages captured in the lab (udhcpc, dhclient, dnsmasq).
     let fixtures =
@@ -176,11 +182,7 @@ fn qinq(frame: &[u8], outer: u16, inner: u16) -> Vec<u8> {
 fn the_hop_program_finds_dhcp_behind_vlan_tags_and_inside_tunnels_as_userspace_does(
 ) -> anyhow::Result<()> {
     require_root();
-    let mut ebpf = loader::load_for_bench()?;
-    let mut ring = RingBuf::try_from(
-        ebpf.take_map("EVENTS")
-            .ok_or_else(|| anyhow::anyhow!("no EVENTS map"))?,
-    )?;
+    let (ebpf, mut ring) = loaded_with_events()?;
     let vm = [0x52, 0x54, 0, 9, 9, 9];
     let ack = frames::dhcp_ack([0x52, 0x54, 0, 1, 1, 1], vm);
     let mut corpus: Vec<(String, Vec<u8>)> = vec![
