@@ -24,7 +24,7 @@ const IDLE_WINDOW: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct ScaleResult {
     pub taps: usize,
-    /// attach_mode: tcx or netlink.
+    /// attach_mode, and what `auto` resolved to: "auto (netlink)".
     pub mode: String,
     pub attach_all: Duration,
     pub attach_one_more: Duration,
@@ -121,6 +121,18 @@ pub fn run(prefix: &str, taps: usize, mode: &str) -> anyhow::Result<ScaleResult>
         std::thread::sleep(Duration::from_millis(100));
     }
     let attach_all = started.elapsed();
+    // What `auto` resolved to on this node, as hvnet exports it.
+    let mechanism = agent
+        .scrape(&node.ns)?
+        .into_iter()
+        .find(|sample| sample.name == "hvnet_build_info")
+        .and_then(|sample| sample.labels.get("attach_mechanism").cloned())
+        .context("hvnet_build_info{attach_mechanism} missing")?;
+    let mode_shown = if mechanism == mode {
+        mode.to_owned()
+    } else {
+        format!("{mode} ({mechanism})")
+    };
 
     // A new tap on a full node: from the moment it exists until hvnet has
     // attached to it (its log line; a scrape at 2000 taps itself takes
@@ -197,7 +209,7 @@ pub fn run(prefix: &str, taps: usize, mode: &str) -> anyhow::Result<ScaleResult>
     }
     Ok(ScaleResult {
         taps,
-        mode: mode.to_owned(),
+        mode: mode_shown,
         attach_all,
         attach_one_more,
         rss_mib,

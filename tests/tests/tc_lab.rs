@@ -635,3 +635,52 @@ fn bad_input_is_one_clear_error_line_and_attaches_nothing() -> anyhow::Result<()
     assert!(!egress.contains("hvnet"));
     Ok(())
 }
+
+/// `auto` may pick netlink at one start (many taps) and TCX at the next: a
+/// TCX-mode start removes the filters a killed netlink-mode hvnet left, so
+/// no orphaned program keeps running on the tap.
+#[test]
+fn a_tcx_start_removes_the_filters_a_killed_netlink_run_left() -> anyhow::Result<()> {
+    require_root();
+    let node = ComputeNode::create(&unique_prefix("m"))?;
+    let vm = node.add_vm("tapm0", 0, &fake_vmm())?;
+    vm.guest
+        .ip(&["addr", "add", "10.250.0.53/24", "dev", "eth0"])?;
+    let mut agent = start_agent(&node, "tapm*", &["--attach-mode", "netlink"])?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "tapm0 attached with netlink",
+        |s| interfaces(s) == Some(1.0),
+    )?;
+    agent.kill9()?;
+    let left = tc_filters(&node.ns, "tapm0", "egress")?;
+    assert!(left.contains("hvnet_egress"), "{left}");
+
+    let agent = start_agent(&node, "tapm*", &["--attach-mode", "tcx"])?;
+    eventually(
+        &agent,
+        &node.ns,
+        Duration::from_secs(3),
+        "tapm0 attached with TCX",
+        |s| interfaces(s) == Some(1.0),
+    )?;
+    for hook in ["egress", "ingress"] {
+        let filters = tc_filters(&node.ns, "tapm0", hook)?;
+        assert!(
+            !filters.contains("hvnet"),
+            "the killed run's {hook} filter is still there: {filters}"
+        );
+    }
+    let programs = tcx_programs(&node.ns, "tapm0")?;
+    assert!(
+        programs.iter().any(|p| p == "hvnet_egress")
+            && programs.iter().any(|p| p == "hvnet_ingress"),
+        "{programs:?}"
+    );
+    let base = vm.stats()?;
+    vm.ping(BRIDGE_ADDR, 3)?;
+    counts_match(&agent, &node.ns, "tapm0", &vm.control, Some(&base))?;
+    Ok(())
+}

@@ -126,7 +126,7 @@ pub struct RunArgs {
     /// How long a removed tap's final counters stay exported (0s: drop at once) [default: 15s].
     #[arg(long)]
     pub series_grace: Option<String>,
-    /// tc attach mechanism: auto (TCX on 6.6+, else netlink), tcx or netlink [default: auto].
+    /// tc attach mechanism: auto (TCX on 6.6+ for up to 128 taps at start, else netlink), tcx or netlink [default: auto].
     #[arg(long)]
     pub attach_mode: Option<String>,
     /// Kernel BTF file [default: /sys/kernel/btf/vmlinux].

@@ -69,7 +69,9 @@ pub enum ConfigError {
 /// How the tc programs are attached to an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
-    /// TCX links where the kernel has them (6.6+), else netlink clsact filters.
+    /// TCX links where the kernel has them (6.6+) and the node has at most
+    /// 128 matching taps at start, else netlink clsact filters (each TCX
+    /// attach and detach waits a kernel grace period: slow for thousands).
     Auto,
     /// TCX links only (no qdisc involved; links die with the agent).
     Tcx,

@@ -24,6 +24,22 @@ use crate::{
 /// after the first one and handle the burst once.
 const EVENT_SETTLE: Duration = Duration::from_millis(20);
 
+/// How many links match the interface globs now (attach_mode auto picks
+/// the mechanism by it); 0 if the links cannot be listed (the agent's own
+/// dump reports that error soon after).
+fn taps_at_start(interfaces: &crate::interfaces::ifmatch::InterfaceMatcher) -> usize {
+    match crate::interfaces::link_dump::dump() {
+        Ok(links) => links
+            .iter()
+            .filter(|link| interfaces.matches(&link.name))
+            .count(),
+        Err(err) => {
+            log::warn!("listing links to count the taps at start: {err}");
+            0
+        }
+    }
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // A broken web config must stop the start before anything is attached.
     let web_config = ActiveWebConfig::load(config.web_config_file.as_deref())?;
@@ -41,8 +57,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.listen
         )
     })?;
-    let (mut probes, maps, events) =
-        TcProbes::load(&config.btf, config.attach_mode, config.max_interfaces)?;
+    let (mut probes, maps, events) = TcProbes::load(
+        &config.btf,
+        config.attach_mode,
+        config.max_interfaces,
+        taps_at_start(&config.interfaces),
+    )?;
     match probes.take_logger() {
         Some(logger) => {
             tokio::spawn(crate::kernel::ebpf_log::forward(logger));

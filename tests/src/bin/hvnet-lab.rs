@@ -96,7 +96,7 @@ enum LabCommand {
         #[arg(long, default_value_t = 3)]
         seconds: u32,
         /// Throughput rounds (each: with hvnet, then without).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 9)]
         rounds: usize,
     },
     /// hvnet on a dense node: attach time, RSS, idle CPU, /metrics latency
@@ -105,7 +105,10 @@ enum LabCommand {
         #[arg(long = "taps", default_values_t = [500usize, 2000])]
         taps: Vec<usize>,
         /// attach_mode(s) to measure each size with.
-        #[arg(long = "mode", default_values_t = ["netlink".to_owned(), "tcx".to_owned()])]
+        #[arg(
+            long = "mode",
+            default_values_t = ["auto".to_owned(), "netlink".to_owned(), "tcx".to_owned()]
+        )]
         modes: Vec<String>,
     },
     /// Set a fake VMM's fault mode: running, rx_stall or paused.

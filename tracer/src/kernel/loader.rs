@@ -132,6 +132,7 @@ impl TcProbes {
         btf_path: &Path,
         mode: AttachMode,
         max_interfaces: u32,
+        taps_at_start: usize,
     ) -> Result<(Self, KernelMaps, RingBuf<MapData>), LoaderError> {
         let btf_error = |reason: String| LoaderError::Btf {
             path: btf_path.display().to_string(),
@@ -148,7 +149,7 @@ impl TcProbes {
         let tun = tun_offsets(&kernel_btf, &btf_bytes, btf_path);
         log_kernel_capabilities(&offsets, &tun, &drop_reasons);
         let tun_offsets = tun.as_ref().ok().map(|t| t.offsets);
-        let mechanism = resolve_mechanism(mode)?;
+        let mechanism = resolve_mechanism(mode, taps_at_start)?;
         let netns = current_netns_inum()
             .map_err(|e| LoaderError::Load(format!("reading /proc/self/ns/net: {e}")))?;
 
@@ -282,8 +283,11 @@ impl TcProbes {
     /// attached.
     pub fn attach(&mut self, ifindex: u32, name: &str, role: TcRole) -> Result<(), AttachError> {
         if self.mechanism == TcMechanism::Netlink {
-            self.prepare_netlink(name, role);
+            add_clsact(name);
         }
+        // Also under TCX: `auto` may have chosen netlink at the last start
+        // (more taps then), and a kill -9 leaves its filters behind.
+        remove_stale_filters(name, role);
         let mut links = Vec::with_capacity(2);
         for (program, attach_type) in role.programs() {
             // On error `links` is dropped here, detaching what did attach.
@@ -356,19 +360,24 @@ impl TcProbes {
         .map_err(|e| fail(describe_program_error(&e)))?;
         prog.take_link(id).map_err(|e| fail(e.to_string()))
     }
+}
 
-    /// Netlink mode: make sure a clsact qdisc exists (creating one only when
-    /// absent; hvnet never deletes qdiscs, an empty clsact is inert), and
-    /// remove filters a killed hvnet left behind. Other filters stay.
-    fn prepare_netlink(&self, iface: &str, role: TcRole) {
-        match tc::qdisc_add_clsact(iface) {
-            Ok(()) => log::info!("{iface}: created clsact qdisc (it will be left in place)"),
-            Err(err) => log::debug!("{iface}: clsact not added ({err}); using the existing one"),
-        }
-        for (program, attach_type) in role.programs() {
-            if tc::qdisc_detach_program(iface, attach_type, program).is_ok() {
-                log::warn!("{iface}: removed a stale {program} filter left by a previous hvnet");
-            }
+/// Netlink mode: make sure a clsact qdisc exists (creating one only when
+/// absent; hvnet never deletes qdiscs, an empty clsact is inert).
+fn add_clsact(iface: &str) {
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) => log::info!("{iface}: created clsact qdisc (it will be left in place)"),
+        Err(err) => log::debug!("{iface}: clsact not added ({err}); using the existing one"),
+    }
+}
+
+/// Removes hvnet's own cls_bpf filters (found by program name) that a
+/// killed netlink-mode hvnet left; other filters stay. Quiet where there
+/// are none.
+fn remove_stale_filters(iface: &str, role: TcRole) {
+    for (program, attach_type) in role.programs() {
+        if tc::qdisc_detach_program(iface, attach_type, program).is_ok() {
+            log::warn!("{iface}: removed a stale {program} filter left by a previous hvnet");
         }
     }
 }
@@ -472,17 +481,53 @@ fn log_kernel_capabilities(
     }
 }
 
-fn resolve_mechanism(mode: AttachMode) -> Result<TcMechanism, LoaderError> {
+/// The most taps `auto` attaches with TCX. Each TCX attach and each detach
+/// waits for an RCU grace period inside the kernel while holding RTNL
+/// (`tcx_link_attach` -> `synchronize_rcu`), about 12 ms per hook measured
+/// here, and RTNL serialises them: 128 taps (256 hooks) take ~3 s to attach
+/// and as long to detach at exit; 2000 take ~55 s and ~35 s. cls_bpf
+/// filters through netlink do 2000 in under a second.
+pub const AUTO_TCX_MAX_TAPS: usize = 128;
+
+fn resolve_mechanism(mode: AttachMode, taps_at_start: usize) -> Result<TcMechanism, LoaderError> {
     let version = KernelVersion::current().ok();
     let has_tcx = version.is_some_and(|v| v >= KernelVersion::new(6, 6, 0));
-    match mode {
-        AttachMode::Netlink => Ok(TcMechanism::Netlink),
-        AttachMode::Tcx if has_tcx => Ok(TcMechanism::Tcx),
-        AttachMode::Tcx => Err(LoaderError::TcxUnavailable(
+    if mode == AttachMode::Tcx && !has_tcx {
+        return Err(LoaderError::TcxUnavailable(
             version.map_or_else(|| "unknown".into(), |v| format!("{v:?}")),
-        )),
-        AttachMode::Auto if has_tcx => Ok(TcMechanism::Tcx),
-        AttachMode::Auto => Ok(TcMechanism::Netlink),
+        ));
+    }
+    let (mechanism, why) = choose_mechanism(mode, has_tcx, taps_at_start);
+    if mode == AttachMode::Auto {
+        log::info!("attach_mode auto: {} ({why})", mechanism.as_str());
+    }
+    Ok(mechanism)
+}
+
+/// What `mode` means on a kernel with or without TCX and a node with
+/// `taps_at_start` matching taps, and why (for the log).
+fn choose_mechanism(
+    mode: AttachMode,
+    has_tcx: bool,
+    taps_at_start: usize,
+) -> (TcMechanism, String) {
+    match mode {
+        AttachMode::Netlink => (TcMechanism::Netlink, "asked for".into()),
+        AttachMode::Tcx => (TcMechanism::Tcx, "asked for".into()),
+        AttachMode::Auto if !has_tcx => (
+            TcMechanism::Netlink,
+            "this kernel has no TCX (6.6+)".into(),
+        ),
+        AttachMode::Auto if taps_at_start > AUTO_TCX_MAX_TAPS => (
+            TcMechanism::Netlink,
+            format!(
+                "{taps_at_start} taps match at start, more than {AUTO_TCX_MAX_TAPS}: each TCX attach and detach waits a kernel grace period under RTNL, cls_bpf does not; set attach_mode = \"tcx\" to force TCX"
+            ),
+        ),
+        AttachMode::Auto => (
+            TcMechanism::Tcx,
+            format!("{taps_at_start} taps match at start, at most {AUTO_TCX_MAX_TAPS}"),
+        ),
     }
 }
 
@@ -628,4 +673,32 @@ pub fn monotonic_now() -> f64 {
         return 0.0;
     }
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_takes_tcx_for_a_small_node_and_netlink_for_a_dense_one() {
+        let small = choose_mechanism(AttachMode::Auto, true, AUTO_TCX_MAX_TAPS);
+        assert_eq!(small.0, TcMechanism::Tcx);
+        let dense = choose_mechanism(AttachMode::Auto, true, AUTO_TCX_MAX_TAPS + 1);
+        assert_eq!(dense.0, TcMechanism::Netlink);
+        assert!(dense.1.contains("129 taps"), "{}", dense.1);
+        let old_kernel = choose_mechanism(AttachMode::Auto, false, 1);
+        assert_eq!(old_kernel.0, TcMechanism::Netlink);
+    }
+
+    #[test]
+    fn an_explicit_mode_is_kept_whatever_the_tap_count() {
+        assert_eq!(
+            choose_mechanism(AttachMode::Tcx, true, 5000).0,
+            TcMechanism::Tcx
+        );
+        assert_eq!(
+            choose_mechanism(AttachMode::Netlink, true, 1).0,
+            TcMechanism::Netlink
+        );
+    }
 }
