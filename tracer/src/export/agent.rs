@@ -1,28 +1,25 @@
 //! Collector: the agent itself: probes, attachments, map reads, losses,
 //! build.
 
-use prometheus::proto::{MetricFamily, MetricType};
+use super::text::{Family, MetricType};
 
 use super::{counter, family, gauge, Exposition};
 
 /// The agent itself: probes, attachments, map reads, losses, build.
-pub(super) fn agent_families(view: &Exposition) -> Vec<MetricFamily> {
+pub(super) fn agent_families(view: &Exposition) -> Vec<Family> {
     let mut lost = family(
         "hvnet_agent_events_lost_total",
         "DHCP/ARP events the kernel could not hand to the agent (ring buffer full).",
         MetricType::COUNTER,
     );
-    lost.mut_metric()
-        .push(counter(&[], view.events_lost as f64));
+    lost.push(counter(&[], view.events_lost as f64));
 
     let mut interfaces = family(
         "hvnet_agent_interfaces",
         "Interfaces hvnet's tc programs are attached to.",
         MetricType::GAUGE,
     );
-    interfaces
-        .mut_metric()
-        .push(gauge(&[], view.attached_count() as f64));
+    interfaces.push(gauge(&[], view.attached_count() as f64));
 
     let mut probes = family(
         "hvnet_agent_probe_attached",
@@ -31,7 +28,7 @@ pub(super) fn agent_families(view: &Exposition) -> Vec<MetricFamily> {
         MetricType::GAUGE,
     );
     for status in &view.probes {
-        probes.mut_metric().push(gauge(
+        probes.push(gauge(
             &[("probe", status.probe), ("kind", status.kind)],
             if status.attached { 1.0 } else { 0.0 },
         ));
@@ -42,18 +39,14 @@ pub(super) fn agent_families(view: &Exposition) -> Vec<MetricFamily> {
         "Interfaces matching the globs that hvnet could not attach to (reason in the log).",
         MetricType::COUNTER,
     );
-    failures
-        .mut_metric()
-        .push(counter(&[], view.attach_failures as f64));
+    failures.push(counter(&[], view.attach_failures as f64));
 
     let mut events = family(
         "hvnet_agent_link_events_total",
         "rtnetlink link events received (interfaces appearing, changing, vanishing).",
         MetricType::COUNTER,
     );
-    events
-        .mut_metric()
-        .push(counter(&[], view.link_events as f64));
+    events.push(counter(&[], view.link_events as f64));
 
     let mut map_reads = family(
         "hvnet_agent_map_read_success",
@@ -62,9 +55,7 @@ pub(super) fn agent_families(view: &Exposition) -> Vec<MetricFamily> {
         MetricType::GAUGE,
     );
     for (map, ok) in &view.map_reads {
-        map_reads
-            .mut_metric()
-            .push(gauge(&[("map", map)], if *ok { 1.0 } else { 0.0 }));
+        map_reads.push(gauge(&[("map", map)], if *ok { 1.0 } else { 0.0 }));
     }
 
     let mut waiting = family(
@@ -75,9 +66,7 @@ pub(super) fn agent_families(view: &Exposition) -> Vec<MetricFamily> {
         MetricType::GAUGE,
     );
     for (reason, count) in &view.waiting {
-        waiting
-            .mut_metric()
-            .push(gauge(&[("reason", reason)], *count as f64));
+        waiting.push(gauge(&[("reason", reason)], *count as f64));
     }
     let mut update_failures = family(
         "hvnet_agent_map_update_failures_total",
@@ -87,9 +76,7 @@ pub(super) fn agent_families(view: &Exposition) -> Vec<MetricFamily> {
     );
     if let Some(failures) = view.map_update_failures {
         for (map, count) in tracer_common::map_slot::NAMES.iter().zip(failures) {
-            update_failures
-                .mut_metric()
-                .push(counter(&[("map", map)], count as f64));
+            update_failures.push(counter(&[("map", map)], count as f64));
         }
     }
     let mut read_errors = family(
@@ -99,7 +86,7 @@ pub(super) fn agent_families(view: &Exposition) -> Vec<MetricFamily> {
         MetricType::COUNTER,
     );
     if let Some(errors) = view.probe_read_errors {
-        read_errors.mut_metric().push(counter(&[], errors as f64));
+        read_errors.push(counter(&[], errors as f64));
     }
 
     let mut build = family(
@@ -107,7 +94,7 @@ pub(super) fn agent_families(view: &Exposition) -> Vec<MetricFamily> {
         "hvnet's version and the tc attach mechanism in use.",
         MetricType::GAUGE,
     );
-    build.mut_metric().push(gauge(
+    build.push(gauge(
         &[
             ("version", view.version.as_str()),
             ("attach_mechanism", view.attach_mechanism.as_str()),

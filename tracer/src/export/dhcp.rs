@@ -1,12 +1,12 @@
 //! Collector: each VM's DHCP exchanges, retries, verdicts and lease.
 
-use prometheus::proto::{MetricFamily, MetricType};
+use super::text::{Family, MetricType};
 
 use super::{counter, family, gauge, push_breakdown, Exposition};
 use crate::analysis::dhcp::{ClientState, MessageType, Verdict};
 
 /// Each VM's DHCP exchanges, retries, verdicts and lease.
-pub(super) fn dhcp_families(view: &Exposition) -> Vec<MetricFamily> {
+pub(super) fn dhcp_families(view: &Exposition) -> Vec<Family> {
     let mut dhcp_packets = family(
         "hvnet_dhcp_packets_total",
         "DHCP messages that crossed the VM's tap, by message type; direction from the VM's point of view.",
@@ -80,22 +80,12 @@ pub(super) fn dhcp_families(view: &Exposition) -> Vec<MetricFamily> {
                 c.retries[i] as f64,
             );
         }
-        retries_stall
-            .mut_metric()
-            .push(counter(&[("iface", iface)], c.retries_during_stall as f64));
-        undelivered
-            .mut_metric()
-            .push(counter(&[("iface", iface)], c.replies_undelivered as f64));
-        unprocessed
-            .mut_metric()
-            .push(counter(&[("iface", iface)], c.replies_unprocessed as f64));
-        lost_on_node
-            .mut_metric()
-            .push(counter(&[("iface", iface)], c.replies_lost_on_node as f64));
+        retries_stall.push(counter(&[("iface", iface)], c.retries_during_stall as f64));
+        undelivered.push(counter(&[("iface", iface)], c.replies_undelivered as f64));
+        unprocessed.push(counter(&[("iface", iface)], c.replies_unprocessed as f64));
+        lost_on_node.push(counter(&[("iface", iface)], c.replies_lost_on_node as f64));
         if let Some(remaining) = dhcp.lease_remaining.filter(|_| !vm.departed) {
-            lease
-                .mut_metric()
-                .push(gauge(&[("iface", iface)], remaining));
+            lease.push(gauge(&[("iface", iface)], remaining));
         }
         for (i, v) in Verdict::ALL.iter().enumerate() {
             push_breakdown(

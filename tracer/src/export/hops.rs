@@ -2,7 +2,7 @@
 //! (bridges, their ports, uplinks). Bounded: one series per hop and hook,
 //! never per frame, xid or VM.
 
-use prometheus::proto::{MetricFamily, MetricType};
+use super::text::{Family, MetricType};
 
 use super::{counter, family, gauge, Exposition};
 use crate::interfaces::hops::HopRole;
@@ -16,7 +16,7 @@ pub struct HopView {
     pub dhcp_messages: [u64; 2],
 }
 
-pub(super) fn hop_families(view: &Exposition) -> Vec<MetricFamily> {
+pub(super) fn hop_families(view: &Exposition) -> Vec<Family> {
     let mut hops = family(
         "hvnet_agent_hops",
         "Interfaces besides the taps that hvnet follows DHCP through, by role: bridge (a tap's \
@@ -26,8 +26,7 @@ pub(super) fn hop_families(view: &Exposition) -> Vec<MetricFamily> {
     );
     for role in HopRole::ALL {
         let count = view.hops.iter().filter(|h| h.role == role.as_str()).count();
-        hops.mut_metric()
-            .push(gauge(&[("role", role.as_str())], count as f64));
+        hops.push(gauge(&[("role", role.as_str())], count as f64));
     }
     let mut messages = family(
         "hvnet_hop_dhcp_packets_total",
@@ -37,7 +36,7 @@ pub(super) fn hop_families(view: &Exposition) -> Vec<MetricFamily> {
     );
     for hop in &view.hops {
         for (i, direction) in ["egress", "ingress"].into_iter().enumerate() {
-            messages.mut_metric().push(counter(
+            messages.push(counter(
                 &[
                     ("hop", hop.name.as_str()),
                     ("role", hop.role),

@@ -1,13 +1,13 @@
 //! Collector: each VM's receive path: drops, backlog, stall state,
 //! dequeues, vhost calls, throttled events.
 
-use prometheus::proto::{MetricFamily, MetricType};
+use super::text::{Family, MetricType};
 
 use super::{counter, family, gauge, push_breakdown, Exposition};
 use crate::analysis::stall::VmState;
 
 /// Each VM's receive path: drops, backlog, stall state, dequeues, vhost.
-pub(super) fn vm_health_families(view: &Exposition) -> Vec<MetricFamily> {
+pub(super) fn vm_health_families(view: &Exposition) -> Vec<Family> {
     let mut dropped = family(
         "hvnet_vm_dropped_packets_total",
         "Frames the kernel dropped on the VM's tap, by kernel drop reason (from skb:kfree_skb; \
@@ -76,7 +76,7 @@ pub(super) fn vm_health_families(view: &Exposition) -> Vec<MetricFamily> {
     for vm in &view.vms {
         let iface = vm.iface.as_str();
         for drop in &vm.drops {
-            dropped.mut_metric().push(counter(
+            dropped.push(counter(
                 &[
                     ("iface", iface),
                     ("direction", drop.direction),
@@ -86,49 +86,39 @@ pub(super) fn vm_health_families(view: &Exposition) -> Vec<MetricFamily> {
             ));
         }
         if let Some(seen) = vm.dequeued {
-            dequeued.mut_metric().push(counter(
+            dequeued.push(counter(
                 &[("iface", iface), ("source", "tracepoint")],
                 seen as f64,
             ));
         }
         if let Some(read) = vm.netdev_tx_packets {
-            dequeued.mut_metric().push(counter(
+            dequeued.push(counter(
                 &[("iface", iface), ("source", "netdev")],
                 read as f64,
             ));
         }
         if let Some(calls) = vm.vhost_rx {
-            vhost
-                .mut_metric()
-                .push(counter(&[("iface", iface)], calls as f64));
+            vhost.push(counter(&[("iface", iface)], calls as f64));
         }
         if !vm.departed {
-            queue_len
-                .mut_metric()
-                .push(gauge(&[("iface", iface)], f64::from(vm.queue_len)));
+            queue_len.push(gauge(&[("iface", iface)], f64::from(vm.queue_len)));
         }
         let Some(health) = &vm.health else { continue };
-        stalls
-            .mut_metric()
-            .push(counter(&[("iface", iface)], health.stalls_total as f64));
-        stall_seconds
-            .mut_metric()
-            .push(counter(&[("iface", iface)], health.stall_seconds));
+        stalls.push(counter(&[("iface", iface)], health.stalls_total as f64));
+        stall_seconds.push(counter(&[("iface", iface)], health.stall_seconds));
         if vm.departed {
             continue;
         }
-        backlog
-            .mut_metric()
-            .push(gauge(&[("iface", iface)], health.backlog as f64));
+        backlog.push(gauge(&[("iface", iface)], health.backlog as f64));
         let is_stalled = health.state == VmState::RxStalled;
-        stalled.mut_metric().push(gauge(
+        stalled.push(gauge(
             &[("iface", iface)],
             if is_stalled { 1.0 } else { 0.0 },
         ));
         for state in VmState::ALL {
             // One-hot in both details: "is it rx_stalled?" reads 0, never absent.
             let current = if state == health.state { 1.0 } else { 0.0 };
-            vm_state.mut_metric().push(gauge(
+            vm_state.push(gauge(
                 &[("iface", iface), ("state", state.as_str())],
                 current,
             ));

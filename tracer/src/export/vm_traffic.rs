@@ -1,7 +1,7 @@
 //! Collector: frames and bytes per tap, direction and class, and who
 //! each tap is (hvnet_vm_packets_total, hvnet_vm_bytes_total, hvnet_vm_info).
 
-use prometheus::proto::{MetricFamily, MetricType};
+use super::text::{Family, MetricType};
 use tracer_common::CounterValue;
 
 use super::{
@@ -10,7 +10,7 @@ use super::{
 };
 
 /// Frames and bytes per tap, direction and class, and who each tap is.
-pub(super) fn vm_traffic_families(view: &Exposition) -> Vec<MetricFamily> {
+pub(super) fn vm_traffic_families(view: &Exposition) -> Vec<Family> {
     let mut packets = family(
         "hvnet_vm_packets_total",
         &format!("Frames that crossed the VM's tap, by class; {DIRECTION_HELP}."),
@@ -54,7 +54,7 @@ pub(super) fn vm_traffic_families(view: &Exposition) -> Vec<MetricFamily> {
         if view.project_label {
             labels.push(("project", vm.identity.project.as_str()));
         }
-        info.mut_metric().push(gauge(&labels, 1.0));
+        info.push(gauge(&labels, 1.0));
     }
     vec![packets, bytes, info]
 }

@@ -94,7 +94,7 @@ async fn metrics(State(state): State<RouteState>) -> Response {
     let rendered = read_agent(&state.agent, |a| {
         a.exposition()
             .map_err(|e| e.to_string())
-            .and_then(|view| export::render(&view).map_err(|e| e.to_string()))
+            .map(|view| export::render(&view))
     })
     .await;
     let rendered = match rendered {
