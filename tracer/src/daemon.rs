@@ -143,7 +143,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// Polls between full link dumps (see `poll_loop`): a missed link event
 /// (the event socket can overflow) heals within this many polls.
-const FULL_DUMP_EVERY: u32 = 10;
+const FULL_DUMP_EVERY: u32 = 30;
 
 /// The known links with fresh counters (RTM_GETSTATS); a link gone since
 /// keeps its last counters until the next full dump or link event.

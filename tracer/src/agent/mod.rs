@@ -107,10 +107,16 @@ pub struct AgentState {
     resolver: IdentityResolver,
     identities: Mutex<HashMap<String, Identity>>,
     identity_refreshed: Mutex<f64>,
+    /// When the attached taps last changed (identity refresh cadence).
+    taps_changed_at: Mutex<f64>,
     project_label: bool,
     metrics_detail: crate::config::MetricsDetail,
     departed: Mutex<DepartedSeries>,
     hops: Mutex<hops::HopState>,
+    /// The links' names and topology as of the last plan (see
+    /// `reconcile`): while they and the waiting list stay the same, a poll
+    /// has nothing to plan.
+    planned_topology: Mutex<Option<crate::interfaces::links::Topology>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -154,10 +160,12 @@ impl AgentState {
             resolver: IdentityResolver::new(&config.libvirt_run_dir, &config.proc_root),
             identities: Mutex::new(HashMap::new()),
             identity_refreshed: Mutex::new(f64::NEG_INFINITY),
+            taps_changed_at: Mutex::new(f64::NEG_INFINITY),
             project_label: config.project_label,
             metrics_detail: config.metrics_detail,
             departed: Mutex::new(DepartedSeries::new(config.series_grace)),
             hops: Mutex::new(hops::HopState::default()),
+            planned_topology: Mutex::new(None),
         }
     }
 

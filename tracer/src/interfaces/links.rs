@@ -122,6 +122,52 @@ pub fn apply_changes(
     Some(links)
 }
 
+/// What plans are made from: each link's ifindex, name, bridge, peer and
+/// kind, not its counters or state. The same topology -> the same plans.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Topology(Vec<LinkShape>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LinkShape {
+    ifindex: u32,
+    name: String,
+    master: Option<u32>,
+    link: Option<u32>,
+    kind: String,
+}
+
+impl LinkShape {
+    fn is(&self, link: &LinkInfo) -> bool {
+        self.ifindex == link.ifindex
+            && self.master == link.master
+            && self.link == link.link
+            && self.name == link.name
+            && self.kind == link.kind
+    }
+}
+
+impl Topology {
+    pub fn of(present: &[LinkInfo]) -> Self {
+        Self(
+            present
+                .iter()
+                .map(|l| LinkShape {
+                    ifindex: l.ifindex,
+                    name: l.name.clone(),
+                    master: l.master,
+                    link: l.link,
+                    kind: l.kind.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// Compared in place: no allocation on the common poll.
+    pub fn same_as(&self, present: &[LinkInfo]) -> bool {
+        self.0.len() == present.len() && self.0.iter().zip(present).all(|(s, l)| s.is(l))
+    }
+}
+
 /// The changes that bring the attached set in line with what exists.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -138,9 +184,11 @@ pub fn plan(
     matcher: &InterfaceMatcher,
     skip: &BTreeMap<u32, String>,
 ) -> Plan {
+    // An attached link under the same name matched before (the globs do
+    // not change at run time): only the others are matched.
     let wanted: BTreeMap<u32, &LinkInfo> = present
         .iter()
-        .filter(|l| matcher.matches(&l.name))
+        .filter(|l| attached.get(&l.ifindex) == Some(&l.name) || matcher.matches(&l.name))
         .map(|l| (l.ifindex, l))
         .collect();
     let detach: Vec<u32> = attached
@@ -215,6 +263,37 @@ mod tests {
             mac: Some([0xfe, 0x54, 0, 0, 0, ifindex as u8]),
             oper_state: "up".into(),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_topology_ignores_counters_and_state_but_not_names_or_bridges() {
+        let before = vec![link(10, "tap0"), link(11, "tap1")];
+        let base = Topology::of(&before);
+        assert!(base.same_as(&before));
+        let mut busier = before.clone();
+        busier[0].stats = Some(NetdevStats {
+            tx_packets: 99,
+            ..Default::default()
+        });
+        busier[1].oper_state = "down".into();
+        busier[1].carrier = true;
+        assert!(base.same_as(&busier));
+
+        let mut renamed = before.clone();
+        renamed[1].name = "tap9".into();
+        let mut bridged = before.clone();
+        bridged[0].master = Some(3);
+        let mut peered = before.clone();
+        peered[0].link = Some(4);
+        let mut gone = before.clone();
+        gone.pop();
+        let mut reused = before.clone();
+        reused[1].ifindex = 12;
+        let mut kind = before.clone();
+        kind[0].kind = "veth".into();
+        for changed in [renamed, bridged, peered, gone, reused, kind] {
+            assert!(!base.same_as(&changed), "{changed:?}");
         }
     }
 
