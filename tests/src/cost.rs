@@ -331,16 +331,20 @@ impl Lab {
     }
 }
 
+fn empty_tc(baselines: &mut aya::Ebpf) -> anyhow::Result<&mut SchedClassifier> {
+    Ok(baselines
+        .program_mut(hvnet::kernel::loader::EMPTY_PROGRAM)
+        .context("no empty tc program")?
+        .try_into()?)
+}
+
 /// The empty tc program on the tap and the uplink, both directions, at
 /// the head or the tail of each TCX chain.
 fn attach_empty_tc(
     baselines: &mut aya::Ebpf,
     first: bool,
 ) -> anyhow::Result<Vec<SchedClassifierLinkId>> {
-    let program: &mut SchedClassifier = baselines
-        .program_mut(hvnet::kernel::loader::EMPTY_PROGRAM)
-        .context("no empty tc program")?
-        .try_into()?;
+    let program = empty_tc(baselines)?;
     let mut links = Vec::new();
     for device in [TAP, UPLINK] {
         for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
@@ -362,10 +366,7 @@ fn detach_empty_tc(
     baselines: &mut aya::Ebpf,
     links: Vec<SchedClassifierLinkId>,
 ) -> anyhow::Result<()> {
-    let program: &mut SchedClassifier = baselines
-        .program_mut(hvnet::kernel::loader::EMPTY_PROGRAM)
-        .context("no empty tc program")?
-        .try_into()?;
+    let program = empty_tc(baselines)?;
     for link in links {
         program.detach(link)?;
     }

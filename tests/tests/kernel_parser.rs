@@ -35,6 +35,43 @@ fn loaded_with_events() -> anyhow::Result<(aya::Ebpf, RingBuf<aya::maps::MapData
     Ok((ebpf, ring))
 }
 
+/// Runs `program` once on `frame` (it must continue: fail-open) and
+/// returns the events it sent.
+fn run_once(
+    ebpf: &aya::Ebpf,
+    ring: &mut RingBuf<aya::maps::MapData>,
+    program: &str,
+    name: &str,
+    frame: &[u8],
+) -> anyhow::Result<Vec<PacketEvent>> {
+    let result = loader::bench_program(ebpf, program)?.test_run(TestRunOptions {
+        data_in: Some(frame),
+        repeat: 1,
+        ..Default::default()
+    })?;
+    assert_eq!(
+        result.return_value, CONTINUE,
+        "{name}: {program} must always continue"
+    );
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        events.push(loader::decode_event(&item).ok_or_else(|| anyhow::anyhow!("bad record"))?);
+    }
+    Ok(events)
+}
+
+/// The kernel's event equals the userspace parse in every parsed field;
+/// what only the kernel knows (time, device, direction) is taken from it.
+fn assert_parsed_alike(name: &str, got: PacketEvent, want: PacketEvent) {
+    let want = PacketEvent {
+        ts_ns: got.ts_ns,
+        dev: got.dev,
+        direction: got.direction,
+        ..want
+    };
+    assert_eq!(got, want, "{name}: eBPF vs userspace build");
+}
+
 #[test]
 fn the_ebpf_and_userspace_builds_of_the_parser_agree_on_every_frame_and_the_program_fails_open(
 ) -> anyhow::Result<()> {
@@ -71,16 +108,7 @@ fn the_ebpf_and_userspace_builds_of_the_parser_agree_on_every_frame_and_the_prog
     let mut checked = 0;
     for (name, frame) in &corpus {
         let before = totals()?;
-        let program = loader::bench_program(&ebpf, loader::INGRESS_PROGRAM)?;
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            repeat: 1,
-            ..Default::default()
-        })?;
-        assert_eq!(
-            result.return_value, CONTINUE,
-            "{name}: the program must always continue"
-        );
+        let events = run_once(&ebpf, &mut ring, loader::INGRESS_PROGRAM, name, frame)?;
         let after = totals()?;
         let class = classify_frame(frame);
         let counted = after.get(direction::FROM_VM, class);
@@ -95,10 +123,6 @@ fn the_ebpf_and_userspace_builds_of_the_parser_agree_on_every_frame_and_the_prog
             before.packets(direction::FROM_VM) + 1,
             "{name}: counted in more than one class"
         );
-        let mut events = Vec::new();
-        while let Some(item) = ring.next() {
-            events.push(loader::decode_event(&item).ok_or_else(|| anyhow::anyhow!("bad record"))?);
-        }
         let dhcp: Vec<&PacketEvent> = events
             .iter()
             .filter(|e| e.kind == event_kind::DHCP)
@@ -114,16 +138,7 @@ fn the_ebpf_and_userspace_builds_of_the_parser_agree_on_every_frame_and_the_prog
                     1,
                     "{name}: expected one DHCP event, got {events:?}"
                 );
-                // What only the kernel knows (time, device, direction) is
-                // taken from its event; every parsed field must match.
-                let got = *dhcp[0];
-                let want = PacketEvent {
-                    ts_ns: got.ts_ns,
-                    dev: got.dev,
-                    direction: got.direction,
-                    ..want
-                };
-                assert_eq!(got, want, "{name}: eBPF vs userspace build");
+                assert_parsed_alike(name, *dhcp[0], want);
                 checked += 1;
             }
         }
@@ -214,20 +229,7 @@ fn the_hop_program_finds_dhcp_behind_vlan_tags_and_inside_tunnels_as_userspace_d
     }
     let mut found = 0;
     for (name, frame) in &corpus {
-        let program = loader::bench_program(&ebpf, loader::HOP_INGRESS_PROGRAM)?;
-        let result = program.test_run(TestRunOptions {
-            data_in: Some(frame),
-            repeat: 1,
-            ..Default::default()
-        })?;
-        assert_eq!(
-            result.return_value, CONTINUE,
-            "{name}: the hop program must continue"
-        );
-        let mut events = Vec::new();
-        while let Some(item) = ring.next() {
-            events.push(loader::decode_event(&item).ok_or_else(|| anyhow::anyhow!("bad record"))?);
-        }
+        let events = run_once(&ebpf, &mut ring, loader::HOP_INGRESS_PROGRAM, name, frame)?;
         let want = locate_hop_dhcp(frame.as_slice()).and_then(|hop| {
             let mut ev = parse_dhcp_frame(&frame[hop.inner..])?;
             ev.kind = event_kind::DHCP_HOP;
@@ -242,14 +244,7 @@ fn the_hop_program_finds_dhcp_behind_vlan_tags_and_inside_tunnels_as_userspace_d
                     1,
                     "{name}: expected one event, got {events:?}"
                 );
-                let got = events[0];
-                let want = PacketEvent {
-                    ts_ns: got.ts_ns,
-                    dev: got.dev,
-                    direction: got.direction,
-                    ..want
-                };
-                assert_eq!(got, want, "{name}: eBPF vs userspace build");
+                assert_parsed_alike(name, events[0], want);
                 found += 1;
             }
         }

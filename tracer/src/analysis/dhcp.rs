@@ -648,9 +648,7 @@ impl DhcpTracker {
             } else {
                 ReplyFate::Dropped
             };
-            if let Some(t) = self.current.as_mut().filter(|t| t.xid == reply.xid) {
-                t.worst_fate = worse(t.worst_fate, fate);
-            }
+            worsen_fate(&mut self.current, reply.xid, fate);
             notes.push(match dropped {
                 Some((_, reason)) => DhcpNote::ReplyDropped {
                     message: reply.message,
@@ -668,9 +666,7 @@ impl DhcpTracker {
             return;
         }
         self.counters.replies_lost_on_node += 1;
-        if let Some(t) = self.current.as_mut().filter(|t| t.xid == reply.xid) {
-            t.worst_fate = worse(t.worst_fate, ReplyFate::LostOnNode);
-        }
+        worsen_fate(&mut self.current, reply.xid, ReplyFate::LostOnNode);
         let (dropped_at, reason) = match dropped {
             Some((at, reason)) => (Some(at), Some(reason)),
             None => (None, None),
@@ -960,9 +956,7 @@ impl DhcpTracker {
         } else {
             ReplyFate::Dropped
         };
-        if let Some(t) = self.current.as_mut().filter(|t| t.xid == reply.xid) {
-            t.worst_fate = worse(t.worst_fate, fate);
-        }
+        worsen_fate(&mut self.current, reply.xid, fate);
         notes.push(DhcpNote::ReplyDropped {
             message: reply.message,
             xid: reply.xid,
@@ -979,9 +973,7 @@ impl DhcpTracker {
             if !reply.reported_undelivered && waiting >= self.undelivered_after {
                 reply.reported_undelivered = true;
                 self.counters.replies_undelivered += 1;
-                if let Some(t) = self.current.as_mut().filter(|t| t.xid == reply.xid) {
-                    t.worst_fate = worse(t.worst_fate, ReplyFate::Undelivered);
-                }
+                worsen_fate(&mut self.current, reply.xid, ReplyFate::Undelivered);
                 notes.push(DhcpNote::ReplyUndelivered {
                     message: reply.message,
                     xid: reply.xid,
@@ -1048,6 +1040,14 @@ impl DhcpTracker {
             attempts: t.attempts,
             request_path: t.request_path,
         });
+    }
+}
+
+/// Marks the transaction in progress, if `xid` is its own, with `fate`
+/// unless it already had a worse one.
+fn worsen_fate(current: &mut Option<Transaction>, xid: u32, fate: ReplyFate) {
+    if let Some(t) = current.as_mut().filter(|t| t.xid == xid) {
+        t.worst_fate = worse(t.worst_fate, fate);
     }
 }
 
