@@ -8,12 +8,15 @@
 //! and count the frame once, in the class userspace gives it.
 
 use aya::{
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, RingBuf},
     programs::{TestRun, TestRunOptions},
 };
 use hvnet::{
     frames,
-    kernel::loader,
+    kernel::{
+        counter_array::{counter_cpus, CounterArray},
+        loader,
+    },
     test_support::{corpus::malformed_corpus, pcap::read_pcap},
 };
 use hvnet_lab::testkit::require_root;
@@ -76,7 +79,7 @@ fn assert_parsed_alike(name: &str, got: PacketEvent, want: PacketEvent) {
 fn the_ebpf_and_userspace_builds_of_the_parser_agree_on_every_frame_and_the_program_fails_open(
 ) -> anyhow::Result<()> {
     require_root();
-    let (ebpf, mut ring) = loaded_with_events()?;
+    let (mut ebpf, mut ring) = loaded_with_events()?;
     let mut corpus = malformed_corpus();
     // Real messages captured in the lab (udhcpc, dhclient, dnsmasq).
     let fixtures =
@@ -97,13 +100,18 @@ fn the_ebpf_and_userspace_builds_of_the_parser_agree_on_every_frame_and_the_prog
     // The smallest frame a tap carries (BPF_PROG_TEST_RUN refuses less).
     corpus.push(("bare ethernet header", vec![0xff; 14]));
     // load_for_bench gives the loopback device (the test runs' skb->dev)
-    // counter slot 0.
-    let counters: PerCpuArray<_, TrafficCounters> = PerCpuArray::try_from(
-        ebpf.map("VM_COUNTERS")
-            .ok_or_else(|| anyhow::anyhow!("no VM_COUNTERS map"))?,
+    // counter slot 0; read through the mapping, as the agent reads it.
+    let counters = CounterArray::new(
+        Array::try_from(
+            ebpf.take_map("VM_COUNTERS")
+                .ok_or_else(|| anyhow::anyhow!("no VM_COUNTERS map"))?,
+        )?,
+        counter_cpus()?,
     )?;
     let totals = || -> anyhow::Result<TrafficCounters> {
-        Ok(hvnet::kernel::collect::sum_cpus(&counters.get(&0, 0)?))
+        counters
+            .read(0)
+            .ok_or_else(|| anyhow::anyhow!("no counter slot 0"))
     };
     let mut checked = 0;
     for (name, frame) in &corpus {

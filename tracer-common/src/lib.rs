@@ -102,6 +102,9 @@ pub struct DropKey {
 /// ifindex skips the shortcut and takes the full check).
 pub const IFINDEX_BITMAP_WORDS: u32 = 1024;
 
+/// The map flag that lets userspace mmap an array (linux/bpf.h).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// Most monitored devices (taps) per host.
 pub const MAX_MONITORED: u32 = 4096;
 /// Most hops (bridges, bridge ports, uplinks) followed per host: a

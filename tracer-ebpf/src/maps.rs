@@ -6,12 +6,16 @@ use tracer_common::{
     DevKey, DropKey, TrafficCounters, DROP_MAP_ENTRIES, MAX_MONITORED, SLOT_ARRAY_IFINDEXES,
 };
 
-/// Each monitored tap's counters, per (direction, class), at the slot the
-/// agent gave the tap; one copy per CPU so the hot path needs no atomics.
-/// The agent sums the CPUs at scrape time and zeroes a slot before reuse.
+/// Each monitored tap's counters, per (direction, class): element
+/// `slot * COUNTER_CPUS + cpu`, one copy per CPU so the hot path needs no
+/// atomics. A plain array striped by CPU rather than a per-CPU array: it
+/// can be mmapped (BPF_F_MMAPABLE), so the agent reads every tap's counters
+/// each poll from shared memory, without a syscall or a kernel-side copy.
+/// The agent sizes it (taps x CPUs), sums the CPUs and zeroes a slot
+/// before reuse.
 #[map]
-pub static VM_COUNTERS: PerCpuArray<TrafficCounters> =
-    PerCpuArray::with_max_entries(MAX_MONITORED, 0);
+pub static VM_COUNTERS: Array<TrafficCounters> =
+    Array::with_max_entries(MAX_MONITORED, tracer_common::BPF_F_MMAPABLE);
 
 /// ifindex -> counter slot + 1 (0: not monitored), for ifindexes below
 /// [`SLOT_ARRAY_IFINDEXES`]: one load on the tc path, no hashing.

@@ -6,12 +6,18 @@
 //! filters (the next filter runs). TC_ACT_OK would end a TCX chain early and
 //! silently skip programs that other tools attached after ours.
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC, helpers::bpf_get_smp_processor_id, macros::classifier,
+    programs::TcContext,
+};
 use tracer_common::{class, classify::classify, direction, map_slot, SLOT_ARRAY_IFINDEXES};
 
 use crate::{
     maps::{TAP_SLOT, TAP_SLOT_HIGH, VM_COUNTERS},
-    programs::{dhcp, kernel::note_update_failure},
+    programs::{
+        dhcp,
+        kernel::{global, note_update_failure},
+    },
 };
 
 /// Frames toward the VM (the tap transmits them to the VMM).
@@ -43,7 +49,7 @@ fn count_frame(ctx: &TcContext, direction: u8) {
     if class == class::DHCP || class == class::ARP {
         dhcp::tc_event(ctx, ifindex, direction, class == class::DHCP);
     }
-    let counters = tap_slot(ifindex).and_then(|slot| VM_COUNTERS.get_ptr_mut(slot));
+    let counters = tap_slot(ifindex).and_then(|slot| VM_COUNTERS.get_ptr_mut(this_cpus(slot)?));
     let Some(counters) = counters else {
         // The agent gives every tap a slot before attaching to it: a frame
         // without one is a count lost, and counted as such.
@@ -61,6 +67,24 @@ fn count_frame(ctx: &TcContext, direction: u8) {
         value.packets += 1;
         value.bytes += len;
     }
+}
+
+/// The number of possible CPUs: the stride of a slot's copies in
+/// VM_COUNTERS. Set by the agent at load time.
+#[unsafe(no_mangle)]
+static COUNTER_CPUS: u32 = 0;
+
+/// This CPU's copy of counter slot `slot`; None past the CPUs the agent
+/// sized the array for (it would be another slot's copy).
+#[inline(always)]
+fn this_cpus(slot: u32) -> Option<u32> {
+    let cpus = global(&COUNTER_CPUS) as u32;
+    // SAFETY: a helper without arguments or side effects.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if cpu >= cpus {
+        return None;
+    }
+    Some(slot.wrapping_mul(cpus).wrapping_add(cpu))
 }
 
 /// The counter slot the agent gave this tap.

@@ -10,6 +10,8 @@ use aya::{
 };
 use tracer_common::{map_slot, DevKey, DropKey, SLOT_ARRAY_IFINDEXES};
 
+use crate::kernel::counter_array::CounterArray;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
     #[error("map {map} missing from the eBPF object or of the wrong type: {reason}")]
@@ -32,11 +34,11 @@ pub use tracer_common::TrafficCounters;
 
 /// Sums one tap's per-CPU copies. Each copy only grows, so the sum is the
 /// total.
-pub fn sum_cpus(values: &[TrafficCounters]) -> TrafficCounters {
-    values
-        .iter()
-        .fold(TrafficCounters::default(), |mut acc, v| {
-            acc.accumulate(v);
+pub fn sum_cpus(copies: impl IntoIterator<Item = TrafficCounters>) -> TrafficCounters {
+    copies
+        .into_iter()
+        .fold(TrafficCounters::default(), |mut acc, copy| {
+            acc.accumulate(&copy);
             acc
         })
 }
@@ -122,7 +124,7 @@ impl KernelSnapshot {
 /// hvnet's maps, owned by the agent.
 pub struct KernelMaps {
     netns: u32,
-    counters: PerCpuArray<MapData, TrafficCounters>,
+    counters: CounterArray,
     tap_slot: Array<MapData, u32>,
     tap_slot_high: HashMap<MapData, u32, u32>,
     slots: SlotTable,
@@ -181,10 +183,15 @@ fn sum_u64(values: &PerCpuValues<u64>) -> u64 {
 
 impl KernelMaps {
     /// Takes the maps out of the loaded object. `netns` is the inode number
-    /// of the agent's network namespace (tracepoints see every namespace).
-    pub fn take(ebpf: &mut Ebpf, netns: u32) -> Result<Self, CollectError> {
-        let counters: PerCpuArray<MapData, TrafficCounters> = take(ebpf, "VM_COUNTERS")?;
-        let slots = SlotTable::new(counters.len());
+    /// of the agent's network namespace (tracepoints see every namespace);
+    /// `cpus` the copies per counter slot the programs were loaded with.
+    pub fn take(ebpf: &mut Ebpf, netns: u32, cpus: u32) -> Result<Self, CollectError> {
+        let counters =
+            CounterArray::new(take(ebpf, "VM_COUNTERS")?, cpus).map_err(|e| CollectError::Map {
+                map: "VM_COUNTERS",
+                reason: e.to_string(),
+            })?;
+        let slots = SlotTable::new(counters.slots());
         Ok(Self {
             netns,
             counters,
@@ -227,7 +234,7 @@ impl KernelMaps {
     }
 
     fn give_slot(&mut self, ifindex: u32) -> Result<(), CollectError> {
-        let capacity = self.counters.len();
+        let capacity = self.counters.slots();
         let (slot, fresh) = self
             .slots
             .assign(ifindex)
@@ -237,15 +244,10 @@ impl KernelMaps {
             slot,
             reason,
         };
-        if fresh {
-            // The slot's last tap's counts must not become this one's.
-            let cpus = aya::util::nr_cpus().map_err(|(_, e)| failed(e.to_string()))?;
-            let zero = PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
-                .map_err(|e| failed(e.to_string()))?;
-            if let Err(err) = self.counters.set(slot, zero, 0) {
-                self.slots.release(ifindex);
-                return Err(failed(err.to_string()));
-            }
+        // The slot's last tap's counts must not become this one's.
+        if fresh && !self.counters.zero(slot) {
+            self.slots.release(ifindex);
+            return Err(failed("past the counter array".into()));
         }
         let written = if ifindex < SLOT_ARRAY_IFINDEXES {
             self.tap_slot.set(ifindex, slot + 1, 0)
@@ -294,41 +296,20 @@ impl KernelMaps {
         let _ = self.throttled.remove(&ifindex);
     }
 
-    /// Every monitored tap's counters: slots are handed out lowest first,
-    /// so one batch read of the array's head covers them all; one lookup
-    /// per slot where the kernel has no batch reads of arrays.
+    /// Every monitored tap's counters, read from the shared mapping.
     fn read_traffic(&self) -> Result<BTreeMap<u32, TrafficCounters>, CollectError> {
-        let failed = |reason: String| CollectError::Read {
-            map: "VM_COUNTERS",
-            reason,
-        };
-        let Some(highest) = self.slots.iter().map(|(_, slot)| slot).max() else {
-            return Ok(BTreeMap::new());
-        };
-        match crate::kernel::map_batch::read_per_cpu(&self.counters, highest + 1) {
-            Ok(by_slot) => self
-                .slots
-                .iter()
-                .map(|(ifindex, slot)| {
-                    by_slot
-                        .get(slot as usize)
-                        .map(|per_cpu| (ifindex, sum_cpus(per_cpu)))
-                        .ok_or_else(|| failed(format!("slot {slot} not returned")))
-                })
-                .collect(),
-            Err(err) => {
-                log::debug!("VM_COUNTERS: batch read unavailable ({err}); one lookup per tap");
-                self.slots
-                    .iter()
-                    .map(|(ifindex, slot)| {
-                        self.counters
-                            .get(&slot, 0)
-                            .map(|per_cpu| (ifindex, sum_cpus(&per_cpu)))
-                            .map_err(|e| failed(e.to_string()))
+        self.slots
+            .iter()
+            .map(|(ifindex, slot)| {
+                self.counters
+                    .read(slot)
+                    .map(|counters| (ifindex, counters))
+                    .ok_or_else(|| CollectError::Read {
+                        map: "VM_COUNTERS",
+                        reason: format!("slot {slot} past the array"),
                     })
-                    .collect()
-            }
-        }
+            })
+            .collect()
     }
 
     /// Reads every map; a map that cannot be read is listed in
@@ -500,7 +481,7 @@ mod tests {
             packets: 1,
             bytes: 42,
         };
-        let total = sum_cpus(&[cpu0, cpu1]);
+        let total = sum_cpus([cpu0, cpu1]);
         assert_eq!(
             total.get(direction::TO_VM, class::DHCP),
             CounterValue {

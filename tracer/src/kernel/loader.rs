@@ -25,9 +25,12 @@ use aya::{
 use crate::{
     config::AttachMode,
     kernel::btf::KernelBtf,
-    kernel::collect::{current_netns_inum, KernelMaps},
     kernel::optional_probes::{self, ProbeStatus},
     kernel::program_error::describe_program_error,
+    kernel::{
+        collect::{current_netns_inum, KernelMaps},
+        counter_array::counter_cpus,
+    },
 };
 
 /// The eBPF object built by build.rs from tracer-ebpf.
@@ -154,7 +157,9 @@ impl TcProbes {
             .map_err(|e| LoaderError::Load(format!("reading /proc/self/ns/net: {e}")))?;
 
         let (tfile_socket, tfile_tun, tun_dev) = tun_offsets.as_ref().map_or((0, 0, 0), |t| *t);
+        let cpus = counter_cpus().map_err(|e| LoaderError::Load(e.to_string()))?;
         let mut loader = EbpfLoader::new();
+        size_counters(&mut loader, max_interfaces, &cpus);
         loader
             .btf(Some(&aya_btf))
             .override_global("SKB_DEV_OFF", &offsets.skb_dev, true)
@@ -177,7 +182,6 @@ impl TcProbes {
             ("VHOST_RX", 1),
             ("EVENT_BUDGET", 1),
             ("EVENTS_THROTTLED", 1),
-            ("VM_COUNTERS", 1),
             ("TAP_SLOT_HIGH", 1),
             ("DROPS", tracer_common::DROP_REASONS_PER_TAP),
         ];
@@ -200,8 +204,8 @@ impl TcProbes {
                 .load()
                 .map_err(|err| program_error(name, &err))?;
         }
-        let maps =
-            KernelMaps::take(&mut ebpf, netns).map_err(|e| LoaderError::Load(e.to_string()))?;
+        let maps = KernelMaps::take(&mut ebpf, netns, cpus)
+            .map_err(|e| LoaderError::Load(e.to_string()))?;
         let events = ebpf
             .take_map("EVENTS")
             .ok_or_else(|| LoaderError::Load("map EVENTS missing from the object".into()))
@@ -557,7 +561,10 @@ fn program_error(name: &str, err: &ProgramError) -> LoaderError {
 /// Loads the object and returns the tc programs the benchmark runs; kept
 /// here so that only this module knows the object and program names.
 pub fn load_for_bench() -> Result<Ebpf, LoaderError> {
-    let mut ebpf = EbpfLoader::new()
+    let cpus = counter_cpus().map_err(|e| LoaderError::Load(e.to_string()))?;
+    let mut loader = EbpfLoader::new();
+    size_counters(&mut loader, 1, &cpus);
+    let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|err| LoaderError::Load(format!("{err:#}")))?;
     for name in [
@@ -582,6 +589,14 @@ pub fn load_for_bench() -> Result<Ebpf, LoaderError> {
         .set(LOOPBACK_IFINDEX, 1, 0)
         .map_err(|e| LoaderError::Load(format!("giving loopback a counter slot: {e}")))?;
     Ok(ebpf)
+}
+
+/// Sizes VM_COUNTERS for `taps` counter slots with a copy per possible
+/// CPU each, and tells the tc programs the stride.
+fn size_counters<'a>(loader: &mut EbpfLoader<'a>, taps: u32, cpus: &'a u32) {
+    loader
+        .override_global("COUNTER_CPUS", cpus, true)
+        .map_max_entries("VM_COUNTERS", taps.saturating_mul(*cpus));
 }
 
 /// The loopback device's ifindex in every network namespace.

@@ -3,12 +3,12 @@
 
 pub mod btf;
 pub mod collect;
+pub mod counter_array;
 pub mod drops;
 pub mod ebpf_log;
 pub mod events;
 pub mod fd_limit;
 pub mod loader;
-pub mod map_batch;
 pub mod optional_probes;
 pub mod privileges;
 pub mod program_error;
