@@ -15,7 +15,8 @@ use anyhow::{bail, Context as _};
 use aya::programs::{
     links::LinkOrder,
     tc::{SchedClassifierLinkId, TcAttachOptions},
-    SchedClassifier, TcAttachType,
+    tp_btf::BtfTracePointLinkId,
+    BtfTracePoint, SchedClassifier, TcAttachType,
 };
 
 use crate::{agent::Agent, netns::NetNs};
@@ -42,21 +43,49 @@ impl Cost {
     }
 }
 
-/// run_time_ns and run_cnt of every loaded program named in `names`.
-fn program_stats(names: &[&str]) -> anyhow::Result<BTreeMap<String, Cost>> {
-    let mut out: BTreeMap<String, Cost> = BTreeMap::new();
+/// run_time_ns and run_cnt of every loaded program named in `names`, by
+/// (name, program id): a restarted hvnet's programs are new ones, and a
+/// program freed between two snapshots must not blur the difference.
+fn program_stats(names: &[&str]) -> anyhow::Result<BTreeMap<(String, u32), Cost>> {
+    let mut out = BTreeMap::new();
     for info in aya::programs::loaded_programs() {
         let info = info?;
         let Some(name) = info.name_as_str() else {
             continue;
         };
         if let Some(wanted) = names.iter().find(|n| kernel_name(n) == name) {
-            let entry = out.entry((*wanted).to_owned()).or_default();
-            entry.runs += info.run_count();
-            entry.ns += info.run_time().as_nanos() as u64;
+            out.insert(
+                ((*wanted).to_owned(), info.id()),
+                Cost {
+                    runs: info.run_count(),
+                    ns: info.run_time().as_nanos() as u64,
+                },
+            );
         }
     }
     Ok(out)
+}
+
+/// What each program named in `names` cost between two snapshots, over
+/// the programs loaded in both; a name with no such program is an error
+/// (never 0 runs).
+fn spent_between(
+    names: &[&str],
+    before: &BTreeMap<(String, u32), Cost>,
+    after: &BTreeMap<(String, u32), Cost>,
+) -> anyhow::Result<BTreeMap<String, Cost>> {
+    let mut spent: BTreeMap<String, Cost> = BTreeMap::new();
+    for (key, a) in after {
+        if let Some(b) = before.get(key) {
+            let total = spent.entry(key.0.clone()).or_default();
+            total.runs += a.runs.saturating_sub(b.runs);
+            total.ns += a.ns.saturating_sub(b.ns);
+        }
+    }
+    if let Some(missing) = names.iter().find(|n| !spent.contains_key(**n)) {
+        bail!("program {missing} is not loaded: nothing to measure");
+    }
+    Ok(spent)
 }
 
 /// A program's name as the kernel keeps it (15 characters at most).
@@ -373,6 +402,32 @@ fn detach_empty_tc(
     Ok(())
 }
 
+/// Where the empty baseline of one half-phase is attached.
+enum EmptyLinks {
+    Tc(Vec<SchedClassifierLinkId>),
+    Tracepoint(&'static str, BtfTracePointLinkId),
+}
+
+fn empty_tp<'a>(baselines: &'a mut aya::Ebpf, name: &str) -> anyhow::Result<&'a mut BtfTracePoint> {
+    Ok(baselines
+        .program_mut(name)
+        .with_context(|| format!("no program {name}"))?
+        .try_into()?)
+}
+
+/// An empty BTF tracepoint program, after every program already there.
+fn attach_empty_tp(baselines: &mut aya::Ebpf, name: &str) -> anyhow::Result<BtfTracePointLinkId> {
+    Ok(empty_tp(baselines, name)?.attach()?)
+}
+
+fn detach_empty_tp(
+    baselines: &mut aya::Ebpf,
+    name: &str,
+    link: BtfTracePointLinkId,
+) -> anyhow::Result<()> {
+    Ok(empty_tp(baselines, name)?.detach(link)?)
+}
+
 /// Per-program cost on real traffic against empty programs on the same
 /// hooks, then throughput with and without hvnet.
 pub fn run(
@@ -381,7 +436,7 @@ pub fn run(
     rounds: usize,
 ) -> anyhow::Result<(Vec<Row>, Vec<Throughput>)> {
     let lab = Lab::create(prefix)?;
-    let agent = lab.agent()?;
+    let mut agent = Some(lab.agent()?);
     let names = [
         "hvnet_egress",
         "hvnet_ingress",
@@ -430,33 +485,62 @@ pub fn run(
             &[("kfree_skb", "hvnet_drop", "hvnet_empty_drop")][..],
         ),
     ] {
-        // Whichever program runs first in a TCX chain pays for what the
-        // first touch of the frame costs (measured: ~10 ns on this kind of
-        // machine): the empty programs run first for half of each phase and
-        // last for the other half.
-        let before = program_stats(&names)?;
+        // Whichever program runs first on a hook pays for what the first
+        // run there costs (measured: 0.1-0.25x of an empty program, in a
+        // TCX chain and on a tracepoint alike): the empty programs run
+        // first for half of each phase and last for the other half.
+        let mut spent: BTreeMap<String, Cost> = BTreeMap::new();
+        let tracepoint = hooks
+            .iter()
+            .find_map(|(hook, _, empty)| (!hook.starts_with("tc")).then_some(*empty));
         for empty_first in [true, false] {
-            // Attaching names devices of the node's netns: the object goes
-            // into its thread and back.
-            let (back, links) = lab.node.enter(move || {
-                let mut baselines = baselines;
-                let links = attach_empty_tc(&mut baselines, empty_first)?;
-                Ok((baselines, links))
-            })?;
-            baselines = back;
-            lab.run_phase(phase, seconds.div_ceil(2))?;
-            detach_empty_tc(&mut baselines, links)?;
-        }
-        let after = program_stats(&names)?;
-        // A program missing from either snapshot is an error, not 0 runs.
-        let delta = |name: &str| -> anyhow::Result<Cost> {
-            let (Some(a), Some(b)) = (after.get(name), before.get(name)) else {
-                bail!("program {name} is not loaded: nothing to measure");
+            let links = match tracepoint {
+                // A tracepoint runs its programs in the order they were
+                // attached: for the empty one to go first, hvnet restarts
+                // after it.
+                Some(empty) => {
+                    if empty_first {
+                        agent = None;
+                    }
+                    let link = attach_empty_tp(&mut baselines, empty)?;
+                    if empty_first {
+                        agent = Some(lab.agent()?);
+                    }
+                    EmptyLinks::Tracepoint(empty, link)
+                }
+                None => {
+                    // Attaching names devices of the node's netns: the
+                    // object goes into its thread and back.
+                    let (back, links) = lab.node.enter(move || {
+                        let mut baselines = baselines;
+                        let links = attach_empty_tc(&mut baselines, empty_first)?;
+                        Ok((baselines, links))
+                    })?;
+                    baselines = back;
+                    EmptyLinks::Tc(links)
+                }
             };
-            Ok(Cost {
-                runs: a.runs.saturating_sub(b.runs),
-                ns: a.ns.saturating_sub(b.ns),
-            })
+            // Both snapshots of one half are of the same hvnet process.
+            let before = program_stats(&names)?;
+            lab.run_phase(phase, seconds.div_ceil(2))?;
+            let after = program_stats(&names)?;
+            for (name, cost) in spent_between(&names, &before, &after)? {
+                let total = spent.entry(name).or_default();
+                total.runs += cost.runs;
+                total.ns += cost.ns;
+            }
+            match links {
+                EmptyLinks::Tc(links) => detach_empty_tc(&mut baselines, links)?,
+                EmptyLinks::Tracepoint(empty, link) => {
+                    detach_empty_tp(&mut baselines, empty, link)?
+                }
+            }
+        }
+        let delta = |name: &str| -> anyhow::Result<Cost> {
+            spent
+                .get(name)
+                .copied()
+                .with_context(|| format!("program {name} was not measured"))
         };
         for (hook, hvnet_prog, empty_prog) in hooks {
             let mut hvnet_cost = delta(hvnet_prog)?;
