@@ -568,8 +568,8 @@ pub fn run(
     drop(baselines);
     drop(agent);
 
-    // Throughput, A/B interleaved: hvnet attached, then not, per round; the
-    // ratio is the median of the rounds' own ratios.
+    // Throughput, A/B interleaved: per round and kind of traffic, with
+    // hvnet and without; the ratio is the median of the rounds' own ratios.
     let mut throughput = vec![
         Throughput {
             what: "udp64_via_tap",
@@ -591,6 +591,21 @@ pub fn run(
         },
     ];
     let t = seconds.to_string();
+    let measure = |kind: usize| -> anyhow::Result<f64> {
+        Ok(match kind {
+            0 => {
+                iperf(
+                    &lab.peer,
+                    &[
+                        "-c", NODE_ADDR, "-p", "5201", "-u", "-l", "64", "-b", "0", "-t", &t,
+                    ],
+                )?
+                .1
+            }
+            1 => iperf(&lab.peer, &["-c", NODE_ADDR, "-p", "5201", "-t", &t])?.0,
+            _ => iperf(&lab.node, &["-c", "127.0.0.1", "-p", "5202", "-t", &t])?.0,
+        })
+    };
     for round in 0..rounds {
         // ABBA: which side runs first alternates, so neither always gets
         // the fresher (or the warmer) machine.
@@ -599,25 +614,20 @@ pub fn run(
         } else {
             [false, true]
         };
-        for with in order {
-            let agent = if with { Some(lab.agent()?) } else { None };
-            let udp = iperf(
-                &lab.peer,
-                &[
-                    "-c", NODE_ADDR, "-p", "5201", "-u", "-l", "64", "-b", "0", "-t", &t,
-                ],
-            )?
-            .1;
-            let tcp = iperf(&lab.peer, &["-c", NODE_ADDR, "-p", "5201", "-t", &t])?.0;
-            let lo = iperf(&lab.node, &["-c", "127.0.0.1", "-p", "5202", "-t", &t])?.0;
-            for (row, value) in throughput.iter_mut().zip([udp, tcp, lo]) {
+        // The two sides of one kind of traffic run back to back (hvnet
+        // started or stopped between them): the machine drifts less
+        // between them than over a whole round of every kind.
+        for (kind, row) in throughput.iter_mut().enumerate() {
+            for with in order {
+                let agent = if with { Some(lab.agent()?) } else { None };
+                let value = measure(kind)?;
+                drop(agent);
                 if with {
                     row.with.push(value)
                 } else {
                     row.without.push(value)
                 }
             }
-            drop(agent);
         }
     }
     Ok((rows, throughput))
