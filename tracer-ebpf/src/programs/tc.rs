@@ -44,12 +44,14 @@ pub fn hvnet_empty(_ctx: TcContext) -> i32 {
 fn count_frame(ctx: &TcContext, direction: u8) {
     // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // The tap's counters first: their loads are under way while the
+    // classifier reads the packet.
+    let counters = tap_slot(ifindex).and_then(|slot| VM_COUNTERS.get_ptr_mut(this_cpus(slot)?));
     // The shared classifier, run on the packet (fast path: plain loads).
     let class = classify(&dhcp::TcFrame::new(ctx));
     if class == class::DHCP || class == class::ARP {
         dhcp::tc_event(ctx, ifindex, direction, class == class::DHCP);
     }
-    let counters = tap_slot(ifindex).and_then(|slot| VM_COUNTERS.get_ptr_mut(this_cpus(slot)?));
     let Some(counters) = counters else {
         // The agent gives every tap a slot before attaching to it: a frame
         // without one is a count lost, and counted as such.
