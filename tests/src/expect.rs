@@ -90,6 +90,72 @@ pub fn counts_match(
     )
 }
 
+/// A baseline for [`counts_match`] taken at a quiet moment after hvnet
+/// attached: what the VMM relayed that hvnet's counters do not hold. Frames
+/// that cross between the attach and this call (a neighbour probe the
+/// kernel sends seconds after earlier traffic) are on both sides then, so
+/// only what follows is compared. Every series must be present.
+pub fn quiet_baseline(
+    agent: &Agent,
+    ns: &NetNs,
+    iface: &str,
+    control: &std::path::Path,
+) -> anyhow::Result<VmmStats> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = String::from("no quiet moment");
+    while Instant::now() < deadline {
+        let before = crate::vmm::stats(control)?;
+        let samples = agent.scrape(ns)?;
+        let after = crate::vmm::stats(control)?;
+        if before == after {
+            match not_counted(&samples, iface, &after) {
+                Ok(base) => return Ok(base),
+                Err(err) => last = err.to_string(),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("no baseline for {iface}: {last}")
+}
+
+/// The VMM's counts minus hvnet's, per direction and class.
+fn not_counted(samples: &[Sample], iface: &str, vmm: &VmmStats) -> anyhow::Result<VmmStats> {
+    let mut base = vmm.clone();
+    for (dir, dir_name) in DIRECTIONS {
+        for (cls, cls_name) in CLASSES {
+            let i = usize::from(cls);
+            let labels = [
+                ("iface", iface),
+                ("direction", dir_name),
+                ("class", cls_name),
+            ];
+            let series = |name: &str| {
+                metrics::value(samples, name, &labels)
+                    .map(|v| v as u64)
+                    .ok_or_else(|| anyhow::anyhow!("{name}{labels:?} missing"))
+            };
+            let (packets, bytes) = (
+                series("hvnet_vm_packets_total")?,
+                series("hvnet_vm_bytes_total")?,
+            );
+            let side = if dir == direction::TO_VM {
+                &mut base.to_vm
+            } else {
+                &mut base.from_vm
+            };
+            side.packets[i] = side.packets[i].checked_sub(packets).ok_or_else(|| {
+                anyhow::anyhow!("{iface} {dir_name} {cls_name}: hvnet counted more than relayed")
+            })?;
+            side.bytes[i] = side.bytes[i].checked_sub(bytes).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{iface} {dir_name} {cls_name}: hvnet counted more bytes than relayed"
+                )
+            })?;
+        }
+    }
+    Ok(base)
+}
+
 /// Polls /metrics until `check` holds (up to `timeout`).
 pub fn eventually(
     agent: &Agent,
