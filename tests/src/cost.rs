@@ -43,6 +43,13 @@ impl Cost {
     }
 }
 
+impl std::ops::AddAssign for Cost {
+    fn add_assign(&mut self, other: Cost) {
+        self.runs += other.runs;
+        self.ns += other.ns;
+    }
+}
+
 /// run_time_ns and run_cnt of every loaded program named in `names`, by
 /// (name, program id): a restarted hvnet's programs are new ones, and a
 /// program freed between two snapshots must not blur the difference.
@@ -77,9 +84,10 @@ fn spent_between(
     let mut spent: BTreeMap<String, Cost> = BTreeMap::new();
     for (key, a) in after {
         if let Some(b) = before.get(key) {
-            let total = spent.entry(key.0.clone()).or_default();
-            total.runs += a.runs.saturating_sub(b.runs);
-            total.ns += a.ns.saturating_sub(b.ns);
+            *spent.entry(key.0.clone()).or_default() += Cost {
+                runs: a.runs.saturating_sub(b.runs),
+                ns: a.ns.saturating_sub(b.ns),
+            };
         }
     }
     if let Some(missing) = names.iter().find(|n| !spent.contains_key(**n)) {
@@ -525,9 +533,7 @@ pub fn run(
             lab.run_phase(phase, seconds.div_ceil(2))?;
             let after = program_stats(&names)?;
             for (name, cost) in spent_between(&names, &before, &after)? {
-                let total = spent.entry(name).or_default();
-                total.runs += cost.runs;
-                total.ns += cost.ns;
+                *spent.entry(name).or_default() += cost;
             }
             match links {
                 EmptyLinks::Tc(links) => detach_empty_tc(&mut baselines, links)?,
@@ -552,9 +558,7 @@ pub fn run(
                 _ => None,
             };
             if let Some(egress) = egress {
-                let egress = delta(egress)?;
-                hvnet_cost.runs += egress.runs;
-                hvnet_cost.ns += egress.ns;
+                hvnet_cost += delta(egress)?;
             }
             rows.push(Row {
                 phase,
@@ -591,9 +595,9 @@ pub fn run(
         },
     ];
     let t = seconds.to_string();
-    let measure = |kind: usize| -> anyhow::Result<f64> {
-        Ok(match kind {
-            0 => {
+    let measure = |what: &str| -> anyhow::Result<f64> {
+        Ok(match what {
+            "udp64_via_tap" => {
                 iperf(
                     &lab.peer,
                     &[
@@ -602,8 +606,9 @@ pub fn run(
                 )?
                 .1
             }
-            1 => iperf(&lab.peer, &["-c", NODE_ADDR, "-p", "5201", "-t", &t])?.0,
-            _ => iperf(&lab.node, &["-c", "127.0.0.1", "-p", "5202", "-t", &t])?.0,
+            "tcp_via_tap" => iperf(&lab.peer, &["-c", NODE_ADDR, "-p", "5201", "-t", &t])?.0,
+            "loopback_tcp" => iperf(&lab.node, &["-c", "127.0.0.1", "-p", "5202", "-t", &t])?.0,
+            other => bail!("no throughput measurement for {other}"),
         })
     };
     for round in 0..rounds {
@@ -617,10 +622,10 @@ pub fn run(
         // The two sides of one kind of traffic run back to back (hvnet
         // started or stopped between them): the machine drifts less
         // between them than over a whole round of every kind.
-        for (kind, row) in throughput.iter_mut().enumerate() {
+        for row in &mut throughput {
             for with in order {
                 let agent = if with { Some(lab.agent()?) } else { None };
-                let value = measure(kind)?;
+                let value = measure(row.what)?;
                 drop(agent);
                 if with {
                     row.with.push(value)

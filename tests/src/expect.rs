@@ -29,6 +29,33 @@ fn side(stats: &VmmStats, dir: u8) -> &DirectionStats {
     }
 }
 
+fn side_mut(stats: &mut VmmStats, dir: u8) -> &mut DirectionStats {
+    if dir == direction::TO_VM {
+        &mut stats.to_vm
+    } else {
+        &mut stats.from_vm
+    }
+}
+
+/// hvnet's packets and bytes for one (interface, direction, class); None
+/// where the series is missing.
+fn counted(
+    samples: &[Sample],
+    iface: &str,
+    dir_name: &str,
+    cls_name: &str,
+) -> (Option<f64>, Option<f64>) {
+    let labels = [
+        ("iface", iface),
+        ("direction", dir_name),
+        ("class", cls_name),
+    ];
+    (
+        metrics::value(samples, "hvnet_vm_packets_total", &labels),
+        metrics::value(samples, "hvnet_vm_bytes_total", &labels),
+    )
+}
+
 /// Differences between hvnet's series for `iface` and the VMM's counts
 /// (minus `baseline`, what the VMM had relayed before hvnet attached).
 pub fn count_mismatches(
@@ -44,13 +71,7 @@ pub fn count_mismatches(
             let base = baseline.map(|b| side(b, dir));
             let want_packets = side(vmm, dir).packets[i] - base.map_or(0, |b| b.packets[i]);
             let want_bytes = side(vmm, dir).bytes[i] - base.map_or(0, |b| b.bytes[i]);
-            let labels = [
-                ("iface", iface),
-                ("direction", dir_name),
-                ("class", cls_name),
-            ];
-            let got_packets = metrics::value(samples, "hvnet_vm_packets_total", &labels);
-            let got_bytes = metrics::value(samples, "hvnet_vm_bytes_total", &labels);
+            let (got_packets, got_bytes) = counted(samples, iface, dir_name, cls_name);
             if got_packets != Some(want_packets as f64) || got_bytes != Some(want_bytes as f64) {
                 problems.push(format!(
                     "{iface} {dir_name} {cls_name}: hvnet {got_packets:?} packets / {got_bytes:?} bytes, VMM relayed {want_packets} / {want_bytes}"
@@ -124,25 +145,11 @@ fn not_counted(samples: &[Sample], iface: &str, vmm: &VmmStats) -> anyhow::Resul
     for (dir, dir_name) in DIRECTIONS {
         for (cls, cls_name) in CLASSES {
             let i = usize::from(cls);
-            let labels = [
-                ("iface", iface),
-                ("direction", dir_name),
-                ("class", cls_name),
-            ];
-            let series = |name: &str| {
-                metrics::value(samples, name, &labels)
-                    .map(|v| v as u64)
-                    .ok_or_else(|| anyhow::anyhow!("{name}{labels:?} missing"))
+            let (Some(packets), Some(bytes)) = counted(samples, iface, dir_name, cls_name) else {
+                bail!("{iface} {dir_name} {cls_name}: hvnet's series missing");
             };
-            let (packets, bytes) = (
-                series("hvnet_vm_packets_total")?,
-                series("hvnet_vm_bytes_total")?,
-            );
-            let side = if dir == direction::TO_VM {
-                &mut base.to_vm
-            } else {
-                &mut base.from_vm
-            };
+            let (packets, bytes) = (packets as u64, bytes as u64);
+            let side = side_mut(&mut base, dir);
             side.packets[i] = side.packets[i].checked_sub(packets).ok_or_else(|| {
                 anyhow::anyhow!("{iface} {dir_name} {cls_name}: hvnet counted more than relayed")
             })?;
