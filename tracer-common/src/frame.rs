@@ -10,6 +10,14 @@ pub trait FrameBytes {
     /// `N` bytes from `offset`, or None if the frame is shorter.
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]>;
 
+    /// `N` bytes from `offset` if this reader has them at hand (for a tc
+    /// program: inside the packet's linear part), for a fast path that
+    /// falls back to [`Self::bytes`]. None never means the frame is short.
+    #[inline(always)]
+    fn linear_bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        self.bytes(offset)
+    }
+
     #[inline(always)]
     fn u8_at(&self, offset: usize) -> Option<u8> {
         self.bytes::<1>(offset).map(|[b]| b)

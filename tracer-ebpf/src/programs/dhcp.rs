@@ -49,6 +49,16 @@ impl<'a> TcFrame<'a> {
 
 impl FrameBytes for TcFrame<'_> {
     #[inline(always)]
+    fn linear_bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
+        let at = self.data + offset;
+        if at + N <= self.end {
+            // SAFETY: [at, at + N) lies inside the packet, checked just above.
+            return Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
+        }
+        None
+    }
+
+    #[inline(always)]
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
         // LLVM turns `at + 1 <= end` into `at < end`, and the verifier
         // learns no range from `pkt < pkt_end` when the pointer's constant
@@ -61,6 +71,9 @@ impl FrameBytes for TcFrame<'_> {
             // above, as the verifier requires); unaligned reads are fine.
             return Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
         }
+        // Headers past the linear part are rare: kept off the straight
+        // line of code the common frame runs through.
+        core::hint::cold_path();
         self.ctx.load::<[u8; N]>(offset).ok()
     }
 }
