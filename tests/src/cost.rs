@@ -218,6 +218,13 @@ impl Drop for Lab {
     }
 }
 
+/// What iperf3 sends in a phase through the tap or the uplink.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Traffic {
+    Udp64,
+    Tcp,
+}
+
 impl Lab {
     pub fn create(prefix: &str) -> anyhow::Result<Self> {
         let node = NetNs::create(&format!("{prefix}-node"))?;
@@ -300,44 +307,39 @@ impl Lab {
         Ok(agent)
     }
 
+    /// iperf3 from the peer to the node's `address:port`, `seconds` long:
+    /// (bits/s received, packets/s sent).
+    fn iperf_from_peer(
+        &self,
+        address: &str,
+        port: &str,
+        traffic: Traffic,
+        seconds: &str,
+    ) -> anyhow::Result<(f64, f64)> {
+        let mut args = vec!["-c", address, "-p", port];
+        if traffic == Traffic::Udp64 {
+            // 64-byte datagrams as fast as iperf3 can send them.
+            args.extend(["-u", "-l", "64", "-b", "0"]);
+        }
+        args.extend(["-t", seconds]);
+        iperf(&self.peer, &args)
+    }
+
     /// The traffic of each phase, `seconds` long.
     fn run_phase(&self, phase: &str, seconds: u32) -> anyhow::Result<()> {
         let t = seconds.to_string();
         match phase {
             "udp64_via_tap" => {
-                iperf(
-                    &self.peer,
-                    &[
-                        "-c", NODE_ADDR, "-p", "5201", "-u", "-l", "64", "-b", "0", "-t", &t,
-                    ],
-                )?;
+                self.iperf_from_peer(NODE_ADDR, "5201", Traffic::Udp64, &t)?;
             }
             "tcp_via_tap" => {
-                iperf(&self.peer, &["-c", NODE_ADDR, "-p", "5201", "-t", &t])?;
+                self.iperf_from_peer(NODE_ADDR, "5201", Traffic::Tcp, &t)?;
             }
             "udp64_via_uplink" => {
-                iperf(
-                    &self.peer,
-                    &[
-                        "-c",
-                        NODE_UPLINK_ADDR,
-                        "-p",
-                        "5203",
-                        "-u",
-                        "-l",
-                        "64",
-                        "-b",
-                        "0",
-                        "-t",
-                        &t,
-                    ],
-                )?;
+                self.iperf_from_peer(NODE_UPLINK_ADDR, "5203", Traffic::Udp64, &t)?;
             }
             "tcp_via_uplink" => {
-                iperf(
-                    &self.peer,
-                    &["-c", NODE_UPLINK_ADDR, "-p", "5203", "-t", &t],
-                )?;
+                self.iperf_from_peer(NODE_UPLINK_ADDR, "5203", Traffic::Tcp, &t)?;
             }
             "loopback_tcp" => {
                 iperf(
@@ -598,15 +600,10 @@ pub fn run(
     let measure = |what: &str| -> anyhow::Result<f64> {
         Ok(match what {
             "udp64_via_tap" => {
-                iperf(
-                    &lab.peer,
-                    &[
-                        "-c", NODE_ADDR, "-p", "5201", "-u", "-l", "64", "-b", "0", "-t", &t,
-                    ],
-                )?
-                .1
+                lab.iperf_from_peer(NODE_ADDR, "5201", Traffic::Udp64, &t)?
+                    .1
             }
-            "tcp_via_tap" => iperf(&lab.peer, &["-c", NODE_ADDR, "-p", "5201", "-t", &t])?.0,
+            "tcp_via_tap" => lab.iperf_from_peer(NODE_ADDR, "5201", Traffic::Tcp, &t)?.0,
             "loopback_tcp" => iperf(&lab.node, &["-c", "127.0.0.1", "-p", "5202", "-t", &t])?.0,
             other => bail!("no throughput measurement for {other}"),
         })
