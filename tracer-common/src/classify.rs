@@ -5,7 +5,7 @@
 
 use crate::{class, frame::FrameBytes};
 
-const ETH_HLEN: usize = 14;
+pub(crate) const ETH_HLEN: usize = 14;
 pub(crate) const ETH_P_IP: u16 = 0x0800;
 pub(crate) const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -44,17 +44,23 @@ pub const COMMON_HEAD: usize = ETH_HLEN + 20 + 4;
 /// bounds check, and only the bytes the rules use are loaded.
 #[inline(always)]
 fn classify_common(head: &[u8; COMMON_HEAD]) -> Option<u8> {
-    const IPV4_NO_OPTIONS: u8 = 0x45;
-    if u16::from_be_bytes([head[12], head[13]]) != ETH_P_IP || head[ETH_HLEN] != IPV4_NO_OPTIONS {
-        return None;
-    }
-    let frame: &[u8] = head;
+    let frame = common_frame(head)?;
     let is_dhcp = udp_offset(frame, ETH_HLEN).is_some_and(|l4| is_dhcp_udp(frame, l4));
     Some(if is_dhcp {
         class::DHCP
     } else {
         broadcast_or_other(frame)
     })
+}
+
+/// The head as a frame the rules can read, if it is the head of an
+/// untagged IPv4 frame with a 20-byte header: then every read the rules
+/// make on such a frame (Ethernet, IPv4, UDP ports) lies inside it.
+#[inline(always)]
+pub(crate) fn common_frame(head: &[u8; COMMON_HEAD]) -> Option<&[u8]> {
+    const IPV4_NO_OPTIONS: u8 = 0x45;
+    (u16::from_be_bytes([head[12], head[13]]) == ETH_P_IP && head[ETH_HLEN] == IPV4_NO_OPTIONS)
+        .then_some(head.as_slice())
 }
 
 /// [`classify`] for any frame, read field by field.
@@ -188,17 +194,6 @@ mod tests {
     use super::{classify, classify_any, classify_common, COMMON_HEAD};
     use crate::class;
 
-    /// A frame whose bytes come from a seed (xorshift): no two alike.
-    fn frame_from(seed: u64) -> [u8; 80] {
-        let mut state = seed | 1;
-        core::array::from_fn(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-    }
-
     /// The one-read path and the field-by-field path agree on every frame,
     /// the common ones included (IPv4 without options, UDP or not, between
     /// the DHCP ports or not, broadcast or not, fragments, cut short).
@@ -208,7 +203,7 @@ mod tests {
         let mut common = [0usize; class::COUNT];
         for seed in 0..200_000u64 {
             let len = (seed % 80) as usize;
-            let mut bytes = frame_from(seed);
+            let mut bytes = crate::frame::test_frames::noise(seed);
             let frame = &mut bytes[..len];
             if len >= COMMON_HEAD && seed % 4 != 0 {
                 // Steer most frames to untagged IPv4 without options.

@@ -36,6 +36,21 @@ impl FrameBytes for [u8] {
     }
 }
 
+/// Frames for the tests that hold two ways of reading a frame equal.
+#[cfg(test)]
+pub(crate) mod test_frames {
+    /// 80 bytes from a seed (xorshift): no two seeds alike.
+    pub fn noise(seed: u64) -> [u8; 80] {
+        let mut state = seed | 1;
+        core::array::from_fn(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::FrameBytes;

@@ -8,7 +8,7 @@
 //! nor a tunnel): the fewest reads before it is rejected.
 
 use crate::{
-    classify::{ether_payload, udp_offset, ETH_P_IP},
+    classify::{common_frame, ether_payload, udp_offset, COMMON_HEAD, ETH_HLEN, ETH_P_IP},
     frame::FrameBytes,
     parse::{locate_dhcp, DhcpLocation},
 };
@@ -70,6 +70,18 @@ impl<F: FrameBytes + ?Sized> FrameBytes for Inner<'_, F> {
 /// else (what an uplink carries almost always).
 #[inline(always)]
 pub fn locate_hop_dhcp<F: FrameBytes + ?Sized>(frame: &F) -> Option<HopDhcp> {
+    if frame
+        .linear_bytes::<COMMON_HEAD>(0)
+        .is_some_and(|head| holds_nothing_to_follow(&head))
+    {
+        return None;
+    }
+    locate_hop_dhcp_any(frame)
+}
+
+/// [`locate_hop_dhcp`] for any frame, read field by field.
+#[inline(always)]
+fn locate_hop_dhcp_any<F: FrameBytes + ?Sized>(frame: &F) -> Option<HopDhcp> {
     let payload = ether_payload(frame)?;
     if payload.ethertype != ETH_P_IP {
         return None;
@@ -91,6 +103,30 @@ pub fn locate_hop_dhcp<F: FrameBytes + ?Sized>(frame: &F) -> Option<HopDhcp> {
         offset: inner,
     })?;
     Some(HopDhcp { inner, at, tunnel })
+}
+
+/// Whether a frame starting with `head` is one the locator rejects (an
+/// untagged IPv4 frame with a 20-byte header that is not UDP, or UDP
+/// neither between the DHCP ports nor to a tunnel port), decided from one
+/// read of its first bytes: an uplink's common frame. The locator's own
+/// rules, run on the head; false means "look further".
+#[inline(always)]
+fn holds_nothing_to_follow(head: &[u8; COMMON_HEAD]) -> bool {
+    let Some(frame) = common_frame(head) else {
+        return false;
+    };
+    let Some(l4) = udp_offset(frame, ETH_HLEN) else {
+        return true;
+    };
+    let Some(ports) = frame.bytes::<4>(l4) else {
+        return false;
+    };
+    let src = u16::from_be_bytes([ports[0], ports[1]]);
+    let dst = u16::from_be_bytes([ports[2], ports[3]]);
+    !crate::classify::is_dhcp_port_pair(src, dst)
+        && dst != VXLAN_PORTS[0]
+        && dst != VXLAN_PORTS[1]
+        && dst != GENEVE_PORT
 }
 
 /// Where the Ethernet frame inside a VXLAN or Geneve header at `header`
@@ -216,6 +252,51 @@ mod tests {
         let found = locate_hop_dhcp(tagged.as_slice()).expect("found");
         assert_eq!(found.at.vlan, 100);
         assert_eq!(found.at.l3, 22);
+    }
+
+    /// The one-read rejection never rejects what the field-by-field path
+    /// finds: random frames, most made untagged IPv4 UDP to the DHCP, tunnel
+    /// and other ports, with a DHCP reply or noise behind.
+    #[test]
+    fn the_common_frame_rejection_agrees_with_the_general_path() {
+        let ports = [67, 68, 4789, 8472, 6081, 53, 40000];
+        let (mut rejected, mut found) = (0, 0);
+        for seed in 0..100_000u64 {
+            let mut frame = crate::frame::test_frames::noise(seed).to_vec();
+            if seed % 4 != 0 {
+                frame[12..15].copy_from_slice(&[0x08, 0x00, 0x45]);
+                frame[20..22].copy_from_slice(&[0, 0]);
+                if seed % 3 != 0 {
+                    frame[23] = 17;
+                }
+                let dst: u16 = ports[(seed / 4 % 7) as usize];
+                let src: u16 = ports[(seed / 28 % 7) as usize];
+                frame[34..36].copy_from_slice(&src.to_be_bytes());
+                frame[36..38].copy_from_slice(&dst.to_be_bytes());
+                if seed % 5 == 0 {
+                    // A whole DHCP reply inside a VXLAN header.
+                    frame.truncate(42);
+                    frame.extend_from_slice(&[0x08, 0, 0, 0, 0, 0, 1, 0]);
+                    frame.extend_from_slice(&dhcp_reply(seed as u32));
+                }
+            }
+            let len = frame.len() - (seed % 3) as usize * 20;
+            let frame = &frame[..len];
+            let head: Option<[u8; COMMON_HEAD]> = frame.bytes(0);
+            rejected += usize::from(head.is_some_and(|h| holds_nothing_to_follow(&h)));
+            found += usize::from(locate_hop_dhcp_any(frame).is_some());
+            assert_eq!(
+                locate_hop_dhcp(frame),
+                locate_hop_dhcp_any(frame),
+                "frame {frame:02x?}"
+            );
+        }
+        assert!(rejected > 30_000, "only {rejected} rejected in one read");
+        assert!(found > 300, "only {found} frames held DHCP");
+        // What must be looked into is never rejected in one read.
+        let reply = dhcp_reply(4);
+        let head: [u8; COMMON_HEAD] = reply.as_slice().bytes(0).expect("long enough");
+        assert!(!holds_nothing_to_follow(&head));
     }
 
     #[test]
