@@ -8,7 +8,9 @@
 //! nor a tunnel): the fewest reads before it is rejected.
 
 use crate::{
-    classify::{common_frame, ether_payload, udp_offset, COMMON_HEAD, ETH_HLEN, ETH_P_IP},
+    classify::{
+        common_frame, ether_payload, udp_offset, udp_ports, COMMON_HEAD, ETH_HLEN, ETH_P_IP,
+    },
     frame::FrameBytes,
     parse::{locate_dhcp, DhcpLocation},
 };
@@ -87,9 +89,7 @@ fn locate_hop_dhcp_any<F: FrameBytes + ?Sized>(frame: &F) -> Option<HopDhcp> {
         return None;
     }
     let l4 = udp_offset(frame, payload.offset)?;
-    let ports = frame.bytes::<4>(l4)?;
-    let src = u16::from_be_bytes([ports[0], ports[1]]);
-    let dst = u16::from_be_bytes([ports[2], ports[3]]);
+    let (src, dst) = udp_ports(frame, l4)?;
     if crate::classify::is_dhcp_port_pair(src, dst) {
         return Some(HopDhcp {
             inner: 0,
@@ -118,15 +118,15 @@ fn holds_nothing_to_follow(head: &[u8; COMMON_HEAD]) -> bool {
     let Some(l4) = udp_offset(frame, ETH_HLEN) else {
         return true;
     };
-    let Some(ports) = frame.bytes::<4>(l4) else {
+    let Some((src, dst)) = udp_ports(frame, l4) else {
         return false;
     };
-    let src = u16::from_be_bytes([ports[0], ports[1]]);
-    let dst = u16::from_be_bytes([ports[2], ports[3]]);
-    !crate::classify::is_dhcp_port_pair(src, dst)
-        && dst != VXLAN_PORTS[0]
-        && dst != VXLAN_PORTS[1]
-        && dst != GENEVE_PORT
+    !crate::classify::is_dhcp_port_pair(src, dst) && !is_vxlan_port(dst) && dst != GENEVE_PORT
+}
+
+#[inline(always)]
+fn is_vxlan_port(port: u16) -> bool {
+    port == VXLAN_PORTS[0] || port == VXLAN_PORTS[1]
 }
 
 /// Where the Ethernet frame inside a VXLAN or Geneve header at `header`
@@ -139,7 +139,7 @@ fn tunnel_payload<F: FrameBytes + ?Sized>(
 ) -> Option<(usize, u32)> {
     let head = frame.bytes::<8>(header)?;
     let vni = u32::from_be_bytes([0, head[4], head[5], head[6]]);
-    let (kind, inner) = if dst_port == VXLAN_PORTS[0] || dst_port == VXLAN_PORTS[1] {
+    let (kind, inner) = if is_vxlan_port(dst_port) {
         // RFC 7348: the I flag says the VNI is valid.
         if head[0] & 0x08 == 0 {
             return None;

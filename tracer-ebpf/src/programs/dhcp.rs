@@ -45,17 +45,26 @@ impl<'a> TcFrame<'a> {
             end: ctx.data_end(),
         }
     }
+
+    /// `N` bytes from `offset` by a plain load, if the linear part holds
+    /// `checked` (>= N) bytes there.
+    #[inline(always)]
+    fn plain<const N: usize>(&self, offset: usize, checked: usize) -> Option<[u8; N]> {
+        let at = self.data + offset;
+        if at + checked <= self.end {
+            // SAFETY: [at, at + checked) lies inside the packet (checked
+            // just above, as the verifier requires) and N <= checked;
+            // unaligned reads are fine.
+            return Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
+        }
+        None
+    }
 }
 
 impl FrameBytes for TcFrame<'_> {
     #[inline(always)]
     fn linear_bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        let at = self.data + offset;
-        if at + N <= self.end {
-            // SAFETY: [at, at + N) lies inside the packet, checked just above.
-            return Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
-        }
-        None
+        self.plain(offset, N)
     }
 
     #[inline(always)]
@@ -65,11 +74,8 @@ impl FrameBytes for TcFrame<'_> {
         // offset is 0: one-byte reads check for two bytes. A frame whose
         // last byte is the one read takes the helper path: same answer.
         let fast_len = if N < 2 { 2 } else { N };
-        let at = self.data + offset;
-        if at + fast_len <= self.end {
-            // SAFETY: [at, at + N) lies inside the packet (checked just
-            // above, as the verifier requires); unaligned reads are fine.
-            return Some(unsafe { core::ptr::read_unaligned(at as *const [u8; N]) });
+        if let Some(value) = self.plain(offset, fast_len) {
+            return Some(value);
         }
         // Headers past the linear part are rare: kept off the straight
         // line of code the common frame runs through.

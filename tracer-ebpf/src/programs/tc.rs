@@ -48,7 +48,7 @@ fn count_frame(ctx: &TcContext, direction: u8) {
     // classifier reads the packet. Null rather than an Option: one register
     // to keep across the classifier, not a pointer and a flag.
     let counters = tap_slot(ifindex)
-        .and_then(|slot| VM_COUNTERS.get_ptr_mut(this_cpus(slot)?))
+        .and_then(|slot| VM_COUNTERS.get_ptr_mut(this_cpu_element(slot)?))
         .unwrap_or(core::ptr::null_mut());
     // The shared classifier, run on the packet (fast path: plain loads).
     let class = classify(&dhcp::TcFrame::new(ctx));
@@ -82,10 +82,11 @@ fn count_frame(ctx: &TcContext, direction: u8) {
 #[unsafe(no_mangle)]
 static COUNTER_CPUS: u32 = 0;
 
-/// This CPU's copy of counter slot `slot`; None past the CPUs the agent
-/// sized the array for (it would be another slot's copy).
+/// The VM_COUNTERS element of this CPU's copy of counter slot `slot`;
+/// None past the CPUs the agent sized the array for (it would be another
+/// slot's copy).
 #[inline(always)]
-fn this_cpus(slot: u32) -> Option<u32> {
+fn this_cpu_element(slot: u32) -> Option<u32> {
     let cpus = global(&COUNTER_CPUS) as u32;
     // SAFETY: a helper without arguments or side effects.
     let cpu = unsafe { bpf_get_smp_processor_id() };
