@@ -39,11 +39,8 @@ pub struct CounterValue {
     pub bytes: u64,
 }
 
-/// Every counter of one tap, indexed `[direction][class]`: the value of the
-/// per-CPU counter array (one element per tap slot, one copy per CPU,
-/// summed by the agent). The tc programs reach it with two array lookups
-/// (ifindex -> slot, slot -> counters) instead of a per-CPU hash update,
-/// which was most of their cost per frame.
+/// Every counter of one tap, indexed `[direction][class]`: what the agent
+/// reads out of the [`TapCounters`] copies (one per CPU) and sums.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficCounters {
@@ -113,6 +110,72 @@ pub const MAX_HOPS: u32 = 3 * MAX_MONITORED + 64;
 /// Distinct (device, drop reason) pairs tracked.
 pub const DROP_MAP_ENTRIES: u32 = MAX_MONITORED * DROP_REASONS_PER_TAP;
 
+/// What the tc programs count into for one tap on one CPU (an element of
+/// VM_COUNTERS), laid out so that a common frame touches one cache line
+/// and no slot table: its direction's line holds the tap that owns the slot
+/// and the two common classes. The programs look for a tap at slot
+/// `ifindex & SLOT_MASK` and count there when that line's `owner` is the
+/// tap's ifindex (the agent puts a tap there whenever it can); only a tap
+/// whose slot is elsewhere pays for the TAP_SLOT lookup. DHCP and ARP
+/// (rare, and sent as events besides) live in a line of their own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TapCounters {
+    pub lines: [DirectionLine; direction::COUNT],
+    /// `[direction][class]` for DHCP (0) and ARP (1).
+    pub rare: [[CounterValue; 2]; direction::COUNT],
+}
+
+/// One direction's line of [`TapCounters`]: 64 bytes, and the mapping the
+/// agent reads is page-aligned, so it is one cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectionLine {
+    /// ifindex of the tap that holds this slot; 0 while it is free.
+    pub owner: u32,
+    pub _pad: u32,
+    /// Broadcast, then other (`class - class::BROADCAST`).
+    pub common: [CounterValue; 2],
+    pub _tail: [u64; 3],
+}
+
+impl TapCounters {
+    /// The counter of one (direction, class); indices out of range wrap.
+    #[inline(always)]
+    pub fn value_mut(&mut self, direction: usize, class: u8) -> &mut CounterValue {
+        let direction = direction % direction::COUNT;
+        if class >= class::BROADCAST {
+            &mut self.lines[direction].common[usize::from(class - class::BROADCAST) % 2]
+        } else {
+            &mut self.rare[direction][usize::from(class) % 2]
+        }
+    }
+
+    /// The counts by (direction, class), without the owner.
+    pub fn traffic(&self) -> TrafficCounters {
+        let mut traffic = TrafficCounters::default();
+        for (direction, row) in traffic.by_direction_class.iter_mut().enumerate() {
+            let line = &self.lines[direction];
+            row[usize::from(class::DHCP)] = self.rare[direction][0];
+            row[usize::from(class::ARP)] = self.rare[direction][1];
+            row[usize::from(class::BROADCAST)] = line.common[0];
+            row[usize::from(class::OTHER)] = line.common[1];
+        }
+        traffic
+    }
+}
+
+/// The mask that gives a tap its preferred counter slot (`ifindex & mask`)
+/// among `slots`: the largest power of two that fits, minus one. The agent
+/// and the tc programs (global SLOT_MASK) use the same one.
+pub const fn slot_mask(slots: u32) -> u32 {
+    if slots == 0 {
+        0
+    } else {
+        (1u32 << (31 - slots.leading_zeros())) - 1
+    }
+}
+
 /// ifindexes below this find their counter slot in the TAP_SLOT array (one
 /// load on the packet path); higher ones (a node that has created 65536
 /// interfaces since boot) in the TAP_SLOT_HIGH hash. Values in both are
@@ -151,6 +214,8 @@ pub mod event_budget {
 }
 
 const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 128);
+const _: () = assert!(core::mem::size_of::<DirectionLine>() == 64);
+const _: () = assert!(core::mem::size_of::<TapCounters>() == 192);
 const _: () = assert!(core::mem::size_of::<CounterValue>() == 16);
 const _: () = assert!(core::mem::size_of::<DevKey>() == 8);
 const _: () = assert!(core::mem::size_of::<DropKey>() == 16);
@@ -162,6 +227,8 @@ mod pod {
     unsafe impl aya::Pod for super::CounterValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TrafficCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TapCounters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DevKey {}
     // SAFETY: as above.
@@ -268,4 +335,57 @@ mod event_pod {
     unsafe impl aya::Pod for super::PacketEvent {}
     // SAFETY: as above; the options capture is integers and a byte array.
     unsafe impl aya::Pod for super::dhcp_options::EventWithOptions {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_direction_and_class_has_its_own_counter() {
+        let mut counters = TapCounters::default();
+        let mut expected = TrafficCounters::default();
+        let mut n = 1;
+        for d in 0..direction::COUNT {
+            for c in [class::DHCP, class::ARP, class::BROADCAST, class::OTHER] {
+                let value = counters.value_mut(d, c);
+                value.packets += n;
+                value.bytes += 100 * n;
+                expected.by_direction_class[d][usize::from(c)] = CounterValue {
+                    packets: n,
+                    bytes: 100 * n,
+                };
+                n += 1;
+            }
+        }
+        assert_eq!(counters.traffic(), expected);
+        // The owners are not counts.
+        counters.lines[0].owner = 7;
+        counters.lines[1].owner = 7;
+        assert_eq!(counters.traffic(), expected);
+    }
+
+    #[test]
+    fn the_common_classes_sit_in_their_direction_line() {
+        let mut counters = TapCounters::default();
+        let base = core::ptr::addr_of!(counters) as usize;
+        for d in 0..direction::COUNT {
+            for c in [class::BROADCAST, class::OTHER] {
+                let at = core::ptr::addr_of!(*counters.value_mut(d, c)) as usize - base;
+                assert_eq!(at / 64, d, "direction {d} class {c} at byte {at}");
+            }
+        }
+        assert_eq!(core::mem::offset_of!(DirectionLine, owner), 0);
+    }
+
+    #[test]
+    fn the_slot_mask_is_the_largest_power_of_two_that_fits() {
+        assert_eq!(slot_mask(0), 0);
+        assert_eq!(slot_mask(1), 0);
+        assert_eq!(slot_mask(2), 1);
+        assert_eq!(slot_mask(3), 1);
+        assert_eq!(slot_mask(4096), 4095);
+        assert_eq!(slot_mask(4097), 4095);
+        assert_eq!(slot_mask(u32::MAX), (1 << 31) - 1);
+    }
 }

@@ -3,22 +3,23 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    DevKey, DropKey, TrafficCounters, DROP_MAP_ENTRIES, MAX_MONITORED, SLOT_ARRAY_IFINDEXES,
+    DevKey, DropKey, TapCounters, DROP_MAP_ENTRIES, MAX_MONITORED, SLOT_ARRAY_IFINDEXES,
 };
 
-/// Each monitored tap's counters, per (direction, class): element
+/// Each monitored tap's counters ([`TapCounters`]): element
 /// `slot * COUNTER_CPUS + cpu`, one copy per CPU so the hot path needs no
 /// atomics. A plain array striped by CPU rather than a per-CPU array: it
 /// can be mmapped (BPF_F_MMAPABLE), so the agent reads every tap's counters
-/// each poll from shared memory, without a syscall or a kernel-side copy.
-/// The agent sizes it (taps x CPUs), sums the CPUs and zeroes a slot
-/// before reuse.
+/// each poll from shared memory, without a syscall or a kernel-side copy,
+/// and writes the slot's owner there. The agent sizes it (taps x CPUs),
+/// sums the CPUs and zeroes a slot before reuse.
 #[map]
-pub static VM_COUNTERS: Array<TrafficCounters> =
+pub static VM_COUNTERS: Array<TapCounters> =
     Array::with_max_entries(MAX_MONITORED, tracer_common::BPF_F_MMAPABLE);
 
 /// ifindex -> counter slot + 1 (0: not monitored), for ifindexes below
-/// [`SLOT_ARRAY_IFINDEXES`]: one load on the tc path, no hashing.
+/// [`SLOT_ARRAY_IFINDEXES`], for the taps whose slot is not the one their
+/// ifindex suggests (see [`TapCounters`]).
 #[map]
 pub static TAP_SLOT: Array<u32> = Array::with_max_entries(SLOT_ARRAY_IFINDEXES, 0);
 

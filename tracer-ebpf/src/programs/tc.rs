@@ -10,7 +10,9 @@ use aya_ebpf::{
     bindings::TC_ACT_UNSPEC, helpers::bpf_get_smp_processor_id, macros::classifier,
     programs::TcContext,
 };
-use tracer_common::{class, classify::classify, direction, map_slot, SLOT_ARRAY_IFINDEXES};
+use tracer_common::{
+    class, classify::classify, direction, map_slot, TapCounters, SLOT_ARRAY_IFINDEXES,
+};
 
 use crate::{
     maps::{TAP_SLOT, TAP_SLOT_HIGH, VM_COUNTERS},
@@ -44,12 +46,11 @@ pub fn hvnet_empty(_ctx: TcContext) -> i32 {
 fn count_frame(ctx: &TcContext, direction: u8) {
     // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed to this program.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // The tap's counters first: their loads are under way while the
+    let row = usize::from(direction) % direction::COUNT;
+    // The tap's counters first: the line's load is under way while the
     // classifier reads the packet. Null rather than an Option: one register
     // to keep across the classifier, not a pointer and a flag.
-    let counters = tap_slot(ifindex)
-        .and_then(|slot| VM_COUNTERS.get_ptr_mut(this_cpu_element(slot)?))
-        .unwrap_or(core::ptr::null_mut());
+    let counters = tap_counters(ifindex, row);
     // The shared classifier, run on the packet (fast path: plain loads).
     let class = classify(&dhcp::TcFrame::new(ctx));
     if class == class::DHCP || class == class::ARP {
@@ -64,14 +65,12 @@ fn count_frame(ctx: &TcContext, direction: u8) {
         note_update_failure(map_slot::VM_COUNTERS);
         return;
     }
-    let row = usize::from(direction) % direction::COUNT;
-    let column = usize::from(class) % class::COUNT;
     let len = u64::from(ctx.len());
     // SAFETY: the pointer is this CPU's copy of a live array element (not
     // null: checked above); no other CPU writes it and the program is not
-    // re-entered on it. The indices are reduced into range above.
+    // re-entered on it. value_mut keeps its indices in range.
     unsafe {
-        let value = &mut (*counters).by_direction_class[row][column];
+        let value = (*counters).value_mut(row, class);
         value.packets += 1;
         value.bytes += len;
     }
@@ -82,21 +81,44 @@ fn count_frame(ctx: &TcContext, direction: u8) {
 #[unsafe(no_mangle)]
 static COUNTER_CPUS: u32 = 0;
 
-/// The VM_COUNTERS element of this CPU's copy of counter slot `slot`;
-/// None past the CPUs the agent sized the array for (it would be another
-/// slot's copy).
+/// `tracer_common::slot_mask` of the slots VM_COUNTERS has: a tap's
+/// preferred slot is `ifindex & SLOT_MASK`. Set by the agent at load time.
+#[unsafe(no_mangle)]
+static SLOT_MASK: u32 = 0;
+
+/// This CPU's copy of the tap's counters, or null if the tap holds no
+/// slot. The slot its ifindex suggests first: the line that proves it
+/// holds the slot is the line this frame is counted in, so a tap there
+/// costs one cache line. Any other tap's slot is found through TAP_SLOT.
 #[inline(always)]
-fn this_cpu_element(slot: u32) -> Option<u32> {
+fn tap_counters(ifindex: u32, row: usize) -> *mut TapCounters {
     let cpus = global(&COUNTER_CPUS) as u32;
     // SAFETY: a helper without arguments or side effects.
     let cpu = unsafe { bpf_get_smp_processor_id() };
+    // Past the CPUs the agent sized the array for, an element would be
+    // another slot's copy.
     if cpu >= cpus {
-        return None;
+        return core::ptr::null_mut();
     }
-    Some(slot.wrapping_mul(cpus).wrapping_add(cpu))
+    let owned_copy = |slot: u32| {
+        let copy = VM_COUNTERS.get_ptr_mut(slot.wrapping_mul(cpus).wrapping_add(cpu))?;
+        // SAFETY: a live array element; the owner is a plain u32 the agent
+        // writes before the tap's programs attach.
+        (unsafe { (*copy).lines[row].owner } == ifindex).then_some(copy)
+    };
+    if let Some(copy) = owned_copy(ifindex & global(&SLOT_MASK) as u32) {
+        return copy;
+    }
+    // Its suggested slot was taken when the tap came: rare on a node whose
+    // ifindexes are mostly its taps'.
+    core::hint::cold_path();
+    tap_slot(ifindex)
+        .and_then(owned_copy)
+        .unwrap_or(core::ptr::null_mut())
 }
 
-/// The counter slot the agent gave this tap.
+/// The counter slot the agent gave this tap (any slot, not only the one
+/// its ifindex suggests).
 #[inline(always)]
 fn tap_slot(ifindex: u32) -> Option<u32> {
     let plus_one = if ifindex < SLOT_ARRAY_IFINDEXES {

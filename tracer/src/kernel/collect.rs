@@ -10,7 +10,7 @@ use aya::{
 };
 use tracer_common::{map_slot, DevKey, DropKey, SLOT_ARRAY_IFINDEXES};
 
-use crate::kernel::counter_array::CounterArray;
+use crate::kernel::{counter_array::CounterArray, slot_table::SlotTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
@@ -41,46 +41,6 @@ pub fn sum_cpus(copies: impl IntoIterator<Item = TrafficCounters>) -> TrafficCou
             acc.accumulate(&copy);
             acc
         })
-}
-
-/// Counter slots of the VM_COUNTERS array: each monitored tap holds one
-/// from before its tc programs attach until it is forgotten. A freed slot
-/// is zeroed when it is handed out again (nothing counts into it
-/// meanwhile), so freeing costs no map write.
-#[derive(Debug)]
-pub struct SlotTable {
-    by_ifindex: BTreeMap<u32, u32>,
-    free: Vec<u32>,
-}
-
-impl SlotTable {
-    pub fn new(capacity: u32) -> Self {
-        // Popped from the end: slot 0 first.
-        Self {
-            by_ifindex: BTreeMap::new(),
-            free: (0..capacity).rev().collect(),
-        }
-    }
-
-    /// The slot this ifindex holds, and whether it was just handed out.
-    pub fn assign(&mut self, ifindex: u32) -> Option<(u32, bool)> {
-        if let Some(&slot) = self.by_ifindex.get(&ifindex) {
-            return Some((slot, false));
-        }
-        let slot = self.free.pop()?;
-        self.by_ifindex.insert(ifindex, slot);
-        Some((slot, true))
-    }
-
-    pub fn release(&mut self, ifindex: u32) -> Option<u32> {
-        let slot = self.by_ifindex.remove(&ifindex)?;
-        self.free.push(slot);
-        Some(slot)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
-        self.by_ifindex.iter().map(|(i, s)| (*i, *s))
-    }
 }
 
 /// Everything the kernel side counted, for this agent's netns, by ifindex.
@@ -244,8 +204,8 @@ impl KernelMaps {
             slot,
             reason,
         };
-        // The slot's last tap's counts must not become this one's.
-        if fresh && !self.counters.zero(slot) {
+        // A fresh slot: zeroed and made this tap's (see CounterArray::claim).
+        if fresh && !self.counters.claim(slot, ifindex) {
             self.slots.release(ifindex);
             return Err(failed("past the counter array".into()));
         }
@@ -262,9 +222,10 @@ impl KernelMaps {
 
     /// Stops the tc programs counting for this ifindex and frees its slot.
     fn take_slot(&mut self, ifindex: u32) {
-        if self.slots.release(ifindex).is_none() {
+        let Some(slot) = self.slots.release(ifindex) else {
             return;
-        }
+        };
+        self.counters.release(slot);
         if ifindex < SLOT_ARRAY_IFINDEXES {
             let _ = self.tap_slot.set(ifindex, 0, 0);
         } else {
@@ -494,23 +455,6 @@ mod tests {
         assert_eq!(total.packets(direction::FROM_VM), 1);
         // Numbers from a newer kernel object read as zero, not a panic.
         assert_eq!(total.get(9, 9), CounterValue::default());
-    }
-
-    #[test]
-    fn slots_are_unique_reused_after_release_and_bounded() {
-        let mut table = SlotTable::new(2);
-        assert_eq!(table.assign(10), Some((0, true)));
-        assert_eq!(table.assign(11), Some((1, true)));
-        // Asking again keeps the slot (and its counts).
-        assert_eq!(table.assign(10), Some((0, false)));
-        // Full: refused, never shared.
-        assert_eq!(table.assign(12), None);
-        assert_eq!(table.release(10), Some(0));
-        assert_eq!(table.release(10), None);
-        // The freed slot goes to the next tap, marked fresh (to be zeroed).
-        assert_eq!(table.assign(12), Some((0, true)));
-        let held: Vec<_> = table.iter().collect();
-        assert_eq!(held, vec![(11, 1), (12, 0)]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! VM_COUNTERS through a shared mapping: every tap's counters, one copy
 //! per CPU (element `slot * cpus + cpu`), read each poll straight from
-//! the memory the tc programs count into. At 2000 taps a batch lookup
+//! the memory the tc programs count into, and each slot's owner written
+//! there. At 2000 taps a batch lookup
 //! syscall copied ~0.5 MB through the kernel every second; reading the
 //! mapping costs no syscall and no kernel time.
 
@@ -10,7 +11,7 @@ use std::{
 };
 
 use aya::maps::{Array, IterableMap, MapData};
-use tracer_common::TrafficCounters;
+use tracer_common::{TapCounters, TrafficCounters};
 
 use crate::kernel::collect::sum_cpus;
 
@@ -41,8 +42,8 @@ pub fn counter_cpus() -> Result<u32, CounterArrayError> {
 /// the mapping).
 pub struct CounterArray {
     /// Keeps the map alive for as long as the mapping is used.
-    _map: Array<MapData, TrafficCounters>,
-    base: NonNull<TrafficCounters>,
+    _map: Array<MapData, TapCounters>,
+    base: NonNull<TapCounters>,
     mapped_len: usize,
     cpus: u32,
     slots: u32,
@@ -57,15 +58,16 @@ unsafe impl Sync for CounterArray {}
 
 impl CounterArray {
     /// Maps `map` (created with BPF_F_MMAPABLE, `slots * cpus` elements).
-    pub fn new(map: Array<MapData, TrafficCounters>, cpus: u32) -> Result<Self, CounterArrayError> {
+    pub fn new(map: Array<MapData, TapCounters>, cpus: u32) -> Result<Self, CounterArrayError> {
         let entries = map.len();
         if cpus == 0 || !entries.is_multiple_of(cpus) {
             return Err(CounterArrayError::Shape { entries, cpus });
         }
         // The kernel lays elements out 8-byte aligned from the mapping's
-        // start; TrafficCounters is a whole number of u64s.
-        const _: () = assert!(std::mem::size_of::<TrafficCounters>().is_multiple_of(8));
-        let mapped_len = entries as usize * std::mem::size_of::<TrafficCounters>();
+        // start; TapCounters is a whole number of cache lines (so each
+        // direction's line is one).
+        const _: () = assert!(std::mem::size_of::<TapCounters>().is_multiple_of(64));
+        let mapped_len = entries as usize * std::mem::size_of::<TapCounters>();
         // SAFETY: a fresh shared mapping of the map's fd, of the array's
         // value area (which the kernel page-aligns); checked for failure.
         let addr = unsafe {
@@ -81,7 +83,7 @@ impl CounterArray {
         if addr == libc::MAP_FAILED {
             return Err(CounterArrayError::Mmap(std::io::Error::last_os_error()));
         }
-        let base = NonNull::new(addr.cast::<TrafficCounters>())
+        let base = NonNull::new(addr.cast::<TapCounters>())
             .ok_or_else(|| CounterArrayError::Mmap(std::io::Error::other("mmap returned null")))?;
         Ok(Self {
             _map: map,
@@ -97,7 +99,7 @@ impl CounterArray {
         self.slots
     }
 
-    fn copies(&self, slot: u32) -> Option<*mut TrafficCounters> {
+    fn copies(&self, slot: u32) -> Option<*mut TapCounters> {
         if slot >= self.slots {
             return None;
         }
@@ -111,21 +113,50 @@ impl CounterArray {
         Some(sum_cpus((0..self.cpus as usize).map(|cpu| {
             // SAFETY: inside the mapping (see `copies`), aligned; the
             // kernel may be adding to it: a volatile copy of u64 fields.
-            unsafe { std::ptr::read_volatile(first.add(cpu)) }
+            unsafe { std::ptr::read_volatile(first.add(cpu)) }.traffic()
         })))
     }
 
-    /// Zeroes a slot's copies before it is handed to another tap (nothing
-    /// counts into it meanwhile: no tap points at it).
-    pub fn zero(&mut self, slot: u32) -> bool {
+    /// Hands a slot to the tap `ifindex`: its copies zeroed (the last
+    /// tap's counts must not become this one's), then owned by it, which
+    /// is what lets the tc programs count there. Nothing counts into the
+    /// slot meanwhile: its owner was cleared when it was freed.
+    pub fn claim(&mut self, slot: u32, ifindex: u32) -> bool {
         let Some(first) = self.copies(slot) else {
             return false;
         };
         for cpu in 0..self.cpus as usize {
             // SAFETY: inside the mapping, aligned, writable.
-            unsafe { std::ptr::write_volatile(first.add(cpu), TrafficCounters::default()) };
+            unsafe { std::ptr::write_volatile(first.add(cpu), TapCounters::default()) };
         }
+        // The zeroes before the owner: a program that sees the owner must
+        // count on top of zero, never be overwritten by it.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.set_owner(first, ifindex);
         true
+    }
+
+    /// Frees a slot: the tc programs stop counting there at once (a
+    /// program still attached to the old tap finds no slot and counts the
+    /// frame as lost). Its counts stay until it is claimed again.
+    pub fn release(&mut self, slot: u32) {
+        if let Some(first) = self.copies(slot) {
+            self.set_owner(first, 0);
+        }
+    }
+
+    fn set_owner(&mut self, first: *mut TapCounters, owner: u32) {
+        for cpu in 0..self.cpus as usize {
+            for direction in 0..tracer_common::direction::COUNT {
+                // SAFETY: inside the mapping (first is a slot's first copy
+                // from `copies`), aligned, writable; a u32 store is atomic
+                // on every target hvnet runs on.
+                unsafe {
+                    let line = std::ptr::addr_of_mut!((*first.add(cpu)).lines[direction].owner);
+                    std::ptr::write_volatile(line, owner);
+                }
+            }
+        }
     }
 }
 

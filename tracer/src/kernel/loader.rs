@@ -21,6 +21,7 @@ use aya::{
     util::KernelVersion,
     Btf, Ebpf, EbpfLoader, Endianness,
 };
+use tracer_common::TapCounters;
 
 use crate::{
     config::AttachMode,
@@ -157,9 +158,9 @@ impl TcProbes {
             .map_err(|e| LoaderError::Load(format!("reading /proc/self/ns/net: {e}")))?;
 
         let (tfile_socket, tfile_tun, tun_dev) = tun_offsets.as_ref().map_or((0, 0, 0), |t| *t);
-        let cpus = counter_cpus().map_err(|e| LoaderError::Load(e.to_string()))?;
+        let geometry = CounterGeometry::new(max_interfaces)?;
         let mut loader = EbpfLoader::new();
-        size_counters(&mut loader, max_interfaces, &cpus);
+        size_counters(&mut loader, max_interfaces, &geometry);
         loader
             .btf(Some(&aya_btf))
             .override_global("SKB_DEV_OFF", &offsets.skb_dev, true)
@@ -204,7 +205,7 @@ impl TcProbes {
                 .load()
                 .map_err(|err| program_error(name, &err))?;
         }
-        let maps = KernelMaps::take(&mut ebpf, netns, cpus)
+        let maps = KernelMaps::take(&mut ebpf, netns, geometry.cpus)
             .map_err(|e| LoaderError::Load(e.to_string()))?;
         let events = ebpf
             .take_map("EVENTS")
@@ -561,9 +562,9 @@ fn program_error(name: &str, err: &ProgramError) -> LoaderError {
 /// Loads the object and returns the tc programs the benchmark runs; kept
 /// here so that only this module knows the object and program names.
 pub fn load_for_bench() -> Result<Ebpf, LoaderError> {
-    let cpus = counter_cpus().map_err(|e| LoaderError::Load(e.to_string()))?;
+    let geometry = CounterGeometry::new(1)?;
     let mut loader = EbpfLoader::new();
-    size_counters(&mut loader, 1, &cpus);
+    size_counters(&mut loader, 1, &geometry);
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|err| LoaderError::Load(format!("{err:#}")))?;
@@ -577,26 +578,61 @@ pub fn load_for_bench() -> Result<Ebpf, LoaderError> {
             .load()
             .map_err(|err| program_error(name, &err))?;
     }
-    // BPF_PROG_TEST_RUN hands the programs skbs on the loopback device
-    // (ifindex 1): give it counter slot 0, as the agent gives a tap one,
-    // so the bench times the counting path a monitored tap takes.
-    let mut slots: aya::maps::Array<_, u32> = ebpf
-        .map_mut("TAP_SLOT")
-        .ok_or_else(|| LoaderError::Load("map TAP_SLOT missing from the object".into()))?
-        .try_into()
-        .map_err(|e: aya::maps::MapError| LoaderError::Load(e.to_string()))?;
-    slots
-        .set(LOOPBACK_IFINDEX, 1, 0)
-        .map_err(|e| LoaderError::Load(format!("giving loopback a counter slot: {e}")))?;
+    give_loopback_slot(&mut ebpf, geometry.cpus)?;
     Ok(ebpf)
 }
 
+/// BPF_PROG_TEST_RUN hands the programs skbs on the loopback device
+/// (ifindex 1): give it counter slot 0 (the one its ifindex suggests when
+/// there is one slot) as the agent gives a tap one, so the bench times the
+/// counting path a monitored tap takes.
+fn give_loopback_slot(ebpf: &mut Ebpf, cpus: u32) -> Result<(), LoaderError> {
+    let failed = |e: &dyn std::fmt::Display| {
+        LoaderError::Load(format!("giving loopback a counter slot: {e}"))
+    };
+    let mut counters: aya::maps::Array<_, TapCounters> = ebpf
+        .map_mut("VM_COUNTERS")
+        .ok_or_else(|| failed(&"map VM_COUNTERS missing from the object"))?
+        .try_into()
+        .map_err(|e: aya::maps::MapError| failed(&e))?;
+    let mut owned = TapCounters::default();
+    for line in &mut owned.lines {
+        line.owner = LOOPBACK_IFINDEX;
+    }
+    for cpu in 0..cpus {
+        counters.set(cpu, owned, 0).map_err(|e| failed(&e))?;
+    }
+    let mut slots: aya::maps::Array<_, u32> = ebpf
+        .map_mut("TAP_SLOT")
+        .ok_or_else(|| failed(&"map TAP_SLOT missing from the object"))?
+        .try_into()
+        .map_err(|e: aya::maps::MapError| failed(&e))?;
+    slots.set(LOOPBACK_IFINDEX, 1, 0).map_err(|e| failed(&e))
+}
+
+/// The geometry of VM_COUNTERS the tc programs are told at load time.
+struct CounterGeometry {
+    cpus: u32,
+    slot_mask: u32,
+}
+
+impl CounterGeometry {
+    fn new(taps: u32) -> Result<Self, LoaderError> {
+        Ok(Self {
+            cpus: counter_cpus().map_err(|e| LoaderError::Load(e.to_string()))?,
+            slot_mask: tracer_common::slot_mask(taps),
+        })
+    }
+}
+
 /// Sizes VM_COUNTERS for `taps` counter slots with a copy per possible
-/// CPU each, and tells the tc programs the stride.
-fn size_counters<'a>(loader: &mut EbpfLoader<'a>, taps: u32, cpus: &'a u32) {
+/// CPU each, and tells the tc programs the stride and the preferred-slot
+/// mask.
+fn size_counters<'a>(loader: &mut EbpfLoader<'a>, taps: u32, geometry: &'a CounterGeometry) {
     loader
-        .override_global("COUNTER_CPUS", cpus, true)
-        .map_max_entries("VM_COUNTERS", taps.saturating_mul(*cpus));
+        .override_global("COUNTER_CPUS", &geometry.cpus, true)
+        .override_global("SLOT_MASK", &geometry.slot_mask, true)
+        .map_max_entries("VM_COUNTERS", taps.saturating_mul(geometry.cpus));
 }
 
 /// The loopback device's ifindex in every network namespace.

@@ -12,3 +12,4 @@ pub mod loader;
 pub mod optional_probes;
 pub mod privileges;
 pub mod program_error;
+pub mod slot_table;
