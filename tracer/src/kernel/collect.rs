@@ -215,7 +215,10 @@ impl KernelMaps {
             self.tap_slot_high.insert(ifindex, slot + 1, 0)
         };
         written.map_err(|err| {
-            self.slots.release(ifindex);
+            // Not this tap's after all: nothing may count there for it.
+            if let Some(slot) = self.slots.release(ifindex) {
+                self.counters.release(slot);
+            }
             failed(err.to_string())
         })
     }
